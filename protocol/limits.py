@@ -1,0 +1,27 @@
+"""Numbers every peer of the swarm agrees on. Changing one changes the protocol version."""
+
+PROTOCOL_VERSION = 1
+
+# Blobs move in fixed-size chunks; each chunk's sha256 is part of the signed blob reference, so a
+# downloader can verify (and blame a provider for) every chunk on its own and resume per chunk.
+CHUNK_BYTES = 4 * 1024 * 1024
+MAX_BLOB_BYTES = 64 * 1024**3
+MAX_CHUNKS = -(-MAX_BLOB_BYTES // CHUNK_BYTES)
+
+# DHT values stay tiny: blobs never go into the DHT (hivemind drops values over ~4 MiB anyway).
+MAX_RECORD_BYTES = 4096
+MAX_STRING_CHARS = 256
+MAX_MADDRS = 8
+
+# How far ahead of now a record of each kind may ask to live (no squatting far in the future).
+MAX_EXPIRATION_AHEAD_S = {
+    "claim": 15 * 60,
+    "peer": 15 * 60,
+    "provider": 2 * 3600,
+    "checkpoint": 7 * 24 * 3600,
+    "router": 7 * 24 * 3600,
+    "beacon": 24 * 3600,
+}
+
+# Clocks of honest peers disagree by this much at most; records from further in the future are refused.
+CLOCK_SKEW_S = 60.0
