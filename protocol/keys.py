@@ -1,0 +1,75 @@
+"""DHT key names. Every key of a swarm starts with its swarm id, so swarms never mix; the signer
+goes into the *subkey* (hivemind protects owners only per subkey).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from protocol.errors import InvalidRecord
+
+BEACON_PREFIX = "ddm-swarm/beacon/"
+_KEY = re.compile(
+    r"^(?P<swarm>[0-9a-f]{64})/(?:(?P<simple>claims|router|peers)"
+    r"|ckpt/(?P<cluster>[0-9]{1,4})|providers/(?P<blob>[0-9a-f]{64}))$"
+)
+_BEACON = re.compile(r"^ddm-swarm/beacon/(?P<name>[A-Za-z0-9._-]{1,64})$")
+
+# Which record kind may live under which key family.
+KIND_OF_FAMILY = {"claims": "claim", "ckpt": "checkpoint", "router": "router", "providers": "provider",
+                  "peers": "peer", "beacon": "beacon"}
+
+
+def claims_key(swarm_id: str) -> str:
+    return f"{swarm_id}/claims"
+
+
+def checkpoint_key(swarm_id: str, cluster: int) -> str:
+    return f"{swarm_id}/ckpt/{cluster}"
+
+
+def router_key(swarm_id: str) -> str:
+    return f"{swarm_id}/router"
+
+
+def providers_key(swarm_id: str, blob_sha256: str) -> str:
+    return f"{swarm_id}/providers/{blob_sha256}"
+
+
+def peers_key(swarm_id: str) -> str:
+    return f"{swarm_id}/peers"
+
+
+def beacon_key(swarm_name: str) -> str:
+    return f"{BEACON_PREFIX}{swarm_name}"
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    family: str  # claims | ckpt | router | providers | peers | beacon
+    swarm_id: str = ""
+    cluster: int = -1
+    blob_sha256: str = ""
+    swarm_name: str = ""
+
+    @property
+    def record_kind(self) -> str:
+        return KIND_OF_FAMILY[self.family]
+
+
+def parse_key(key: str) -> ParsedKey:
+    """Split a DHT key of this protocol into its parts; raise `InvalidRecord` for any other key."""
+    if not isinstance(key, str):
+        raise InvalidRecord(f"DHT key must be a string, got {type(key).__name__}")
+    beacon = _BEACON.match(key)
+    if beacon:
+        return ParsedKey("beacon", swarm_name=beacon["name"])
+    match = _KEY.match(key)
+    if not match:
+        raise InvalidRecord(f"DHT key {key[:80]!r} is not a ddm-swarm key")
+    if match["simple"]:
+        return ParsedKey(match["simple"], swarm_id=match["swarm"])
+    if match["cluster"] is not None:
+        return ParsedKey("ckpt", swarm_id=match["swarm"], cluster=int(match["cluster"]))
+    return ParsedKey("providers", swarm_id=match["swarm"], blob_sha256=match["blob"])
