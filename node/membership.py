@@ -7,9 +7,12 @@ peer holds locally was validated when stored, but its expiration may have passed
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
 import time
+from functools import partial
 from typing import Iterable, List, Optional, Sequence, Type, TypeVar
 
 from hivemind.dht import DHT
@@ -70,6 +73,7 @@ class SwarmMembership:
                 raise JoinFailed("none of the initial peers answered: " + ", ".join(self.initial_peers)
                                  + ". Check that at least one of them is running and reachable.") from None
             raise JoinFailed(f"could not start the local p2p daemon: {error}") from None
+        self.dht.run_coroutine(partial(_exit_with_parent, os.getpid()))
         self.peer_id = str(self.dht.peer_id)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
 
@@ -156,6 +160,21 @@ class SwarmMembership:
         with self._lock:
             if self.dht.is_alive():
                 self.dht.shutdown()
+
+
+async def _exit_with_parent(parent_pid: int, _dht, node) -> None:
+    """Runs in hivemind's DHT process: if our process dies (even by SIGKILL), stop p2pd and exit,
+    instead of lingering as an orphan that still answers for a dead node."""
+
+    async def watch() -> None:
+        while os.getppid() == parent_pid:
+            await asyncio.sleep(1.0)
+        try:
+            await asyncio.wait_for(node.shutdown(), timeout=5)
+        finally:
+            os._exit(0)
+
+    asyncio.get_running_loop().create_task(watch())
 
 
 async def _validator_stats(_dht, node) -> dict:
