@@ -68,6 +68,43 @@ def bootstrap(
     peer.run()
 
 
+@app.command()
+def status(
+    swarm: str = SwarmOption,
+    initial_peers: Optional[List[str]] = InitialPeersOption,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Show who trains what: claims, latest checkpoints, held-out metrics, providers and peers."""
+    import json
+
+    from node.membership import SwarmMembership
+    from node.status import collect_status, status_tables
+    from node.swarm_files import load_manifest
+    from protocol.identity import Identity
+
+    setup_logging()
+    try:
+        manifest = load_manifest(swarm)
+        peers = initial_peers or list(manifest.bootstrap_peers)
+        if not peers:
+            raise NodeError("status needs --initial-peers: the multiaddr of a bootstrap peer or any node of the swarm")
+        membership = SwarmMembership(manifest, Identity.generate(), initial_peers=peers, client_mode=True)
+    except (ProtocolError, NodeError) as error:
+        fail(error)
+    try:
+        snapshot = collect_status(membership)
+    finally:
+        membership.shutdown()
+    if as_json:
+        print(json.dumps(snapshot, indent=2))
+        return
+    out = Console()
+    for table in status_tables(snapshot):
+        out.print(table)
+    for warning in snapshot["warnings"]:
+        out.print(f"[yellow]warning:[/] {warning}")
+
+
 @swarm_app.command("show")
 def swarm_show(swarm: str = SwarmOption) -> None:
     """Print a swarm's manifest and its swarm id."""
@@ -80,7 +117,7 @@ def swarm_show(swarm: str = SwarmOption) -> None:
     except (ProtocolError, NodeError) as error:
         fail(error)
     print(f"# swarm id: {manifest.swarm_id}")
-    print(yaml.safe_dump(manifest.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    print(yaml.safe_dump(manifest.to_file_dict(), sort_keys=False, allow_unicode=True), end="")
 
 
 def main() -> None:  # pragma: no cover - console entry point

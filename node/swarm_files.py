@@ -52,7 +52,7 @@ def write_manifest_file(manifest: SwarmManifest, path: Path) -> None:
     """Write a manifest as YAML atomically; reading it back gives the same swarm id."""
     from node.files import atomic_write_bytes
 
-    text = yaml.safe_dump(manifest.to_dict(), sort_keys=False, allow_unicode=True)
+    text = yaml.safe_dump(manifest.to_file_dict(), sort_keys=False, allow_unicode=True)
     atomic_write_bytes(Path(path), text.encode("utf-8"))
     if read_manifest_file(Path(path)).swarm_id != manifest.swarm_id:
         raise InvalidManifest(f"manifest written to {path} does not read back to the same swarm id")
