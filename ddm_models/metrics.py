@@ -151,6 +151,14 @@ def load_or_train_classifier(cache_dir: str | Path | None = None, recipe: Classi
         return model
 
 
+def heldout_reference(recipe: ClassifierRecipe = DEFAULT_RECIPE) -> ImageDataset:
+    """The recipe's held-out images (1,000 for the default), which the classifier never trained on:
+    the real side of `classifier_fid` for generated digits."""
+    dataset = DATASETS[recipe.dataset]()
+    _, heldout_idx = heldout_split(len(dataset), recipe.heldout_fraction, recipe.split_seed)
+    return subset(dataset, heldout_idx, name=f"{dataset.name}-heldout")
+
+
 @torch.no_grad()
 def predict(classifier: DigitClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels (N,) int64 for images (N, C, H, W) in [-1, 1]."""

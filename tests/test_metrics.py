@@ -20,6 +20,7 @@ from ddm_models.metrics import (
     ClassifierRecipe,
     classifier_fid,
     conditional_accuracy,
+    heldout_reference,
     load_or_train_classifier,
     train_classifier,
 )
@@ -37,9 +38,9 @@ def classifier():
 @pytest.fixture(scope="module")
 def heldout():
     data = load_embedded_digits()
-    train_idx, heldout_idx = heldout_split(len(data), DEFAULT_RECIPE.heldout_fraction, DEFAULT_RECIPE.split_seed)
+    train_idx, _ = heldout_split(len(data), DEFAULT_RECIPE.heldout_fraction, DEFAULT_RECIPE.split_seed)
     # every 4th training image: 1,000 images spread over all classes (the data is sorted by class)
-    return subset(data, heldout_idx), subset(data, train_idx[::4][:1000])
+    return heldout_reference(), subset(data, train_idx[::4][:1000])
 
 
 def test_default_classifier_reads_heldout_digits_at_least_97_percent(classifier, heldout):
