@@ -1,0 +1,200 @@
+"""Offline quality metrics for generated digits, judged by a small CNN trained on the embedded data.
+
+- conditional accuracy: the fraction of samples asked for digit d that the classifier reads as d;
+- classifier FID: the Frechet distance between Gaussians fitted to the classifier's penultimate
+  features of real and generated images (the Inception FID recipe with our own feature network,
+  since Inception weights cannot be downloaded here). Numbers are comparable only between runs that
+  use the same classifier (same recipe, hence the same cache file).
+
+The classifier trains once, deterministically (~1 min on one core), and is cached on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddm_models.data import ImageDataset, heldout_split, load_embedded_digits, load_small_digits, subset
+from ddm_models.local_cache import default_cache_dir, exclusive, write_atomically
+
+DATASETS = {"mnist-5k": load_embedded_digits, "sklearn-digits-8x8": load_small_digits}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierRecipe:
+    """Everything that determines the trained classifier; its hash names the cache file."""
+
+    dataset: str = "mnist-5k"
+    heldout_fraction: float = 0.2
+    split_seed: int = 0
+    seed: int = 0
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3
+    max_rotation_deg: float = 10.0
+    max_shift_fraction: float = 0.08  # random translation, as a fraction of the image side
+    width: int = 16  # channels of the first conv pair; the second pair has twice as many
+    version: int = 1  # bump when DigitClassifier's architecture changes
+
+    def cache_key(self) -> str:
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+DEFAULT_RECIPE = ClassifierRecipe()
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN: two conv pairs with max-pooling, a 128-unit penultimate layer, 10 logits.
+
+    Input (B, C, H, W) in [-1, 1] (values outside are clamped: samples may overshoot), H and W
+    divisible by 4. `features` gives the penultimate (B, 128) activations used for FID.
+    """
+
+    num_features = 128
+
+    def __init__(self, image_size: int = 28, in_channels: int = 1, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        self.image_size, self.in_channels = image_size, in_channels
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * w * (image_size // 4) ** 2, self.num_features), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, num_classes))
+        self.heldout_accuracy = float("nan")  # set by training or loading
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.clamp(-1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def _augment(images: torch.Tensor, recipe: ClassifierRecipe, generator: torch.Generator) -> torch.Tensor:
+    """Random small rotations and shifts (bilinear, background -1), one draw per image."""
+    count = images.shape[0]
+    angle = (torch.rand(count, generator=generator) * 2 - 1) * math.radians(recipe.max_rotation_deg)
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * 2 * recipe.max_shift_fraction
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
+def _new_classifier(dataset: ImageDataset, recipe: ClassifierRecipe) -> DigitClassifier:
+    return DigitClassifier(dataset.image_shape[1], dataset.image_shape[0], len(dataset.class_names), recipe.width)
+
+
+def train_classifier(dataset: ImageDataset, recipe: ClassifierRecipe = DEFAULT_RECIPE) -> DigitClassifier:
+    """Train on the recipe's training split of `dataset` (AdamW, one-cycle schedule, augmentation),
+    deterministically for the recipe's seeds, and record the held-out accuracy."""
+    train_idx, heldout_idx = heldout_split(len(dataset), recipe.heldout_fraction, recipe.split_seed)
+    train, heldout = subset(dataset, train_idx), subset(dataset, heldout_idx)
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model = _new_classifier(dataset, recipe)
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
+    model.train()
+    for _ in range(recipe.epochs):
+        order = torch.randperm(len(train), generator=generator)
+        for batch in order.split(recipe.batch_size):
+            loss = F.cross_entropy(model(_augment(train.images[batch], recipe, generator)), train.labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    model.heldout_accuracy = conditional_accuracy(model, heldout.images, heldout.labels)
+    return model
+
+
+def load_or_train_classifier(cache_dir: str | Path | None = None, recipe: ClassifierRecipe = DEFAULT_RECIPE) -> DigitClassifier:
+    """The classifier for `recipe`, from `cache_dir` (default: $DDM_SWARM_CACHE or
+    ~/.cache/ddm-swarm) or, when absent or unreadable there, trained now and cached (atomic write;
+    concurrent callers wait for the first one). Returned in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open, save_file
+
+    dataset = DATASETS[recipe.dataset]()
+    path = Path(default_cache_dir() if cache_dir is None else cache_dir)
+    path = path / f"digit-classifier-{recipe.cache_key()}.safetensors"
+    with exclusive(path):
+        if path.exists():
+            try:
+                with safe_open(path, "pt") as file:
+                    metadata = file.metadata()
+                model = _new_classifier(dataset, recipe)
+                model.load_state_dict(load_file(path))
+                if metadata.get("data_fingerprint") == dataset.fingerprint():
+                    model.heldout_accuracy = float(metadata["heldout_accuracy"])
+                    return model.eval()
+            except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as error:
+                warnings.warn(f"retraining the digit classifier: cache file {path} is unreadable ({error})")
+        model = train_classifier(dataset, recipe)
+        metadata = {"recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
+                    "data_fingerprint": dataset.fingerprint(), "heldout_accuracy": repr(model.heldout_accuracy)}
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        write_atomically(path, lambda temporary: save_file(state, temporary, metadata=metadata))
+        return model
+
+
+def heldout_reference(recipe: ClassifierRecipe = DEFAULT_RECIPE) -> ImageDataset:
+    """The recipe's held-out images (1,000 for the default), which the classifier never trained on:
+    the real side of `classifier_fid` for generated digits."""
+    dataset = DATASETS[recipe.dataset]()
+    _, heldout_idx = heldout_split(len(dataset), recipe.heldout_fraction, recipe.split_seed)
+    return subset(dataset, heldout_idx, name=f"{dataset.name}-heldout")
+
+
+@torch.no_grad()
+def predict(classifier: DigitClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Predicted labels (N,) int64 for images (N, C, H, W) in [-1, 1]."""
+    classifier.eval()
+    return torch.cat([classifier(chunk).argmax(1) for chunk in images.split(batch_size)])
+
+
+def conditional_accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of `images` (N, C, H, W) that the classifier labels as `labels` (N,): for samples
+    generated from the prompt for digit d, pass d as their label."""
+    return (predict(classifier, images) == labels.to(torch.int64)).double().mean().item()
+
+
+class _PenultimateFeatures(nn.Module):
+    """The classifier's penultimate layer as a torchmetrics feature extractor."""
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images)
+
+
+@torch.no_grad()
+def classifier_fid(classifier: DigitClassifier, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 500) -> float:
+    """FID between images `real` and `fake` (N, C, H, W) in [-1, 1], in the classifier's 128-d
+    penultimate feature space. Uses torchmetrics' FrechetInceptionDistance with our feature network
+    (streamed float64 moments, matrix square root via eigenvalues). Needs >= 2 images per side; the
+    estimate is biased upwards for small N, so compare runs with equal sample counts."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_PenultimateFeatures(classifier), normalize=True)
+    for chunk in real.split(batch_size):
+        metric.update(chunk.float(), real=True)
+    for chunk in fake.split(batch_size):
+        metric.update(chunk.float(), real=False)
+    return float(metric.compute())

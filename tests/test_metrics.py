@@ -1,0 +1,123 @@
+"""Offline quality metrics: the cached digit classifier, conditional accuracy and classifier FID.
+
+The default classifier is trained into the real cache ($DDM_SWARM_CACHE or ~/.cache/ddm-swarm) the
+first time (~15 s on one core) and loaded from there afterwards, as every other user of it does.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+from ddm_models.data import heldout_split, load_embedded_digits, load_small_digits, subset
+from ddm_models.local_cache import default_cache_dir
+from ddm_models.metrics import (
+    DEFAULT_RECIPE,
+    ClassifierRecipe,
+    classifier_fid,
+    conditional_accuracy,
+    heldout_reference,
+    load_or_train_classifier,
+    train_classifier,
+)
+
+torch.set_num_threads(1)
+SMALL_RECIPE = ClassifierRecipe(dataset="sklearn-digits-8x8", epochs=6, width=8, max_rotation_deg=0.0,
+                                max_shift_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_or_train_classifier()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    data = load_embedded_digits()
+    train_idx, _ = heldout_split(len(data), DEFAULT_RECIPE.heldout_fraction, DEFAULT_RECIPE.split_seed)
+    # every 4th training image: 1,000 images spread over all classes (the data is sorted by class)
+    return heldout_reference(), subset(data, train_idx[::4][:1000])
+
+
+def test_default_classifier_reads_heldout_digits_at_least_97_percent(classifier, heldout):
+    heldout_set, _ = heldout
+    accuracy = conditional_accuracy(classifier, heldout_set.images, heldout_set.labels)
+    assert accuracy >= 0.97 and accuracy == pytest.approx(classifier.heldout_accuracy)
+
+
+def test_conditional_accuracy_counts_samples_read_as_the_asked_digit(classifier, heldout):
+    heldout_set, _ = heldout
+    wrong_labels = (heldout_set.labels + 1) % 10
+    assert conditional_accuracy(classifier, heldout_set.images, wrong_labels) < 0.03
+
+
+def test_classifier_is_cached_and_loads_without_training(tmp_path):
+    first = load_or_train_classifier(tmp_path, SMALL_RECIPE)
+    (cached,) = tmp_path.glob("digit-classifier-*.safetensors")
+    written = cached.stat().st_mtime_ns
+    second = load_or_train_classifier(tmp_path, SMALL_RECIPE)
+    assert cached.stat().st_mtime_ns == written
+    assert second.heldout_accuracy == first.heldout_accuracy > 0.9
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_corrupt_cache_file_is_retrained_with_a_warning(tmp_path):
+    load_or_train_classifier(tmp_path, SMALL_RECIPE)
+    (cached,) = tmp_path.glob("digit-classifier-*.safetensors")
+    cached.write_bytes(b"\x00" * 100)
+    with pytest.warns(UserWarning, match="unreadable"):
+        model = load_or_train_classifier(tmp_path, SMALL_RECIPE)
+    assert model.heldout_accuracy > 0.9 and cached.stat().st_size > 100
+
+
+def test_training_is_deterministic_for_a_recipe():
+    data = load_small_digits()
+    first, second = train_classifier(data, SMALL_RECIPE), train_classifier(data, SMALL_RECIPE)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDM_SWARM_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("DDM_SWARM_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "ddm-swarm"
+
+
+def _scipy_fid(classifier, real, fake):
+    with torch.no_grad():
+        a, b = (classifier.features(x).double().numpy() for x in (real, fake))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # dead ReLU units make the covariances singular; harmless here
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_classifier_fid_matches_the_reference_formula(classifier, heldout):
+    heldout_set, train_part = heldout
+    expected = _scipy_fid(classifier, heldout_set.images, train_part.images)
+    assert classifier_fid(classifier, heldout_set.images, train_part.images) == pytest.approx(expected, rel=1e-3)
+
+
+def test_classifier_fid_is_small_for_real_digits_and_large_for_blur_and_noise(classifier, heldout):
+    heldout_set, train_part = heldout
+    blurred = F.avg_pool2d(train_part.images, 5, stride=1, padding=2, count_include_pad=False)
+    noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = classifier_fid(classifier, heldout_set.images, train_part.images)
+    assert real < 30
+    assert classifier_fid(classifier, heldout_set.images, blurred) > 10 * real
+    assert classifier_fid(classifier, heldout_set.images, noise) > 100 * real
+
+
+def test_classifier_fid_sees_a_missing_digit(classifier, heldout):
+    heldout_set, train_part = heldout
+    without_sevens = train_part.images[train_part.labels != 7]
+    assert classifier_fid(classifier, heldout_set.images, without_sevens) > 2 * classifier_fid(
+        classifier, heldout_set.images, train_part.images)
