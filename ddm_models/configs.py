@@ -225,3 +225,22 @@ def router_config(size: str, **overrides: Any) -> RouterConfig:
     if size not in ROUTER_SIZES:
         raise InvalidConfig(f"unknown router size {size!r}; known: {sorted(ROUTER_SIZES)}")
     return _from_dict(RouterConfig, {**ROUTER_SIZES[size].to_dict(), **overrides})
+
+
+def expert_config_from_spec(objective: str, architecture: dict[str, Any]) -> ExpertConfig:
+    """An expert config from a swarm manifest's model spec: `architecture` names a `size` (default
+    "tiny") and may override any field; `objective` is the spec's objective."""
+    fields = dict(architecture)
+    size = fields.pop("size", "tiny")
+    if not isinstance(size, str):
+        raise InvalidConfig(f"architecture.size must be a size name, got {size!r}")
+    return expert_config(size, objective=objective, **fields)
+
+
+def router_config_from_spec(architecture: dict[str, Any], num_clusters: int) -> RouterConfig:
+    """A router config from a swarm manifest's router spec (`size` default "small") for `num_clusters`."""
+    fields = dict(architecture)
+    size = fields.pop("size", "small")
+    if not isinstance(size, str):
+        raise InvalidConfig(f"architecture.size must be a size name, got {size!r}")
+    return router_config(size, num_clusters=num_clusters, **fields)
