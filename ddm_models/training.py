@@ -74,8 +74,12 @@ class _Trainer:
                  weight_decay: float, warmup_steps: int, grad_clip: float, device: torch.device | str):
         self.config, self.seed, self.batch_size = config, seed, batch_size
         self.lr, self.ema_decay, self.warmup_steps, self.grad_clip = lr, ema_decay, warmup_steps, grad_clip
-        self.device = torch.device(device)
         self.rank, self.world_size = _distributed()
+        self.device = torch.device(device)
+        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            # torchrun starts one process per GPU: each takes the GPU of its LOCAL_RANK.
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         self.model = model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
