@@ -39,6 +39,7 @@ from ddm_models.router import build_router
 from ddm_models.text import TextBatch, TextEncoder
 
 STATE_FILE = "state.safetensors"
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +222,10 @@ class ExpertTrainer(_Trainer):
     def __init__(self, config: ExpertConfig, dataset: ImageDataset, text_encoder: TextEncoder, *, seed: int = 0,
                  batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, weight_decay: float = 0.0,
                  warmup_steps: int = 50, grad_clip: float = 1.0, device: torch.device | str = "cpu",
-                 cluster: int = 0, heldout: ImageDataset | None = None,
+                 cluster: int = 0, heldout: ImageDataset | None = None, time_sampling: str = "uniform",
                  caption_sampler: Callable[[torch.Tensor, torch.Generator], list[str]] = sample_captions):
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
         if tuple(dataset.image_shape) != config.image_shape:
             raise ValueError(f"data set images are {dataset.image_shape}, the expert expects {config.image_shape}")
         if len(dataset) == 0:
@@ -235,6 +238,7 @@ class ExpertTrainer(_Trainer):
         self.dataset, self.heldout, self.cluster = dataset, heldout, cluster
         self.text_encoder, self.caption_sampler = text_encoder, caption_sampler
         self.objective = build_objective(config.objective)
+        self.time_sampling = time_sampling
 
     def _cluster(self) -> int:
         return self.cluster
@@ -245,6 +249,8 @@ class ExpertTrainer(_Trainer):
         text = self.text_encoder.encode(self.caption_sampler(self.dataset.labels[index], generator))
         noise = torch.randn(x0.shape, generator=generator)
         u = torch.rand(self.batch_size, generator=generator)
+        if self.time_sampling == "logit_normal":  # SD3's density: more mid-range times, u = sigmoid(N(0, 1))
+            u = torch.sigmoid(torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)))
         drop = torch.rand(self.batch_size, generator=generator) < self.config.caption_dropout
         x_in, timestep, target = self.objective.training_example(x0, noise, u)
         prediction = self.trained(x_in.to(self.device), timestep.to(self.device), text.to(self.device),
