@@ -9,8 +9,9 @@ In one run, on the embedded digits (4,500 training images, 500 held out), with t
   3. two FM runs with identical seeds, batches and noise train for --steps steps, one from the
      converted weights, one from a fresh initialisation; every --eval-every steps the held-out FM
      loss of each (EMA weights, fixed noise and times) is measured.
-Prints both loss curves, then one JSON line: the losses, the first step at which the converted run
-reaches the scratch run's final loss, and the resulting speed-up in steps.
+Prints both loss curves, then one JSON line: the losses, the step (interpolated) at which the
+converted run reaches the scratch run's final loss, the speed-up in steps at every loss level the
+scratch run passed through, and their median.
 Heterogeneous DDM reports about 1.2x faster convergence from a converted ImageNet DDPM checkpoint.
 """
 
@@ -42,6 +43,26 @@ def curve(trainer: ExpertTrainer, steps: int, every: int, heldout_images: int) -
         trainer.train_steps(min(every, steps - trainer.step))
         points.append((trainer.step, trainer.heldout_loss(max_images=heldout_images)))
     return points
+
+
+def steps_to_reach(points: list[tuple[int, float]], level: float) -> float | None:
+    """The first step at which a loss curve reaches `level`, linearly interpolated between its
+    measurements (None if it never does)."""
+    for (s0, l0), (s1, l1) in zip(points, points[1:]):
+        if l1 <= level:
+            return float(s1) if l0 == l1 else s0 + (s1 - s0) * (l0 - level) / (l0 - l1)
+    return None
+
+
+def speedups(converted: list[tuple[int, float]], scratch: list[tuple[int, float]]) -> list[tuple[int, float, float]]:
+    """For every measurement (step s, loss L) of the scratch run after step 0: (s, L, s / c) where c
+    is the step at which the converted run reached L."""
+    rows = []
+    for step, loss in scratch[1:]:
+        reached = steps_to_reach(converted, loss)
+        if reached:
+            rows.append((step, loss, step / reached))
+    return rows
 
 
 def main() -> None:
@@ -88,7 +109,11 @@ def main() -> None:
     for (step, a), (_, b) in zip(from_converted, from_scratch):
         print(f"{step:>6} {a:>10.4f} {b:>10.4f}")
     target = from_scratch[-1][1]
-    reached = next((step for step, loss in from_converted if loss <= target), None)
+    reached = steps_to_reach(from_converted, target)
+    ratios = speedups(from_converted, from_scratch)
+    print("scratch step, its loss, steps the converted run needed for it (ratio):")
+    for step, loss, ratio in ratios:
+        print(f"{step:>6} {loss:>8.4f} {ratio:>6.2f}x")
     summary = {
         "pretrain_steps": args.pretrain_steps, "pretrain_s": pretrain_s, "fm_steps": args.steps,
         "batch_size": args.batch_size,
@@ -96,6 +121,8 @@ def main() -> None:
         "final_fm_loss": {"converted": from_converted[-1][1], "scratch": target},
         "converted_steps_to_scratch_final_loss": reached,
         "speedup_in_steps": (args.steps / reached) if reached else None,
+        "speedup_at_each_scratch_loss": ratios,
+        "median_speedup": sorted(r for _, _, r in ratios)[len(ratios) // 2] if ratios else None,
         "curves": {"converted": from_converted, "scratch": from_scratch},
         "fm_train_s": {"converted": converted_s, "scratch": scratch_s},
     }
