@@ -30,7 +30,9 @@ class ExpertConfig:
     (sample_size / patch_size)^2 tokens of `width` channels through `depth` blocks with `heads`
     heads, AdaLN-Single modulation and cross-attention on text token states of `text_dim` channels.
     `stem_channels` > 0 adds a 3x3 conv stem before patchifying, `head_channels` > 0 a 3x3 conv head
-    after unpatchifying (both help tiny pixel-space models). `pooled_text` adds a learned projection
+    after unpatchifying (both help tiny pixel-space models); with both, `stem_skip` also feeds the
+    stem's full-resolution features to the head (a U-Net-style skip: pixel detail that one linear
+    map per patch cannot draw). `pooled_text` adds a learned projection
     of the pooled text embedding (`text_pooled_dim`) to the timestep embedding feeding AdaLN-Single.
     `caption_dropout` is the probability that training replaces a caption by the learned null
     embedding (classifier-free guidance).
@@ -50,6 +52,7 @@ class ExpertConfig:
     pooled_text: bool = True
     stem_channels: int = 32
     head_channels: int = 32
+    stem_skip: bool = True
     caption_dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -58,6 +61,9 @@ class ExpertConfig:
                       "text_pooled_dim"):
             _check(getattr(self, field) >= 1, f"{field} must be >= 1, got {getattr(self, field)}")
         _check(self.stem_channels >= 0 and self.head_channels >= 0, "stem/head channels must be >= 0")
+        _check(not self.stem_skip or (self.stem_channels > 0 and self.head_channels > 0) or
+               (self.stem_channels == 0 and self.head_channels == 0),
+               "stem_skip needs both a conv stem and a conv head (or neither, when it is ignored)")
         _check(self.sample_size % self.patch_size == 0,
                f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}")
         _check(self.width % self.heads == 0, f"width {self.width} is not a multiple of heads {self.heads}")
@@ -192,7 +198,7 @@ def config_hash(config: ExpertConfig | RouterConfig) -> str:
 # Named sizes. "tiny" trains at a few hundred images/s on 2 CPU threads; the DiT shapes follow
 # Peebles & Xie (B: 768 x 12, XL: 1152 x 28) on 32x32x4 SD-VAE latents, with AdaLN-Single and
 # cross-attention as in PixArt-alpha, which Paris and Heterogeneous DDM train at 129M-605M.
-_LATENT = dict(in_channels=4, sample_size=32, patch_size=2, stem_channels=0, head_channels=0,
+_LATENT = dict(in_channels=4, sample_size=32, patch_size=2, stem_channels=0, head_channels=0, stem_skip=False,
                pooled_text=False, text_dim=1024, text_pooled_dim=1024)
 EXPERT_SIZES: dict[str, ExpertConfig] = {
     "tiny": ExpertConfig(),

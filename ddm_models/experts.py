@@ -3,10 +3,11 @@
 Built from diffusers' parts, assembled here so that tiny pixel-space experts can add a conv stem
 and conv head and a pooled-text term in the AdaLN-Single conditioning:
 
-    x (B,C,H,W) -> [conv stem] -> PatchEmbed (+ fixed sin-cos positions) -> N x BasicTransformerBlock
+    x (B,C,H,W) -> [conv stem] ----------------------------------------------+ (optional skip)
+                -> PatchEmbed (+ fixed sin-cos positions) -> N x BasicTransformerBlock
       (norm_type="ada_norm_single": modulation from one shared MLP of the timestep embedding,
        self-attention, cross-attention on projected text token states, MLP)
-    -> final modulated LayerNorm -> linear -> unpatchify -> [conv head] -> prediction (B,C,H,W)
+    -> final modulated LayerNorm -> linear -> unpatchify -> [concat skip, conv head] -> prediction
 
     conditioning c = timestep embedding (+ projection of the pooled text embedding)
 
@@ -65,7 +66,9 @@ class Expert(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, width) / width ** 0.5)
         self.out_channels = config.head_channels or config.in_channels
         self.proj_out = nn.Linear(width, patch * patch * self.out_channels)
-        self.head = (nn.Sequential(nn.SiLU(), nn.Conv2d(config.head_channels, config.in_channels, 3, padding=1))
+        self.skip = bool(config.stem_skip and config.stem_channels and config.head_channels)
+        head_in = config.head_channels + (config.stem_channels if self.skip else 0)
+        self.head = (nn.Sequential(nn.SiLU(), nn.Conv2d(head_in, config.in_channels, 3, padding=1))
                      if config.head_channels else None)
         self.reset_parameters()
 
@@ -103,7 +106,8 @@ class Expert(nn.Module):
         if text.states.shape[0] != batch:
             raise ValueError(f"text batch has {text.states.shape[0]} prompts for {batch} images")
         states, mask, pooled = self._condition_text(text, drop_text)
-        hidden = self.pos_embed(self.stem(x_in) if self.stem is not None else x_in)
+        features = self.stem(x_in) if self.stem is not None else x_in
+        hidden = self.pos_embed(features)
 
         timestep = timestep.to(x_in.device).float().expand(batch) if timestep.ndim == 0 else timestep.float()
         conditioning = self.adaln_single.emb(timestep, None, None, batch_size=batch, hidden_dtype=hidden.dtype)
@@ -120,7 +124,10 @@ class Expert(nn.Module):
 
         shift, scale = (self.scale_shift_table[None] + conditioning[:, None]).chunk(2, dim=1)
         hidden = self.proj_out(self.norm_out(hidden) * (1 + scale) + shift)
-        return self._unpatchify(hidden, height, width)
+        image = self._unpatchify(hidden, height, width)
+        if self.head is None:
+            return image
+        return self.head(torch.cat([image, features], dim=1) if self.skip else image)
 
     def _condition_text(self, text: TextBatch, drop_text: torch.Tensor | None):
         states, mask, pooled = text.states, text.mask, text.pooled
@@ -143,8 +150,7 @@ class Expert(nn.Module):
         patch, channels = self.config.patch_size, self.out_channels
         grid_h, grid_w = height // patch, width // patch
         tokens = tokens.reshape(-1, grid_h, grid_w, patch, patch, channels)
-        image = torch.einsum("nhwpqc->nchpwq", tokens).reshape(-1, channels, grid_h * patch, grid_w * patch)
-        return self.head(image) if self.head is not None else image
+        return torch.einsum("nhwpqc->nchpwq", tokens).reshape(-1, channels, grid_h * patch, grid_w * patch)
 
 
 def build_expert(config: ExpertConfig) -> Expert:
