@@ -52,11 +52,12 @@ def main() -> None:
     text = build_text_encoder("minilm")
     text.precompute(all_captions())
 
-    table = split.label_table(data.labels.numpy()[heldout_idx], 10)
-    label_of = data.labels.numpy()[heldout_idx]
-    heldout_clusters = split.assignments[heldout_idx]
-    best_for_digit = split.label_table(data.labels.numpy()[train_idx], 10).argmax(axis=0)  # (10,) from train
-    text_bound = float(np.mean(best_for_digit[label_of] == heldout_clusters))
+    labels, assignments = data.labels.numpy(), split.assignments
+    table = np.zeros((4, 10), dtype=np.int64)  # held-out cluster x digit counts
+    np.add.at(table, (assignments[heldout_idx], labels[heldout_idx]), 1)
+    best_for_digit = split.label_table(labels, 10).argmax(axis=0)  # each digit's most common cluster
+    heldout_clusters = assignments[heldout_idx]
+    text_bound = float(np.mean(best_for_digit[labels[heldout_idx]] == heldout_clusters))
     prior_bound = float(np.bincount(heldout_clusters, minlength=4).max() / len(heldout_clusters))
 
     results = {}
