@@ -16,7 +16,8 @@ from ddm_models.configs import (ExpertConfig, InvalidConfig, RouterConfig, _from
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSettings:
-    """Optimiser settings of one trainer (AdamW with linear warm-up, EMA of the weights)."""
+    """Settings of one trainer: AdamW with linear warm-up, EMA of the weights, and the density of
+    FM training times (`logit_normal`: t = sigmoid(N(0, 1)), as in SD3)."""
 
     batch_size: int = 64
     lr: float = 1e-3
@@ -24,10 +25,13 @@ class TrainingSettings:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    time_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0:
             raise InvalidConfig(f"bad training settings {self}")
+        if self.time_sampling not in ("uniform", "logit_normal"):
+            raise InvalidConfig(f"time_sampling must be 'uniform' or 'logit_normal', got {self.time_sampling!r}")
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ExpertTrainer` / `RouterTrainer`."""
@@ -57,7 +61,7 @@ class EnsembleRecipe:
     split_seed: int = 0
     expert: ExpertConfig = dataclasses.field(default_factory=lambda: expert_config("tiny"))
     objectives: tuple[str, ...] = ("fm",)
-    expert_training: TrainingSettings = TrainingSettings()
+    expert_training: TrainingSettings = TrainingSettings(batch_size=32, lr=3e-3, time_sampling="logit_normal")
     router: RouterConfig = dataclasses.field(default_factory=lambda: router_config("small"))
     router_training: TrainingSettings = TrainingSettings(batch_size=128, lr=2e-3)
     router_share: float = 0.12
@@ -65,7 +69,7 @@ class EnsembleRecipe:
     threads_per_worker: int = 1
     seed: int = 0
     sample_steps: int = 20
-    guidance_scale: float = 2.0
+    guidance_scale: float = 3.0
     routing: str = "top2"
 
     def __post_init__(self) -> None:

@@ -54,6 +54,14 @@ class TrainStats:
     seconds: float
 
 
+def _sample_times(u: torch.Tensor, density: str) -> torch.Tensor:
+    """Map uniform u in [0, 1) to training times: unchanged, or logit-normal (SD3: sigmoid(N(0, 1)),
+    more mid-range times, where flow matching's targets are hardest)."""
+    if density == "logit_normal":
+        return torch.sigmoid(torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)))
+    return u
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when torchrun launched us (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -248,9 +256,7 @@ class ExpertTrainer(_Trainer):
         x0 = self.dataset.images[index]
         text = self.text_encoder.encode(self.caption_sampler(self.dataset.labels[index], generator))
         noise = torch.randn(x0.shape, generator=generator)
-        u = torch.rand(self.batch_size, generator=generator)
-        if self.time_sampling == "logit_normal":  # SD3's density: more mid-range times, u = sigmoid(N(0, 1))
-            u = torch.sigmoid(torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)))
+        u = _sample_times(torch.rand(self.batch_size, generator=generator), self.time_sampling)
         drop = torch.rand(self.batch_size, generator=generator) < self.config.caption_dropout
         x_in, timestep, target = self.objective.training_example(x0, noise, u)
         prediction = self.trained(x_in.to(self.device), timestep.to(self.device), text.to(self.device),
@@ -302,10 +308,13 @@ class RouterTrainer(_Trainer):
                  text_encoder: TextEncoder | None = None, *, seed: int = 0, batch_size: int = 128, lr: float = 1e-3,
                  ema_decay: float = 0.999, weight_decay: float = 0.0, warmup_steps: int = 50, grad_clip: float = 1.0,
                  device: torch.device | str = "cpu", heldout: tuple[ImageDataset, torch.Tensor] | None = None,
+                 time_sampling: str = "uniform",
                  caption_sampler: Callable[[torch.Tensor, torch.Generator], list[str]] = sample_captions):
         if len(clusters) != len(dataset) or int(clusters.max()) >= config.num_clusters or int(clusters.min()) < 0:
             raise ValueError(f"clusters must give each of the {len(dataset)} images a cluster in "
                              f"0..{config.num_clusters - 1}")
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
         if config.use_text and text_encoder is None:
             raise ValueError("a router with use_text=True needs a text encoder")
         with torch.random.fork_rng(devices=[]):
@@ -315,6 +324,7 @@ class RouterTrainer(_Trainer):
                          weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, device=device)
         self.dataset, self.clusters, self.heldout = dataset, clusters.long(), heldout
         self.text_encoder, self.caption_sampler = text_encoder, caption_sampler
+        self.time_sampling = time_sampling
 
     def _text(self, labels: torch.Tensor, generator: torch.Generator) -> TextBatch | None:
         if not self.config.use_text:
@@ -326,7 +336,7 @@ class RouterTrainer(_Trainer):
         x0 = self.dataset.images[index]
         text = self._text(self.dataset.labels[index], generator)
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.rand(self.batch_size, generator=generator)
+        t = _sample_times(torch.rand(self.batch_size, generator=generator), self.time_sampling)
         logits = self.trained(fm_noised(x0, noise, t).to(self.device), t.to(self.device), text)
         return F.cross_entropy(logits.float(), self.clusters[index].to(self.device))
 

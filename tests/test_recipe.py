@@ -38,8 +38,8 @@ def test_every_worker_gets_the_whole_budget_and_the_router_its_share():
 
 
 def test_manifest_model_specs_become_configs():
-    config = expert_config_from_spec("ddpm", {"size": "tiny", "depth": 4})
-    assert (config.objective, config.depth, config.width) == ("ddpm", 4, 128)
+    config = expert_config_from_spec("ddpm", {"size": "tiny", "depth": 3})
+    assert (config.objective, config.depth, config.width) == ("ddpm", 3, 96)
     assert router_config_from_spec({"size": "small", "use_text": False}, 4).use_text is False
     with pytest.raises(InvalidConfig):
         expert_config_from_spec("fm", {"size": "huge"})
