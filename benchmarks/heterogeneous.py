@@ -28,12 +28,14 @@ import torch  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 
 from ddm_models.captions import all_captions, prompt_for_digit  # noqa: E402
+from ddm_models.checkpoint import load_expert  # noqa: E402
 from ddm_models.clustering import cluster_images  # noqa: E402
 from ddm_models.configs import expert_config  # noqa: E402
 from ddm_models.data import heldout_split, load_embedded_digits, subset  # noqa: E402
 from ddm_models.metrics import classifier_fid, conditional_accuracy, load_or_train_classifier  # noqa: E402
 from ddm_models.sampling import EnsembleSampler, LoadedExpert  # noqa: E402
 from ddm_models.text import TextBatch, build_text_encoder  # noqa: E402
+from ddm_models.train_ensemble import write_grid  # noqa: E402
 from ddm_models.training import ExpertTrainer  # noqa: E402
 
 
@@ -60,8 +62,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--per-digit", type=int, default=30)
     parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write the experts' checkpoints and PNG grids here; experts "
+                                                 "already there are loaded instead of trained")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -79,6 +83,11 @@ def main() -> None:
 
     experts, train_s = {}, {}
     for objective in ("fm", "ddpm"):
+        path = args.out / f"expert-{objective}.safetensors" if args.out else None
+        if path is not None and path.exists():
+            experts[objective] = load_expert(path)
+            print(f"{objective}: loaded {path} (step {experts[objective].metadata.step})", flush=True)
+            continue
         trainer = ExpertTrainer(expert_config("tiny", objective=objective), train, text, seed=0, cluster=args.cluster,
                                 batch_size=args.batch_size, lr=args.lr, warmup_steps=100, heldout=heldout)
         stats = trainer.train_steps(args.steps)
@@ -86,15 +95,22 @@ def main() -> None:
         experts[objective] = LoadedExpert(args.cluster, trainer.config, trainer.objective, trainer.ema.eval())
         print(f"{objective}: {args.steps} steps in {stats.seconds:.0f} s, held-out loss {trainer.heldout_loss():.4f}",
               flush=True)
+        if path is not None:
+            trainer.export(path, with_training_state=False)
 
     labels = torch.tensor([d for d in digits for _ in range(args.per_digit)])
     prompts = text.encode([prompt_for_digit(int(d)) for d in labels])
     samples = {}
-    for name, objective in (("fm_euler", "fm"), ("ddpm_converted_euler", "ddpm")):
-        sampler = EnsembleSampler([experts[objective]], None, "top1")
-        samples[name] = sampler.sample(prompts, num_steps=args.sample_steps, guidance_scale=args.guidance, seed=0).images
-    samples["ddpm_native_ddim"] = ddim_sample(experts["ddpm"], prompts, args.sample_steps, args.guidance, seed=0)
-
+    for guidance in args.guidance:
+        for name, objective in (("fm_euler", "fm"), ("ddpm_converted_euler", "ddpm")):
+            sampler = EnsembleSampler([experts[objective]], None, "top1")
+            samples[f"{name}_g{guidance:g}"] = sampler.sample(prompts, num_steps=args.sample_steps,
+                                                             guidance_scale=guidance, seed=0).images
+        samples[f"ddpm_native_ddim_g{guidance:g}"] = ddim_sample(experts["ddpm"], prompts, args.sample_steps, guidance,
+                                                                seed=0)
+    if args.out:
+        for name, images in samples.items():
+            write_grid(images, args.per_digit, args.out / f"{name}.png")
     results = {name: {"conditional_accuracy": conditional_accuracy(classifier, images, labels),
                       "classifier_fid": classifier_fid(classifier, heldout.images, images)}
                for name, images in samples.items()}
