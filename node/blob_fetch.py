@@ -29,7 +29,7 @@ from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
 from node.banlist import BanList
 from node.blob_partial import PartialDownload
 from node.blob_schedule import ChunkScheduler, OrderedHasher
-from node.blob_stream import StreamClosed, StreamStalled, close_quietly, read_body, read_response, send_frame
+from node.blob_stream import StreamClosed, StreamReceiver, StreamStalled
 from node.blobstore import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -91,12 +91,12 @@ async def _open(p2p, provider: _Provider, timeout: float):
         raise ProviderGone(f"no stream within {timeout:.0f} s") from None
     except Exception as error:  # p2pd reports unreachable peers with several exception types
         raise ProviderGone(f"cannot open a stream: {type(error).__name__}: {error}") from None
-    return reader, writer
+    return StreamReceiver(reader, writer)
 
 
-async def _expect_ok(reader, expected_length: int, timeout: float) -> None:
+async def _expect_ok(stream: StreamReceiver, expected_length: int, timeout: float) -> None:
     try:
-        header = await read_response(reader, timeout)
+        header = await stream.read_response(timeout)
     except InvalidBlobResponse as error:
         raise ProviderFault(f"malformed answer: {error}") from None
     if header.status == "ok" and header.length != expected_length:
@@ -158,13 +158,14 @@ class _Download:
             return
         expected = DIGEST_BYTES * self.ref.num_chunks
         for provider in self._usable():
-            reader = writer = None
+            stream = None
             try:
-                reader, writer = await _open(self.p2p, provider, self.connect_timeout)
-                await send_frame(writer, BlobRequest.digests(self.ref.sha256).encode())
-                await _expect_ok(reader, expected, self.stall_timeout)
-                raw = await read_body(reader, expected, self.stall_timeout)
-                digests = [raw[i:i + DIGEST_BYTES] for i in range(0, expected, DIGEST_BYTES)]
+                stream = await _open(self.p2p, provider, self.connect_timeout)
+                await stream.send(BlobRequest.digests(self.ref.sha256).encode())
+                await _expect_ok(stream, expected, self.stall_timeout)
+                raw = bytearray(expected)
+                await stream.read_into(raw, self.stall_timeout)
+                digests = [bytes(raw[i:i + DIGEST_BYTES]) for i in range(0, expected, DIGEST_BYTES)]
                 try:
                     self.ref.check_digest_list(digests)
                 except HashMismatch as error:
@@ -176,8 +177,8 @@ class _Download:
             except (ProviderGone, StreamStalled, StreamClosed, ConnectionError) as error:
                 self._drop(provider, str(error))
             finally:
-                if writer is not None:
-                    close_quietly(writer)
+                if stream is not None:
+                    stream.close()
         raise BlobUnavailable(self.ref, self.reasons, self.ref.num_chunks)
 
     # ---- phase 2: the chunks -----------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class _Download:
         loop = asyncio.get_running_loop()
         outstanding: list[int] = []  # requested on this stream, answers not read yet, in order
         verifying: Optional[asyncio.Future] = None  # (index, data, matches) of the last chunk read
-        writer = None
+        stream = None
 
         def settle(result: tuple[int, bytes, bool]) -> None:
             index, data, matches = result
@@ -211,7 +212,7 @@ class _Download:
             return index, data, await loop.run_in_executor(self.executor, self._verify_and_write, index, data)
 
         try:
-            reader, writer = await _open(self.p2p, provider, self.connect_timeout)
+            stream = await _open(self.p2p, provider, self.connect_timeout)
             while provider.active:
                 while len(outstanding) < 2:
                     index = scheduler.try_take() if outstanding or verifying else await scheduler.take()
@@ -222,7 +223,7 @@ class _Download:
                         break
                     outstanding.append(index)
                     start, end = chunk_span(index, self.ref.size)
-                    await send_frame(writer, BlobRequest.range(self.ref.sha256, start, end).encode())
+                    await stream.send(BlobRequest.range(self.ref.sha256, start, end).encode())
                 if verifying is not None and (not outstanding or verifying.done()):
                     pending, verifying = verifying, None
                     settle(await pending)
@@ -231,8 +232,9 @@ class _Download:
                         break
                     continue  # nothing to ask for now; wait in take() for chunks other streams give back
                 start, end = chunk_span(outstanding[0], self.ref.size)
-                await _expect_ok(reader, end - start, self.stall_timeout)
-                data = await read_body(reader, end - start, self.stall_timeout)
+                await _expect_ok(stream, end - start, self.stall_timeout)
+                data = bytearray(end - start)
+                await stream.read_into(data, self.stall_timeout)
                 if verifying is not None:
                     pending, verifying = verifying, None
                     settle(await pending)
@@ -250,8 +252,8 @@ class _Download:
                 except ProviderFault as error:
                     self._ban(provider, str(error))
             scheduler.give_back(outstanding)
-            if writer is not None:
-                close_quietly(writer)
+            if stream is not None:
+                stream.close()
 
     async def fetch_chunks(self, missing: list[int], hasher: OrderedHasher) -> None:
         scheduler = ChunkScheduler(missing)

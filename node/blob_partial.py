@@ -14,6 +14,7 @@ sha256 before `complete()` moves it into the store.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -78,8 +79,23 @@ class PartialDownload:
         self._data_fd = os.open(self.directory / "data", os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._data_fd).st_size != self.ref.size:
             os.ftruncate(self._data_fd, self.ref.size)
+        self._reserve_space()
         self._log_fd = os.open(self.directory / "verified", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.digests: Optional[list[bytes]] = self._stored_digests()
+
+    def _reserve_space(self) -> None:
+        # Blocks reserved up front: a full disk fails here, clearly, not half way through a download.
+        if self.ref.size == 0:
+            return
+        try:
+            os.posix_fallocate(self._data_fd, 0, self.ref.size)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"not enough free disk space for blob {self.ref.sha256[:12]} "
+                                            f"({self.ref.size} bytes) under {self.directory}; free some space or "
+                                            f"run the store's gc") from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+                raise
 
     def _stored_ref(self) -> Optional[BlobRef]:
         try:

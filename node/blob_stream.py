@@ -2,11 +2,18 @@
 
 Every read has a deadline: a peer that stops sending is a stalled peer (`StreamStalled`), never a
 hung task. Frames are checked against their size limit before their body is read.
+
+The server reads its (tiny) requests through the stream's `StreamReader`. The downloader receives
+megabytes per request, so `StreamReceiver` takes the stream's transport over with a
+`BufferedProtocol`: the socket is read with `recv_into` straight into the chunk's own buffer (no
+copies through the reader's 64 KiB buffer, one callback per socket read).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Optional
 
 from protocol.blob_wire import (FRAME_PREFIX_BYTES, BlobRequest, BlobResponse, decode_request, decode_response,
                                 request_body_length, response_body_length)
@@ -82,3 +89,117 @@ def close_quietly(writer: asyncio.StreamWriter) -> None:
         writer.close()
     except Exception:  # the transport may already be gone; closing is best effort
         pass
+
+
+class _ReceiveProtocol(asyncio.BufferedProtocol):
+    """Reads into the current target buffer if there is one, else into `pending` (headers)."""
+
+    MAX_PENDING = 1 << 20  # without a target, stop reading beyond this: the peer must wait for us
+
+    def __init__(self, transport: asyncio.Transport, leftover: bytes) -> None:
+        self.transport = transport
+        self.pending = bytearray(leftover)
+        self.target: Optional[memoryview] = None
+        self.filled = 0
+        self.received = 0  # total bytes, for stall detection
+        self.closed: Optional[str] = None
+        self.waiter: Optional[asyncio.Future] = None
+        self._scratch = bytearray(256 * 1024)
+
+    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
+        if self.target is not None and self.filled < len(self.target):
+            return self.target[self.filled:]
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
+        if self.target is not None and self.filled < len(self.target):
+            self.filled += nbytes
+            if self.filled == len(self.target):
+                self.wake()
+            return
+        self.pending += memoryview(self._scratch)[:nbytes]
+        if len(self.pending) > self.MAX_PENDING:
+            self.transport.pause_reading()
+        self.wake()
+
+    def eof_received(self) -> bool:
+        self.closed = "the peer closed the stream"
+        self.wake()
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = self.closed or f"the stream was lost ({exc or 'closed'})"
+        self.wake()
+
+    def pause_writing(self) -> None:  # requests are tiny; the writer never needs to wait
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class StreamReceiver:
+    """Downloader's side of one blob stream: small frames and large bodies, each under a stall timeout."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        leftover = bytes(getattr(reader, "_buffer", b""))  # normally empty: nothing was asked yet
+        self._protocol = _ReceiveProtocol(writer.transport, leftover)
+        writer.transport.set_protocol(self._protocol)
+
+    async def _wait(self, done, stall_timeout: float, what: str) -> None:
+        """Wait until `done()`; raise `StreamStalled` if no byte arrives for `stall_timeout` s."""
+        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        while not done():
+            if protocol.closed:
+                raise StreamClosed(f"{protocol.closed} while reading {what}")
+            if self.writer.transport.is_reading() is False:
+                self.writer.transport.resume_reading()
+            seen, since = protocol.received, time.monotonic()
+            protocol.waiter = loop.create_future()
+            try:
+                await asyncio.wait([protocol.waiter], timeout=stall_timeout)
+            finally:
+                protocol.waiter = None
+            if protocol.received == seen and time.monotonic() - since >= stall_timeout and not done():
+                raise StreamStalled(f"no bytes for {stall_timeout:.1f} s while reading {what}")
+
+    async def read_exactly(self, count: int, stall_timeout: float) -> bytes:
+        pending = self._protocol.pending
+        await self._wait(lambda: len(pending) >= count, stall_timeout, f"a {count}-byte frame")
+        data = bytes(pending[:count])
+        del pending[:count]
+        return data
+
+    async def read_response(self, timeout: float) -> BlobResponse:
+        """Next response header. Raises `InvalidBlobResponse`, `StreamStalled`, `StreamClosed`."""
+        prefix = await self.read_exactly(FRAME_PREFIX_BYTES, timeout)
+        return decode_response(await self.read_exactly(response_body_length(prefix), timeout))
+
+    async def read_into(self, target: bytearray, stall_timeout: float) -> None:
+        """Fill `target` with the next `len(target)` bytes of the stream."""
+        protocol = self._protocol
+        view = memoryview(target)
+        take = min(len(protocol.pending), len(view))
+        view[:take] = protocol.pending[:take]
+        del protocol.pending[:take]
+        protocol.target, protocol.filled = view[take:], 0
+        try:
+            await self._wait(lambda: protocol.filled == len(protocol.target), stall_timeout,
+                             f"a {len(target)}-byte body")
+        finally:
+            protocol.target = None
+
+    async def send(self, frame: bytes) -> None:
+        if self._protocol.closed:
+            raise StreamClosed(self._protocol.closed)
+        self.writer.write(frame)
+
+    def close(self) -> None:
+        close_quietly(self.writer)
