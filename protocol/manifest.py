@@ -156,6 +156,8 @@ class SwarmManifest:
     trust: TrustPolicy = TrustPolicy()
     timing: Timing = Timing()
     sampling: SamplingDefaults = SamplingDefaults()
+    # Where to join. Not part of the swarm id: moving a bootstrap peer must not fork the swarm.
+    bootstrap_peers: Tuple[str, ...] = ()
 
     # --- identity --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -169,6 +171,10 @@ class SwarmManifest:
             "trust": {"mode": self.trust.mode, "signers": list(self.trust.signers)},
             "timing": dict(vars(self.timing)), "sampling": dict(vars(self.sampling)),
         }
+
+    def to_file_dict(self) -> dict:
+        """`to_dict()` plus the fields that are not part of the swarm id (for manifest files)."""
+        return {**self.to_dict(), "bootstrap_peers": list(self.bootstrap_peers)}
 
     def canonical_bytes(self) -> bytes:
         return canonical_encode(self.to_dict())
@@ -219,6 +225,7 @@ class SwarmManifest:
             cluster_experts=_cluster_experts(top.get("cluster_experts", Mapping, {})),
             trust=_trust(top.sub("trust", {})), timing=_timing(top.sub("timing", {})),
             sampling=_sampling(top.sub("sampling", {})),
+            bootstrap_peers=tuple(_strings(top.get("bootstrap_peers", list, []), "bootstrap_peers")),
         )
         top.done()
         return manifest._checked()
@@ -242,6 +249,12 @@ class SwarmManifest:
                                       f"but the swarm has clusters 0..{self.num_clusters - 1}")
             self.expert_spec(model)
         return self
+
+
+def _strings(values: list, name: str) -> list:
+    if not all(isinstance(v, str) and v for v in values):
+        raise InvalidManifest(f"manifest field '{name}' must be a list of non-empty strings")
+    return values
 
 
 def _dataset(fields: _Fields) -> DatasetSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from protocol.errors import ExpirationTooFar, InvalidRecord, RecordExpired, SwarmVersionMismatch, UntrustedSigner
+from protocol import keys
 from protocol.keys import ParsedKey, parse_key
 from protocol.limits import CLOCK_SKEW_S, MAX_EXPIRATION_AHEAD_S
 from protocol.manifest import SwarmManifest
@@ -97,4 +98,20 @@ def describe_beacon(beacon: SwarmBeacon, manifest: SwarmManifest) -> Optional[st
     return None
 
 
-__all__ = ["RecordPolicy", "describe_beacon", "decode_record"]
+
+
+def key_for_record(record: SignedRecord) -> str:
+    """The one DHT key a record may live under, derived from its content."""
+    if isinstance(record, SwarmBeacon):
+        return keys.beacon_key(record.name)
+    if isinstance(record, Claim):
+        return keys.claims_key(record.swarm_id)
+    if isinstance(record, CheckpointRecord):
+        return keys.checkpoint_key(record.swarm_id, record.cluster)
+    if isinstance(record, RouterRecord):
+        return keys.router_key(record.swarm_id)
+    if isinstance(record, ProviderRecord):
+        return keys.providers_key(record.swarm_id, record.blob_sha256)
+    if isinstance(record, PeerRecord):
+        return keys.peers_key(record.swarm_id)
+    raise InvalidRecord(f"no DHT key for records of kind {record.KIND}")

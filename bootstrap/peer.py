@@ -1,0 +1,54 @@
+"""The bootstrap peer: a long-lived DHT peer with a stable peer id that others join through.
+
+It installs the swarm's validator like every peer, announces the swarm's name beacon, and keeps
+its presence fresh. Its libp2p key lives at `--identity` (so the peer id, and hence the multiaddrs
+that nodes are given, survive restarts); its ed25519 signing key next to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import List, Sequence
+
+from node.keys import load_or_create_identity, prepare_p2p_identity_path
+from node.membership import SwarmMembership
+from node.presence import Presence
+from protocol.manifest import SwarmManifest
+
+logger = logging.getLogger("ddm_swarm.bootstrap")
+
+
+class BootstrapPeer:
+    def __init__(self, manifest: SwarmManifest, identity_path: Path, *, host: str = "0.0.0.0", port: int = 31337,
+                 initial_peers: Sequence[str] = (), announce_maddrs: Sequence[str] = ()):
+        identity_path = Path(identity_path)
+        signer = load_or_create_identity(identity_path.with_name(identity_path.name + ".signer.pem"))
+        self.membership = SwarmMembership(manifest, signer, initial_peers=initial_peers, host=host, port=port,
+                                          p2p_identity_path=prepare_p2p_identity_path(identity_path),
+                                          announce_maddrs=announce_maddrs)
+        self.presence = Presence(self.membership, role="bootstrap")
+        self._stop = threading.Event()
+
+    @property
+    def maddrs(self) -> List[str]:
+        return self.membership.maddrs
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM, renewing the beacon and presence every lease period."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        period = self.membership.manifest.timing.lease_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.membership.announce_beacon()
+                    self.presence.announce("online")
+                except Exception as error:  # a transient DHT hiccup must not take the bootstrap down
+                    logger.warning(f"announcement failed, retrying in {period:.0f} s: {error}")
+                self._stop.wait(period)
+        finally:
+            self.presence.leave()
+            self.membership.shutdown()

@@ -1,0 +1,121 @@
+"""The announcer: a thread that keeps this node's records fresh in the DHT (Petals-style loop).
+
+Every period T it renews the node's lease and presence, re-announces the blobs it provides, and
+re-publishes its latest checkpoint record before that expires. New checkpoints are queued by the
+training thread and published at once; training never waits on the DHT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from node.claims import Lease
+from node.membership import SwarmMembership
+from node.presence import Presence
+from protocol.records import CheckpointRecord, ProviderRecord, RouterRecord, SignedRecord
+
+logger = logging.getLogger("ddm_swarm.announcer")
+
+
+class Announcer:
+    def __init__(self, membership: SwarmMembership, presence: Presence, current_step: Callable[[], int]):
+        self.membership, self.presence, self.current_step = membership, presence, current_step
+        self.period = membership.manifest.timing.lease_s
+        self.lease: Optional[Lease] = None
+        self.last_announcement = "-"
+        self.failures = 0
+        self._provided: Dict[str, float] = {}  # blob sha256 -> expiry of our provider record
+        self._latest: Dict[str, SignedRecord] = {}  # job -> our latest checkpoint/router record
+        self._queue: "queue.Queue[SignedRecord]" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ddm-announcer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # --- called from other threads ---------------------------------------------------------------
+    def announce_checkpoint(self, job: str, record: SignedRecord) -> None:
+        """Publish a checkpoint (or router) record and announce this node as its blob's provider."""
+        self._queue.put(record)
+        self._latest[job] = record
+        self.provide(record.blob.sha256)  # type: ignore[attr-defined]
+
+    def provide(self, blob_sha256: str) -> None:
+        self._provided.setdefault(blob_sha256, 0.0)
+
+    def unprovide(self, blob_sha256: str) -> None:
+        self._provided.pop(blob_sha256, None)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_tick = 0.0
+        while not self._stop.is_set():
+            try:
+                record = self._queue.get(timeout=max(0.0, min(0.5, next_tick - time.monotonic())))
+                self._publish(record, f"{record.KIND} step {record.step}")  # type: ignore[attr-defined]
+            except queue.Empty:
+                pass
+            if time.monotonic() >= next_tick:
+                self._tick()
+                next_tick = time.monotonic() + self.period
+
+    def _publish(self, record: SignedRecord, what: str) -> None:
+        try:
+            self.membership.publish(record)
+            self.last_announcement = f"{what} at {time.strftime('%H:%M:%S')}"
+        except Exception as error:  # the DHT may be briefly unreachable; the next tick retries
+            self.failures += 1
+            logger.warning(f"could not publish {what}: {error}")
+
+    def _tick(self) -> None:
+        step = self.current_step()
+        try:
+            if self.lease is not None:
+                self.lease.renew(step)
+            self.presence.announce("online", job=self.lease.job if self.lease else "")
+        except Exception as error:
+            self.failures += 1
+            logger.warning(f"could not renew the lease/presence: {error}")
+        now = get_dht_time()
+        for sha, expiry in list(self._provided.items()):
+            if expiry - now < 2 * self.period:
+                expires = now + 3 * self.period
+                record = ProviderRecord(self.membership.swarm_id, sha, self.membership.peer_id,
+                                        tuple(self.membership.maddrs[:8]), expires)
+                self._publish(record.signed_by(self.membership.identity), f"provider {sha[:8]}")
+                if sha in self._provided:
+                    self._provided[sha] = expires
+        ttl = self.membership.manifest.timing.record_ttl_s
+        for job, record in list(self._latest.items()):
+            if record.expires_at - now < max(2 * self.period, ttl / 4):  # type: ignore[attr-defined]
+                fresh = dataclasses.replace(record, expires_at=now + ttl, signature=b"")
+                self._latest[job] = fresh.signed_by(self.membership.identity)
+                self._publish(self._latest[job], f"{record.KIND} refresh")
+
+    def stop(self, release: bool = True) -> None:
+        """Stop the loop; with `release`, give the job back and leave with an OFFLINE tombstone."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        while not self._queue.empty():  # checkpoints made just before stopping still get announced
+            record = self._queue.get_nowait()
+            self._publish(record, f"{record.KIND} step {record.step}")  # type: ignore[attr-defined]
+        if release:
+            if self.lease is not None:
+                self.lease.release(self.current_step())
+            self.presence.leave()
+
+
+def new_checkpoint_record(membership: SwarmMembership, kind: type, **fields) -> SignedRecord:
+    """Sign a fresh CheckpointRecord or RouterRecord of this node, living `record_ttl_s`."""
+    now = get_dht_time()
+    ttl = membership.manifest.timing.record_ttl_s
+    assert kind in (CheckpointRecord, RouterRecord)
+    record = kind(swarm_id=membership.swarm_id, created_at=now, expires_at=now + ttl, **fields)
+    return record.signed_by(membership.identity)

@@ -1,0 +1,124 @@
+"""Who trains what: choosing a job and holding its lease.
+
+Jobs are the swarm's clusters ("expert/<k>") and the router ("router"). A joining node takes the job
+with the fewest live claims, then the least progress; several trainers per job are allowed once
+every job is covered. Claims are leases renewed every T and expiring after 3T, so a node that dies
+orphans its job within 3T and the next node resumes it from the swarm's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from node.membership import SwarmMembership
+from protocol.manifest import SwarmManifest
+from protocol.records import Claim
+
+logger = logging.getLogger("ddm_swarm.claims")
+ROUTER_JOB = "router"
+
+
+def expert_job(cluster: int) -> str:
+    return f"expert/{cluster}"
+
+
+def all_jobs(manifest: SwarmManifest, include_router: bool = True) -> List[str]:
+    jobs = [expert_job(k) for k in range(manifest.num_clusters)]
+    return jobs + [ROUTER_JOB] if include_router else jobs
+
+
+def live_claimers(claims: Iterable[Claim], now: float) -> Dict[str, List[str]]:
+    """job -> signers that hold a live (unexpired, not released) lease on it."""
+    holders: Dict[str, List[str]] = {}
+    for claim in claims:
+        if claim.state == "training" and claim.expires_at > now:
+            holders.setdefault(claim.job, []).append(claim.signer)
+    return holders
+
+
+def _spread(signer: str, job: str) -> str:
+    # nodes that start at the same moment see the same claims; a per-node order spreads them out
+    return hashlib.sha256(f"{signer}/{job}".encode()).hexdigest()
+
+
+def choose_job(jobs: List[str], claims: Iterable[Claim], progress: Dict[str, int], me: str, now: float) -> str:
+    """The job with the fewest live claims by others, then the least progress."""
+    holders = live_claimers(claims, now)
+    return min(jobs, key=lambda job: (len([s for s in holders.get(job, []) if s != me]),
+                                      progress.get(job, 0), _spread(me, job)))
+
+
+def should_move(job: str, jobs: List[str], claims: Iterable[Claim], me: str, now: float) -> bool:
+    """True if `me` lost a race for `job`: others hold it too, some job has no holder, and `me` is
+    not the claimer with the smallest signer id (a rule every node applies identically)."""
+    holders = live_claimers(claims, now)
+    sharing = holders.get(job, [])
+    uncovered = [j for j in jobs if not holders.get(j)]
+    return bool(uncovered) and len(sharing) > 1 and me in sharing and me != min(sharing)
+
+
+@dataclass
+class Lease:
+    """This node's lease on one job, renewed by `renew()` at least every T."""
+
+    membership: SwarmMembership
+    job: str
+    model: str
+    last_expiry: float = 0.0
+
+    def _publish(self, state: str, step: int, expires: float) -> None:
+        expires = max(expires, self.last_expiry + 1e-3)  # per subkey, the latest expiration wins in hivemind
+        claim = Claim(self.membership.swarm_id, self.job, self.model, self.membership.peer_id, step, state, expires)
+        self.membership.publish(claim.signed_by(self.membership.identity))
+        self.last_expiry = expires
+
+    def renew(self, step: int) -> None:
+        self._publish("training", step, get_dht_time() + self.membership.manifest.timing.lease_expiry_s)
+
+    def release(self, step: int) -> None:
+        """Give the job back at once (a tombstone that outlives the lease), so others need not wait 3T."""
+        try:
+            self._publish("released", step, self.last_expiry + 1.0)
+        except Exception as error:  # leaving must not fail because the swarm is gone
+            logger.warning(f"could not release the claim on {self.job}: {error}")
+
+
+def progress_by_job(membership: SwarmMembership, jobs: List[str]) -> Dict[str, int]:
+    """Latest announced step of every job, from the swarm's checkpoint and router records."""
+    progress: Dict[str, int] = {}
+    for job in jobs:
+        if job == ROUTER_JOB:
+            records = membership.routers()
+        else:
+            records = membership.checkpoints(int(job.split("/")[1]))
+        progress[job] = max((r.step for r in records), default=0)
+    return progress
+
+
+def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, forced: Optional[str] = None,
+              settle_s: float = 1.0, rounds: int = 5) -> Lease:
+    """Pick a job, claim it, and move if a simultaneous starter won the same job."""
+    import time
+
+    me = membership.identity.signer_id
+    progress = progress_by_job(membership, jobs)
+    job = forced or choose_job(jobs, membership.claims(), progress, me, get_dht_time())
+    lease = Lease(membership, job, model_for_job(job))
+    lease.renew(progress.get(job, 0))
+    for _ in range(0 if forced else rounds):
+        time.sleep(settle_s)
+        claims = membership.claims()
+        if not should_move(lease.job, jobs, claims, me, get_dht_time()):
+            break
+        lease.release(0)
+        others = [c for c in claims if c.signer != me]
+        job = choose_job([j for j in jobs if j != lease.job] or jobs, others, progress, me, get_dht_time())
+        logger.info(f"{lease.job} is taken by a peer that started at the same time; moving to {job}")
+        lease = Lease(membership, job, model_for_job(job))
+        lease.renew(progress.get(job, 0))
+    return lease

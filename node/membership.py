@@ -1,0 +1,189 @@
+"""A peer's membership in a swarm: a hivemind DHT with the swarm's validator installed.
+
+hivemind runs the DHT in a child process; `SwarmMembership` is the handle the node uses to publish
+signed records and read them back, typed and checked again here (defence in depth: a record this
+peer holds locally was validated when stored, but its expiration may have passed since).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from functools import partial
+from typing import Iterable, List, Optional, Sequence, Type, TypeVar
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2PDaemonError
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.timed_storage import get_dht_time
+
+from node.dht_validator import SwarmRecordValidator
+from node.errors import InvalidPeerAddress, JoinFailed, PublishFailed
+from protocol import keys
+from protocol.errors import ProtocolError
+from protocol.identity import Identity
+from protocol.limits import MAX_EXPIRATION_AHEAD_S
+from protocol.manifest import SwarmManifest
+from protocol.policy import RecordPolicy, describe_beacon, key_for_record
+from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord, SignedRecord,
+                              SwarmBeacon, decode_record)
+
+logger = logging.getLogger("ddm_swarm.membership")
+R = TypeVar("R", bound=SignedRecord)
+
+
+def check_initial_peers(initial_peers: Iterable[str]) -> List[str]:
+    """Each initial peer must be a full multiaddr ending in /p2p/<peer id>."""
+    checked = []
+    for address in initial_peers:
+        try:
+            maddr = Multiaddr(address)
+            maddr.value_for_protocol("p2p")
+        except Exception:
+            raise InvalidPeerAddress(f"initial peer {address!r} is not a multiaddr like "
+                                     "/ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… (copy it from the bootstrap's output)") from None
+        checked.append(str(maddr))
+    return checked
+
+
+class SwarmMembership:
+    """Joins the swarm's DHT and publishes/reads its signed records."""
+
+    def __init__(self, manifest: SwarmManifest, identity: Identity, *, initial_peers: Sequence[str] = (),
+                 host: str = "127.0.0.1", port: int = 0, p2p_identity_path: Optional[str] = None,
+                 announce_maddrs: Sequence[str] = (), client_mode: bool = False, nat_traversal: bool = False):
+        self.manifest, self.identity = manifest, identity
+        self.swarm_id = manifest.swarm_id
+        self.policy = RecordPolicy(manifest)
+        self.initial_peers = check_initial_peers(initial_peers)
+        self._lock = threading.Lock()  # hivemind's DHT handle is driven through one pipe: one call at a time
+        options = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"], nat_port_map=nat_traversal, auto_nat=nat_traversal,
+                       client_mode=client_mode, record_validators=[SwarmRecordValidator(manifest)])
+        if p2p_identity_path:
+            options["identity_path"] = p2p_identity_path
+        if announce_maddrs:
+            options["announce_maddrs"] = list(announce_maddrs)
+        try:
+            self.dht = DHT(initial_peers=self.initial_peers or None, start=True, **options)
+        except P2PDaemonError as error:
+            if self.initial_peers and "bootstrap" in str(error):
+                raise JoinFailed("none of the initial peers answered: " + ", ".join(self.initial_peers)
+                                 + ". Check that at least one of them is running and reachable.") from None
+            raise JoinFailed(f"could not start the local p2p daemon: {error}") from None
+        self.dht.run_coroutine(partial(_exit_with_parent, os.getpid()))
+        self.peer_id = str(self.dht.peer_id)
+        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+
+    # --- writing ---------------------------------------------------------------------------------
+    def publish(self, record: SignedRecord, *, confirm: bool = True, attempts: int = 5) -> None:
+        """Store a signed record under its key; with `confirm`, read it back (store() may lie)."""
+        key, value = key_for_record(record), record.encode()
+        for attempt in range(attempts):
+            with self._lock:
+                self.dht.store(key, value, expiration_time=record.expires_at, subkey=record.signer)  # type: ignore
+            if not confirm or self._holds(key, record.signer, value):  # type: ignore[attr-defined]
+                return
+            time.sleep(0.2 * (attempt + 1))
+        raise PublishFailed(f"could not confirm the {record.KIND} record under {key[:80]} in the DHT "
+                            f"after {attempts} attempts; is this peer connected to the swarm?")
+
+    def _holds(self, key: str, subkey: str, value: bytes) -> bool:
+        found = self._get(key)
+        return subkey in found and found[subkey][0] == value
+
+    # --- reading ---------------------------------------------------------------------------------
+    def _get(self, key: str) -> dict:
+        with self._lock:
+            result = self.dht.get(key, latest=True)
+        if result is None or not isinstance(result.value, dict):
+            return {}
+        return {subkey: (item.value, item.expiration_time) for subkey, item in result.value.items()}
+
+    def read(self, key: str, kind: Type[R]) -> List[R]:
+        """Every acceptable record under `key`, of type `kind`; anything else is logged and dropped."""
+        records, now, parsed = [], get_dht_time(), keys.parse_key(key)
+        for subkey, (value, expiration) in self._get(key).items():
+            try:
+                record = decode_record(value, expected=kind)
+                self.policy.check(parsed, subkey, record, expiration, now)
+            except ProtocolError as error:
+                logger.warning(f"dropped a {kind.KIND} entry under {key[:60]}: {error}")
+                continue
+            if record.expires_at >= now:  # type: ignore[attr-defined]
+                records.append(record)
+        return records
+
+    def claims(self) -> List[Claim]:
+        return self.read(keys.claims_key(self.swarm_id), Claim)
+
+    def checkpoints(self, cluster: int) -> List[CheckpointRecord]:
+        return self.read(keys.checkpoint_key(self.swarm_id, cluster), CheckpointRecord)
+
+    def routers(self) -> List[RouterRecord]:
+        return self.read(keys.router_key(self.swarm_id), RouterRecord)
+
+    def providers(self, blob_sha256: str) -> List[ProviderRecord]:
+        return self.read(keys.providers_key(self.swarm_id, blob_sha256), ProviderRecord)
+
+    def peers(self) -> List[PeerRecord]:
+        return self.read(keys.peers_key(self.swarm_id), PeerRecord)
+
+    # --- the swarm's name beacon -----------------------------------------------------------------
+    def announce_beacon(self) -> None:
+        expires = get_dht_time() + MAX_EXPIRATION_AHEAD_S["beacon"] / 2
+        beacon = SwarmBeacon(self.swarm_id, self.manifest.name, self.manifest.protocol_version, expires)
+        self.publish(beacon.signed_by(self.identity), confirm=False)
+
+    def beacon_problems(self) -> List[str]:
+        """Messages about peers that use this swarm's name with another manifest or protocol version."""
+        problems = set()
+        for beacon in self.read(keys.beacon_key(self.manifest.name), SwarmBeacon):
+            message = describe_beacon(beacon, self.manifest)
+            if message:
+                problems.add(message)
+        return sorted(problems)
+
+    # --- housekeeping ----------------------------------------------------------------------------
+    def validator_stats(self) -> dict:
+        """How many records this peer's DHT process accepted and refused, by reason."""
+        with self._lock:
+            return self.dht.run_coroutine(_validator_stats)
+
+    def num_peers(self) -> int:
+        with self._lock:
+            return self.dht.run_coroutine(_routing_table_size)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self.dht.is_alive():
+                self.dht.shutdown()
+
+
+async def _exit_with_parent(parent_pid: int, _dht, node) -> None:
+    """Runs in hivemind's DHT process: if our process dies (even by SIGKILL), stop p2pd and exit,
+    instead of lingering as an orphan that still answers for a dead node."""
+
+    async def watch() -> None:
+        while os.getppid() == parent_pid:
+            await asyncio.sleep(1.0)
+        try:
+            await asyncio.wait_for(node.shutdown(), timeout=5)
+        finally:
+            os._exit(0)
+
+    asyncio.get_running_loop().create_task(watch())
+
+
+async def _validator_stats(_dht, node) -> dict:
+    validator = node.protocol.record_validator
+    for item in getattr(validator, "_validators", [validator]):
+        if isinstance(item, SwarmRecordValidator):
+            return item.stats()
+    return {}
+
+
+async def _routing_table_size(_dht, node) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)

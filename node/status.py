@@ -1,0 +1,61 @@
+"""`ddm-swarm status`: who trains what, coverage, progress and providers, read from the DHT."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from hivemind.utils.timed_storage import get_dht_time
+from rich.table import Table
+
+from node.claims import ROUTER_JOB, all_jobs, live_claimers
+from node.membership import SwarmMembership
+from protocol.limits import PROTOCOL_VERSION
+
+
+def collect_status(membership: SwarmMembership) -> Dict[str, Any]:
+    """A JSON-ready snapshot of the swarm as this peer sees it now."""
+    manifest, now = membership.manifest, get_dht_time()
+    holders = live_claimers(membership.claims(), now)
+    jobs = []
+    for job in all_jobs(manifest):
+        records = membership.routers() if job == ROUTER_JOB else membership.checkpoints(int(job.split("/")[1]))
+        best = max(records, key=lambda r: (r.step, -r.created_at), default=None)
+        jobs.append({
+            "job": job,
+            "claims": len(holders.get(job, [])),
+            "trainers": sorted(s[:12] for s in holders.get(job, [])),
+            "checkpoints": len(records),
+            "latest_step": best.step if best else None,
+            "heldout": (getattr(best, "heldout_loss", None) if job != ROUTER_JOB
+                        else getattr(best, "heldout_accuracy", None)) if best else None,
+            "model": best.model if best else None,
+            "providers": len(membership.providers(best.blob.sha256)) if best else 0,
+            "age_s": round(now - best.created_at, 1) if best else None,
+        })
+    peers = [{"peer_id": p.peer_id, "role": p.role, "job": p.job, "state": p.state, "software": p.software}
+             for p in membership.peers()]
+    covered = sum(1 for j in jobs if j["claims"] > 0)
+    return {"swarm": manifest.name, "swarm_id": manifest.swarm_id, "protocol_version": PROTOCOL_VERSION,
+            "jobs": jobs, "coverage": f"{covered}/{len(jobs)}", "peers": peers,
+            "online_peers": sum(1 for p in peers if p["state"] == "online"),
+            "warnings": membership.beacon_problems()}
+
+
+def status_tables(status: Dict[str, Any]) -> list:
+    title = (f"swarm '{status['swarm']}' {status['swarm_id'][:12]}… protocol v{status['protocol_version']} — "
+             f"coverage {status['coverage']}, {status['online_peers']} peers online")
+    jobs = Table(title=title)
+    for column in ("job", "claims", "trainers", "latest step", "held-out", "model", "providers", "age"):
+        jobs.add_column(column, justify="right" if column in ("claims", "latest step", "providers") else "left")
+    for job in status["jobs"]:
+        heldout = "-" if job["heldout"] is None else f"{job['heldout']:.4f}"
+        age = "-" if job["age_s"] is None else f"{job['age_s']:.0f}s"
+        jobs.add_row(job["job"], str(job["claims"]), ", ".join(job["trainers"]) or "-",
+                     str(job["latest_step"] if job["latest_step"] is not None else "-"), heldout,
+                     job["model"] or "-", str(job["providers"]), age)
+    peers = Table(title="peers")
+    for column in ("peer id", "role", "job", "state", "software"):
+        peers.add_column(column)
+    for peer in sorted(status["peers"], key=lambda p: (p["role"], p["job"])):
+        peers.add_row(peer["peer_id"][:20] + "…", peer["role"], peer["job"] or "-", peer["state"], peer["software"])
+    return [jobs, peers]

@@ -1,0 +1,74 @@
+"""A real swarm peer in its own process, driven by JSON lines on stdin (one reply line each).
+
+Honest mode runs `SwarmMembership` exactly as a node does. `--adversary` runs a bare hivemind DHT
+without the swarm's validator, so it can try to push anything into the swarm.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from hivemind.dht import DHT
+
+from node.membership import SwarmMembership
+from node.swarm_files import read_manifest_file
+from protocol.identity import Identity
+from protocol.records import decode_record
+
+FAMILIES = {"claims": "claims", "peers": "peers", "router": "routers"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--adversary", action="store_true")
+    args = parser.parse_args()
+    manifest = read_manifest_file(args.manifest)
+    if args.adversary:
+        dht = DHT(initial_peers=args.initial_peers or None, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                  nat_port_map=False, auto_nat=False)
+        membership, peer_id = None, str(dht.peer_id)
+    else:
+        membership = SwarmMembership(manifest, Identity.generate(), initial_peers=args.initial_peers)
+        dht, peer_id = membership.dht, membership.peer_id
+    print(json.dumps({"peer_id": peer_id, "maddrs": [str(m) for m in dht.get_visible_maddrs()]}), flush=True)
+
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command["op"]
+        if op == "quit":
+            break
+        if op == "publish":  # an encoded, signed record, published the honest way
+            membership.publish(decode_record(bytes.fromhex(command["record"])))
+            reply = {"ok": True}
+        elif op == "store_raw":  # whatever bytes, under whatever key and subkey, with any expiration
+            stored = dht.store(command["key"], bytes.fromhex(command["value"]), command["expiration"],
+                               subkey=command["subkey"])
+            reply = {"stored": bool(stored)}
+        elif op == "read":
+            if command["family"] == "checkpoints":
+                records = membership.checkpoints(command["cluster"])
+            else:
+                records = getattr(membership, FAMILIES[command["family"]])()
+            reply = {"records": [r.encode().hex() for r in records]}
+        elif op == "get_raw":
+            found = dht.get(command["key"], latest=True)
+            subkeys = list(found.value) if found is not None and isinstance(found.value, dict) else []
+            reply = {"subkeys": subkeys}
+        elif op == "stats":
+            reply = membership.validator_stats()
+        elif op == "time":
+            reply = {"time": time.time()}
+        else:
+            reply = {"error": f"unknown op {op}"}
+        print(json.dumps(reply), flush=True)
+    if membership is not None:
+        membership.shutdown()
+    else:
+        dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()

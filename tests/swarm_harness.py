@@ -1,0 +1,117 @@
+"""Start real peers (separate processes with their own p2pd) on 127.0.0.1 and talk to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class LineProcess:
+    """A child process whose stdout lines are read by a thread, so waits can time out."""
+
+    def __init__(self, args: List[str], *, stdin: bool = False, cwd: Optional[Path] = None, env: Optional[dict] = None):
+        self.args = args
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     cwd=cwd or ROOT, env=env or child_env())
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.output: List[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            if predicate(line):
+                return line
+        raise TimeoutError(f"{self.args[1:4]} produced no matching line; output:\n{''.join(self.output)[-3000:]}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+
+class DhtPeer(LineProcess):
+    """tests/peers/dht_peer.py: an honest or adversarial swarm peer answering JSON commands."""
+
+    def __init__(self, manifest_path: Path, initial_peers: List[str] = (), adversary: bool = False):
+        args = [sys.executable, "-m", "tests.peers.dht_peer", "--manifest", str(manifest_path)]
+        if initial_peers:
+            args += ["--initial-peers", *initial_peers]
+        if adversary:
+            args.append("--adversary")
+        super().__init__(args, stdin=True)
+        hello = json.loads(self.wait_for(lambda line: line.startswith("{"), timeout=60))
+        self.peer_id, self.maddrs = hello["peer_id"], hello["maddrs"]
+
+    def call(self, op: str, timeout: float = 60.0, **fields) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return json.loads(self.wait_for(lambda line: line.startswith("{"), timeout=timeout))
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.alive():
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')  # type: ignore[union-attr]
+                self.proc.stdin.flush()  # type: ignore[union-attr]
+                self.proc.wait(timeout)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                pass
+        return super().stop(timeout)
+
+
+class BootstrapProcess(LineProcess):
+    """`ddm-swarm bootstrap` as a user runs it."""
+
+    def __init__(self, manifest_path: Path, identity: Path, port: int = 0):
+        super().__init__([sys.executable, "-m", "node.cli", "bootstrap", "--swarm", str(manifest_path),
+                          "--identity", str(identity), "--host", "127.0.0.1", "--port", str(port)])
+        self.maddrs: List[str] = []
+        while True:
+            line = self.wait_for(lambda l: "--initial-peers" in l or l.startswith("ready"), timeout=60)
+            if line.startswith("ready"):
+                break
+            self.maddrs.append(line.split()[-1])
+        self.peer_id = self.maddrs[0].rsplit("/p2p/", 1)[1]

@@ -1,0 +1,56 @@
+"""Choosing a job: fewest live claims, then least progress; simultaneous starters spread out."""
+
+import time
+
+from node.claims import choose_job, should_move
+from protocol.identity import Identity
+from protocol.records import Claim
+from tests.protocol_fixtures import PEER_ID
+
+JOBS = ["expert/0", "expert/1", "expert/2", "expert/3", "router"]
+NOW = time.time()
+
+
+def _claim(job, signer, state="training", expires=NOW + 30):
+    return Claim("a" * 64, job, "tiny-fm", PEER_ID, 0, state, expires).signed_by(signer)
+
+
+def test_a_joining_node_takes_a_job_nobody_holds():
+    others = [Identity.generate() for _ in range(4)]
+    claims = [_claim(job, who) for job, who in zip(JOBS[:4], others)]
+    assert choose_job(JOBS, claims, {}, Identity.generate().signer_id, NOW) == "router"
+
+
+def test_expired_and_released_claims_leave_the_job_orphaned():
+    a, b = Identity.generate(), Identity.generate()
+    claims = [_claim(job, a) for job in JOBS if job != "expert/2"]
+    claims += [_claim("expert/2", b, expires=NOW - 1), _claim("expert/2", a, state="released")]
+    assert choose_job(JOBS, claims, {}, Identity.generate().signer_id, NOW) == "expert/2"
+
+
+def test_among_equally_covered_jobs_the_least_progressed_is_taken():
+    holders = [Identity.generate() for _ in JOBS]
+    claims = [_claim(job, who) for job, who in zip(JOBS, holders)]
+    progress = {"expert/0": 500, "expert/1": 40, "expert/2": 900, "expert/3": 300, "router": 100}
+    assert choose_job(JOBS, claims, progress, Identity.generate().signer_id, NOW) == "expert/1"
+
+
+def test_own_claim_does_not_count_against_the_job_so_a_restart_keeps_it():
+    me = Identity.generate()
+    others = [Identity.generate() for _ in range(4)]
+    claims = [_claim(job, who) for job, who in zip(JOBS[1:], others)] + [_claim("expert/0", me)]
+    assert choose_job(JOBS, claims, {}, me.signer_id, NOW) == "expert/0"
+
+
+def test_simultaneous_starters_spread_over_free_jobs():
+    picks = {choose_job(JOBS, [], {}, Identity.generate().signer_id, NOW) for _ in range(40)}
+    assert len(picks) >= 4
+
+
+def test_only_the_larger_signers_of_a_shared_job_move_while_a_job_is_uncovered():
+    a, b = sorted([Identity.generate(), Identity.generate()], key=lambda i: i.signer_id)
+    claims = [_claim("expert/0", a), _claim("expert/0", b)]
+    assert should_move("expert/0", JOBS, claims, b.signer_id, NOW)
+    assert not should_move("expert/0", JOBS, claims, a.signer_id, NOW)
+    covered = claims + [_claim(job, Identity.generate()) for job in JOBS[1:]]
+    assert not should_move("expert/0", JOBS, covered, b.signer_id, NOW)  # redundancy once all are covered
