@@ -31,13 +31,14 @@ from node.blob_partial import PartialDownload
 from node.blob_schedule import ChunkScheduler, OrderedHasher
 from node.blob_stream import StreamClosed, StreamReceiver, StreamStalled
 from node.blobstore import BlobStore
+from node.errors import NodeError
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
 
 
-class BlobUnavailable(RuntimeError):
+class BlobUnavailable(NodeError):
     """No provider could deliver a blob. `reasons` maps each provider tried to why it failed."""
 
     def __init__(self, ref: BlobRef, reasons: dict[str, str], missing_chunks: int) -> None:
@@ -110,11 +111,11 @@ async def _expect_ok(stream: StreamReceiver, expected_length: int, timeout: floa
 class _Download:
     def __init__(self, p2p, ref: BlobRef, providers: Sequence[object], partial: PartialDownload, *,
                  bans: BanList, report: FetchReport, progress: Optional[Progress], executor: ThreadPoolExecutor,
-                 streams_per_provider: int, stall_timeout: float, connect_timeout: float) -> None:
+                 streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float) -> None:
         self.p2p, self.ref, self.partial = p2p, ref, partial
         self.bans, self.report, self.progress, self.executor = bans, report, progress, executor
         self.streams_per_provider = streams_per_provider
-        self.stall_timeout, self.connect_timeout = stall_timeout, connect_timeout
+        self.stall_timeout, self.min_rate, self.connect_timeout = stall_timeout, min_rate, connect_timeout
         self.providers = [_Provider(peer, peer.to_base58() if hasattr(peer, "to_base58") else str(peer))
                           for peer in dict.fromkeys(providers)]
         self.reasons: dict[str, str] = {}
@@ -182,7 +183,7 @@ class _Download:
         raise BlobUnavailable(self.ref, self.reasons, self.ref.num_chunks)
 
     # ---- phase 2: the chunks -----------------------------------------------------------------------------
-    def _verify_and_write(self, index: int, data: bytes) -> bool:
+    def _verify_and_write(self, index: int, data: bytearray) -> bool:
         """Worker thread: hash a chunk against its digest; write and log it if it matches."""
         if hashlib.sha256(data).digest() != self.partial.digests[index]:
             return False
@@ -198,7 +199,7 @@ class _Download:
         verifying: Optional[asyncio.Future] = None  # (index, data, matches) of the last chunk read
         stream = None
 
-        def settle(result: tuple[int, bytes, bool]) -> None:
+        def settle(result: tuple[int, bytearray, bool]) -> None:
             index, data, matches = result
             if not matches:
                 scheduler.give_back([index])
@@ -208,7 +209,7 @@ class _Download:
             self.report.chunks_fetched[provider.name] = self.report.chunks_fetched.get(provider.name, 0) + 1
             self._advance(len(data))
 
-        async def verify(index: int, data: bytes) -> tuple[int, bytes, bool]:
+        async def verify(index: int, data: bytearray) -> tuple[int, bytearray, bool]:
             return index, data, await loop.run_in_executor(self.executor, self._verify_and_write, index, data)
 
         try:
@@ -234,7 +235,7 @@ class _Download:
                 start, end = chunk_span(outstanding[0], self.ref.size)
                 await _expect_ok(stream, end - start, self.stall_timeout)
                 data = bytearray(end - start)
-                await stream.read_into(data, self.stall_timeout)
+                await stream.read_into(data, self.stall_timeout, self.min_rate)
                 if verifying is not None:
                     pending, verifying = verifying, None
                     settle(await pending)
@@ -278,15 +279,20 @@ class _Download:
 async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: BlobStore, *,
                      bans: Optional[BanList] = None, progress: Optional[Progress] = None,
                      report: Optional[FetchReport] = None, streams_per_provider: int = 2,
-                     stall_timeout: float = 10.0, connect_timeout: float = 15.0) -> Path:
+                     stall_timeout: float = 10.0, min_rate: float = 64 * 1024,
+                     connect_timeout: float = 15.0) -> Path:
     """Fetch blob `ref` from `providers` (hivemind `PeerID`s) into `store`; return its path there.
 
     `ref` must come from a signed record: every chunk is checked against `ref.chunks_sha256`, the
-    whole file against `ref.sha256`. `progress(verified_bytes, total_bytes)` is called as chunks
-    are verified. A provider that sends bad bytes is added to `bans` (and skipped while banned).
-    Raises `BlobUnavailable` naming every provider and why it failed, keeping the partial
-    download for a later resume; `HashMismatch` if the ref itself is inconsistent;
-    `DownloadInProgress` if another fetch of this blob is running.
+    whole file against `ref.sha256`. A provider that sends bad bytes or a bad digest list is added
+    to `bans` (and skipped while banned); one that sends nothing for `stall_timeout` seconds, or
+    delivers a chunk slower than `min_rate` bytes/s, is dropped for this download; their chunks
+    go to the others. `progress(verified_bytes, total_bytes)` is called as chunks are verified;
+    `report` (if given) is filled in as the download runs.
+
+    Raises `BlobUnavailable` naming every provider and why it failed (the partial download is
+    kept: a later call resumes it); `HashMismatch` if the signed ref is itself inconsistent;
+    `DownloadInProgress` if another fetch of this blob into this store is running.
     """
     started = time.perf_counter()
     report = report if report is not None else FetchReport()
@@ -297,7 +303,7 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"blob-{ref.sha256[:8]}")
     download = _Download(p2p, ref, providers, partial, bans=bans if bans is not None else BanList(), report=report,
                          progress=progress, executor=executor, streams_per_provider=streams_per_provider,
-                         stall_timeout=stall_timeout, connect_timeout=connect_timeout)
+                         stall_timeout=stall_timeout, min_rate=min_rate, connect_timeout=connect_timeout)
     hasher = OrderedHasher(ref.num_chunks, partial.read_chunk, executor)
     try:
         await download.obtain_digests()

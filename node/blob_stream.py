@@ -152,19 +152,23 @@ class StreamReceiver:
         self._protocol = _ReceiveProtocol(writer.transport, leftover)
         writer.transport.set_protocol(self._protocol)
 
-    async def _wait(self, done, stall_timeout: float, what: str) -> None:
-        """Wait until `done()`; raise `StreamStalled` if no byte arrives for `stall_timeout` s."""
+    async def _wait(self, done, stall_timeout: float, what: str, deadline: Optional[float] = None) -> None:
+        """Wait until `done()`. Raise `StreamStalled` if no byte arrives for `stall_timeout` s, or
+        if `deadline` (a `time.monotonic()` instant) passes first."""
         protocol = self._protocol
         loop = asyncio.get_running_loop()
         while not done():
             if protocol.closed:
                 raise StreamClosed(f"{protocol.closed} while reading {what}")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StreamStalled(f"too slow: {what} did not arrive in time")
             if self.writer.transport.is_reading() is False:
                 self.writer.transport.resume_reading()
             seen, since = protocol.received, time.monotonic()
+            timeout = stall_timeout if deadline is None else max(0.0, min(stall_timeout, deadline - since))
             protocol.waiter = loop.create_future()
             try:
-                await asyncio.wait([protocol.waiter], timeout=stall_timeout)
+                await asyncio.wait([protocol.waiter], timeout=timeout)
             finally:
                 protocol.waiter = None
             if protocol.received == seen and time.monotonic() - since >= stall_timeout and not done():
@@ -182,8 +186,11 @@ class StreamReceiver:
         prefix = await self.read_exactly(FRAME_PREFIX_BYTES, timeout)
         return decode_response(await self.read_exactly(response_body_length(prefix), timeout))
 
-    async def read_into(self, target: bytearray, stall_timeout: float) -> None:
-        """Fill `target` with the next `len(target)` bytes of the stream."""
+    async def read_into(self, target: bytearray, stall_timeout: float, min_rate: Optional[float] = None) -> None:
+        """Fill `target` with the next `len(target)` bytes of the stream. `min_rate` (bytes/s), if
+        given, bounds the whole read to `stall_timeout + len(target) / min_rate` seconds, so a peer
+        that trickles bytes just fast enough to dodge the stall timeout is caught as well."""
+        deadline = None if not min_rate else time.monotonic() + stall_timeout + len(target) / min_rate
         protocol = self._protocol
         view = memoryview(target)
         take = min(len(protocol.pending), len(view))
@@ -192,7 +199,7 @@ class StreamReceiver:
         protocol.target, protocol.filled = view[take:], 0
         try:
             await self._wait(lambda: protocol.filled == len(protocol.target), stall_timeout,
-                             f"a {len(target)}-byte body")
+                             f"a {len(target)}-byte body", deadline)
         finally:
             protocol.target = None
 

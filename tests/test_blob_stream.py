@@ -81,3 +81,26 @@ def test_a_peer_that_closes_mid_body_is_reported_closed(loop_name):
         stream.close()
 
     run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_peer_that_trickles_bytes_below_the_minimum_rate_is_reported_too_slow(loop_name):
+    async def scenario():
+        stream, peer = await receiver_and_peer()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, BlobResponse.ok(100_000).encode())
+        await stream.read_response(5)
+
+        async def trickle():
+            for _ in range(50):
+                await loop.sock_sendall(peer, b"x" * 10)
+                await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(trickle())
+        with pytest.raises(StreamStalled, match="too slow"):
+            await stream.read_into(bytearray(100_000), stall_timeout=0.5, min_rate=200_000)
+        sender.cancel()
+        stream.close()
+        peer.close()
+
+    run(loop_name, scenario)

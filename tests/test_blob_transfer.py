@@ -180,3 +180,12 @@ def test_unknown_blobs_malformed_requests_and_oversized_ranges_get_clean_errors_
     assert honest.process.poll() is None
     stats = honest.wait_for(lambda e: e["event"] == "stats" and e["bad_request"] >= 4, 10)
     assert stats["not_found"] >= 1
+
+
+def test_when_no_provider_can_deliver_the_error_names_each_one_and_why(swarm):
+    fetcher = start_fetch(swarm, "store-unavailable", "corrupt", "stall", stall_timeout=2.0)
+    result = fetcher.wait_for(lambda e: e["event"] in ("done", "error"), 60)
+    fetcher.stop()
+    assert result["event"] == "error" and result["type"] == "BlobUnavailable"
+    assert peer(swarm, "corrupt") in result["message"] and "does not match" in result["message"]
+    assert peer(swarm, "stall") in result["message"] and "no bytes for 2.0 s" in result["message"]
