@@ -325,6 +325,8 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
         return await asyncio.to_thread(partial.complete)
     finally:
         hasher.cancel()
+        # Threads may still be writing or hashing a chunk: let them finish before the files close
+        # (a closed descriptor's number can be reused at once, by an unrelated file).
+        await asyncio.to_thread(executor.shutdown)
         partial.close()
-        executor.shutdown(wait=False)
         report.seconds = time.perf_counter() - started

@@ -42,11 +42,14 @@ class BlobServer:
     """
 
     def __init__(self, store: BlobStore, *, max_streams: int = 32, idle_timeout: float = 60.0,
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 10.0, min_send_rate: float = 64 * 1024) -> None:
         self.store = store
         self.max_streams = max_streams
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
+        # An answer must drain within request_timeout + bytes / min_send_rate seconds: a peer that
+        # asks and never reads must not hold one of the `max_streams` slots for ever.
+        self.min_send_rate = min_send_rate
         self.stats = ServerStats()
         self._active = 0
         self._p2p = None
@@ -80,7 +83,11 @@ class BlobServer:
                     return
                 if request is None:
                     return
-                await self._answer(request, writer)
+                try:
+                    async with asyncio.timeout(self.request_timeout + request.length / self.min_send_rate):
+                        await self._answer(request, writer)
+                except TimeoutError:
+                    raise StreamStalled("the peer does not read its answer") from None
         except (StreamClosed, StreamStalled, ConnectionError) as error:
             logger.debug("blob stream from %s ended: %s", peer, error)
         except Exception:  # a bug here must cost one stream, never the node

@@ -18,10 +18,6 @@ from typing import Optional
 from protocol.blob_wire import (FRAME_PREFIX_BYTES, BlobRequest, BlobResponse, decode_request, decode_response,
                                 request_body_length, response_body_length)
 
-# Bodies are read in pieces of this size, each under its own deadline, so a slow but live peer
-# is told apart from a stalled one.
-BODY_PIECE_BYTES = 1 << 20
-
 
 class StreamStalled(TimeoutError):
     """The peer sent nothing for longer than the stall timeout."""
@@ -57,26 +53,6 @@ async def read_request(reader: asyncio.StreamReader, idle_timeout: float, timeou
         raise StreamClosed("stream closed inside a request prefix") from None
     body = await _read_exactly(reader, request_body_length(prefix), timeout)
     return decode_request(body)
-
-
-async def read_response(reader: asyncio.StreamReader, timeout: float) -> BlobResponse:
-    """Next response header. Raises `InvalidBlobResponse`, `StreamStalled`, `StreamClosed`."""
-    prefix = await _read_exactly(reader, FRAME_PREFIX_BYTES, timeout)
-    body = await _read_exactly(reader, response_body_length(prefix), timeout)
-    return decode_response(body)
-
-
-async def read_body(reader: asyncio.StreamReader, count: int, stall_timeout: float) -> bytes:
-    """Exactly `count` raw bytes that follow an "ok" header; each MiB must arrive within `stall_timeout`."""
-    if count <= BODY_PIECE_BYTES:
-        return await _read_exactly(reader, count, stall_timeout)
-    pieces = []
-    remaining = count
-    while remaining:
-        piece = await _read_exactly(reader, min(remaining, BODY_PIECE_BYTES), stall_timeout)
-        pieces.append(piece)
-        remaining -= len(piece)
-    return b"".join(pieces)
 
 
 async def send_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:

@@ -75,6 +75,20 @@ def test_streams_beyond_the_limit_are_told_busy(blob_store):
     asyncio.run(scenario())
 
 
+def test_a_peer_that_asks_and_never_reads_loses_its_stream(blob_store):
+    store, ref, _ = blob_store
+
+    async def scenario():
+        server = BlobServer(store, request_timeout=0.3, min_send_rate=1e9)
+        reader, writer, handler = await open_stream(server)
+        writer.write(BlobRequest.range(ref.sha256, 0, ref.size).encode() * 4)
+        await asyncio.wait_for(handler, 5)  # the slot is free again, without the peer reading a byte
+        assert server._active == 0
+        writer.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_silent_stream_is_closed_after_the_idle_timeout(blob_store):
     store, _, _ = blob_store
 
@@ -117,8 +131,7 @@ def test_any_input_from_a_peer_gets_well_formed_answers_and_never_hits_a_handler
         reader, writer, handler = await open_stream(server)
         writer.write(garbage)
         writer.write_eof()
-        await asyncio.wait_for(handler, 5)
-        rest = await asyncio.wait_for(reader.read(), 5)
+        _, rest = await asyncio.wait_for(asyncio.gather(handler, reader.read()), 10)
         while rest:  # whatever came back is a sequence of well-formed answers
             length = int.from_bytes(rest[:FRAME_PREFIX_BYTES], "big")
             header = decode_response_frame(rest[:FRAME_PREFIX_BYTES + length])

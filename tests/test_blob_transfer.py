@@ -122,7 +122,7 @@ def test_a_download_killed_half_way_resumes_without_fetching_verified_chunks_aga
     assert settled_bytes_served(slow) - served_before == (CHUNKS - report["chunks_resumed"]) * CHUNK_BYTES
 
 
-async def _exchange(p2p: P2P, provider: PeerID, frame: bytes, body_bytes: int = 0):
+async def _exchange(p2p: P2P, provider: PeerID, frame: bytes):
     _, reader, writer = await p2p.call_binary_stream_handler(provider, BLOB_STREAM_PROTOCOL)
     writer.write(frame)
     await writer.drain()
