@@ -87,6 +87,7 @@ class Ensemble:
     records: List[Record]
     files: Dict[str, Path] = field(default_factory=dict)  # blob sha256 -> file
     text_encoder: Optional[TextEncoder] = None
+    rejected: List[Tuple[str, str]] = field(default_factory=list)  # (blob sha256, why it was not used)
 
     def sampler(self, routing: Optional[str] = None) -> EnsembleSampler:
         strategy, k = routing_strategy(routing or self.manifest.sampling.routing)
@@ -250,4 +251,5 @@ class Assembler:
         if router is not None:
             records.append(router[1])
             files[router[1].blob.sha256] = router[2]
-        return Ensemble(self.manifest, experts, router[0] if router else None, records, files)
+        return Ensemble(self.manifest, experts, router[0] if router else None, records, files,
+                        rejected=list(self.rejected))

@@ -48,8 +48,9 @@ class BlobService:
                              timeout=timeout)
 
     def stop(self) -> None:
-        if self.server is not None:
-            try:
+        try:
+            if self.server is not None:
                 self.loop.run(self.server.stop(), timeout=10)
-            except Exception as error:  # the daemon may already be gone at shutdown
-                logger.debug(f"blob server stop: {error}")
+            self.loop.run(self.p2p.shutdown(), timeout=10)
+        except Exception as error:  # the daemon may already be gone at shutdown
+            logger.debug(f"blob service stop: {error}")

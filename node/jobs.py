@@ -17,15 +17,12 @@ import torch
 
 from ddm_models.clustering import ClusterSplit, ClusterSplitError, cluster_images
 from ddm_models.configs import EXPERT_SIZES, ROUTER_SIZES, ExpertConfig, InvalidConfig, RouterConfig
+from ddm_models.recipe import TrainingSettings
 from ddm_models.data import ImageDataset, heldout_split, load_embedded_digits, load_image_folder, load_small_digits, subset
 from node.errors import NodeError
 from protocol.manifest import ModelSpec, SwarmManifest
 
 logger = logging.getLogger("ddm_swarm.jobs")
-
-# Trainer options a manifest's `training` map may set, with their defaults (the one place they live).
-TRAINING_DEFAULTS: Dict[str, Any] = {"batch_size": 64, "lr": 1e-3, "ema_decay": 0.999, "warmup_steps": 50,
-                                     "weight_decay": 0.0, "grad_clip": 1.0}
 
 
 class InvalidJobSetup(NodeError):
@@ -76,6 +73,7 @@ def prepare_swarm_data(manifest: SwarmManifest, cache_dir: Path) -> SwarmData:
     """The swarm's data and cluster split, built once and cached under `cache_dir`."""
     dataset = load_dataset(manifest)
     clustering = manifest.clustering
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) / (f"split-{dataset.fingerprint()[:16]}-k{clustering.num_clusters}"
                                f"-f{clustering.fine_clusters}-s{clustering.seed}.npz")
     split = None
@@ -127,8 +125,8 @@ def router_config(manifest: SwarmManifest) -> RouterConfig:
 
 
 def training_options(spec: ModelSpec) -> Dict[str, Any]:
-    unknown = set(spec.training) - set(TRAINING_DEFAULTS)
-    if unknown:
-        raise InvalidJobSetup(f"model '{spec.name}': unknown training options {sorted(unknown)}; "
-                              f"known: {sorted(TRAINING_DEFAULTS)}")
-    return {**TRAINING_DEFAULTS, **spec.training}
+    """Trainer keyword arguments from a spec's `training` map (defaults live in `TrainingSettings`)."""
+    try:
+        return TrainingSettings.from_dict(dict(spec.training)).trainer_kwargs()
+    except InvalidConfig as error:
+        raise InvalidJobSetup(f"model '{spec.name}' training options: {error}") from None

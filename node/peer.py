@@ -249,7 +249,7 @@ class SwarmNode:
         finally:
             Path(tmp).unlink(missing_ok=True)
         common = dict(model=self.lease.model, step=self.trainer.step, samples_seen=self.trainer.samples_seen,
-                      blob=ref, parent=self.last_blob if self.last_blob != ref.sha256 else "")
+                      blob=ref, parent=(self.last_blob or "") if self.last_blob != ref.sha256 else "")
         if is_router:
             record = new_checkpoint_record(self.membership, RouterRecord, spec_hash=self.manifest.router.spec_hash,
                                            num_clusters=self.manifest.num_clusters, heldout_accuracy=metric, **common)
