@@ -12,7 +12,8 @@ and, to show where the time goes:
          disk writes (and fsyncs) ~250 MB/s, which bounds both (a) and (c) on disk;
   (raw)  the same p2p streams with our server and nothing done to the bytes on arrival
          (no chunk hashing, no whole-file hash, no writes): the ceiling set by p2pd.
-For (a) the CPU seconds of every process involved are sampled from /proc.
+The CPU seconds of every process involved are sampled from /proc for each transfer: on a machine
+shared with other work, CPU per GB is the figure that does not depend on the load.
 Prints a rich table and, last, one JSON line with MB/s of each and the ratios (a)/(c), (b)/(c).
 """
 
@@ -204,25 +205,32 @@ async def measure(args: argparse.Namespace, work: Path) -> dict:
         memory = Path(tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         memory_store = BlobStore(memory / "fetcher")
         mine = descendants(os.getpid())
+        provider_pids = [infos[1]["pids"][0]] + [p for p in infos[1]["pids"] if is_p2pd(p)]
         sampler = CpuSampler({
             "fetcher python": [os.getpid()],
             "fetcher p2pd": [p for p in mine if is_p2pd(p)],
             "provider python": [infos[0]["pids"][0]],
             "provider p2pd": [p for p in infos[0]["pids"] if is_p2pd(p)],
+            "second provider": provider_pids,
+            "tcp sender": tcp_info["pids"],
         })
         await fetch_once(p2p, ref, peers[:1], store, args.streams)  # warm-up: connections, page cache
-        times: dict[str, list[float]] = {k: [] for k in ("a", "b", "a-mem", "raw", "c", "c-mem")}
-        cpu: list[dict[str, float]] = []
+        runs = {
+            "a": lambda: fetch_once(p2p, ref, peers[:1], store, args.streams),
+            "b": lambda: fetch_once(p2p, ref, peers, store, args.streams),
+            "c": lambda: asyncio.to_thread(tcp_once, tcp_info["port"], size, work),
+            "a-mem": lambda: fetch_once(p2p, ref, peers[:1], memory_store, args.streams),
+            "c-mem": lambda: asyncio.to_thread(tcp_once, tcp_info["port"], size, memory),
+            "raw": lambda: raw_once(p2p, ref, peers[0], args.streams),
+        }
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
         for _ in range(args.repeats):
-            sampler.start()
-            times["a"].append(await fetch_once(p2p, ref, peers[:1], store, args.streams))
-            cpu.append(sampler.stop())
-            times["b"].append(await fetch_once(p2p, ref, peers, store, args.streams))
-            times["a-mem"].append(await fetch_once(p2p, ref, peers[:1], memory_store, args.streams))
+            for kind, run in runs.items():  # interleaved, so that load from others hits every kind alike
+                sampler.start()
+                times[kind].append(await run())
+                cpu[kind].append(sampler.stop())
             memory_store.delete(ref.sha256)
-            times["raw"].append(await raw_once(p2p, ref, peers[0], args.streams))
-            times["c"].append(tcp_once(tcp_info["port"], size, work))
-            times["c-mem"].append(tcp_once(tcp_info["port"], size, memory))
         dht.shutdown()
         shutil.rmtree(memory, ignore_errors=True)
     finally:
@@ -230,9 +238,12 @@ async def measure(args: argparse.Namespace, work: Path) -> dict:
             os.killpg(process.pid, 9)
             process.wait()
     mb_s = {k: [size / t / 1e6 for t in v] for k, v in times.items()}
-    cpu_per_gb = {k: statistics.median(c[k] for c in cpu) * 1e9 / size for k in cpu[0]}
+    per_gb = 1e9 / size
+    cpu_a = {k: statistics.median(c[k] for c in cpu["a"]) * per_gb for k in cpu["a"][0] if "fetcher" in k
+             or k.startswith("provider")}
+    cpu_total = {k: statistics.median(sum(c.values()) for c in v) * per_gb for k, v in cpu.items()}
     return {"size_bytes": size, "repeats": args.repeats, "streams_per_provider": args.streams,
-            "mb_s": mb_s, "cpu_s_per_gb_a": cpu_per_gb}
+            "mb_s": mb_s, "cpu_s_per_gb_a": cpu_a, "cpu_s_per_gb_total": cpu_total}
 
 
 def report(result: dict) -> dict:
@@ -245,13 +256,14 @@ def report(result: dict) -> dict:
     median = {k: statistics.median(v) for k, v in result["mb_s"].items()}
     table = Table(title=f"Blob transfer on loopback, {result['size_bytes'] >> 20} MiB, "
                         f"median of {result['repeats']}")
-    for column in ("transfer", "MB/s median", "min", "max", "vs (c) / (c')"):
+    for column in ("transfer", "MB/s median", "min", "max", "vs (c) / (c')", "CPU s / GB, all processes"):
         table.add_column(column, justify="left" if column == "transfer" else "right")
     for key, label in labels.items():
         values = result["mb_s"][key]
         table.add_row(label, f"{median[key]:.0f}", f"{min(values):.0f}", f"{max(values):.0f}",
-                      f"{median[key] / median['c' if key in ('a', 'b', 'c') else 'c-mem']:.2f}")
-    console = Console()
+                      f"{median[key] / median['c' if key in ('a', 'b', 'c') else 'c-mem']:.2f}",
+                      f"{result['cpu_s_per_gb_total'][key]:.2f}")
+    console = Console(width=130)
     console.print(table)
     cpu = Table(title="CPU seconds per GB moved in (a), by process")
     cpu.add_column("process")
@@ -265,6 +277,7 @@ def report(result: dict) -> dict:
             "ratio_a_c_tmpfs": round(median["a-mem"] / median["c-mem"], 3),
             "ratio_raw_c_tmpfs": round(median["raw"] / median["c-mem"], 3),
             "cpu_s_per_gb_a": {k: round(v, 3) for k, v in result["cpu_s_per_gb_a"].items()},
+            "cpu_s_per_gb_total": {k: round(v, 3) for k, v in result["cpu_s_per_gb_total"].items()},
             "size_bytes": result["size_bytes"], "repeats": result["repeats"],
             "streams_per_provider": result["streams_per_provider"]}
 
