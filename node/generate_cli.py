@@ -77,7 +77,8 @@ def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_pe
 
     prompts = check_prompts(prompts, per_prompt)
     ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, from_dir)
-    console.print(ensemble_table(ensemble))
+    results = Console()  # results on stdout; logs and progress stay on stderr
+    results.print(ensemble_table(ensemble))
     rows = [p for p in prompts for _ in range(per_prompt)]
     result = ensemble.sample(rows, routing=routing, steps=steps, guidance=guidance, seed=seed)
     if result.images.shape[1] not in (1, 3):
@@ -85,8 +86,8 @@ def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_pe
                         "which is not installed here")
     path = save_grid(result.images, per_prompt, out, scale=scale)
     used = ", ".join(f"expert/{k}: {n}" for k, n in sorted(result.evaluations.items()))
-    console.print(f"expert evaluations (sample x step): {used}")
-    console.print(f"wrote {len(rows)} images to [bold]{path}[/] (one row per prompt)")
+    results.print(f"expert evaluations (sample x step): {used}")
+    results.print(f"wrote {len(rows)} images to [bold]{path}[/] (one row per prompt)")
     return path
 
 
@@ -135,5 +136,5 @@ def register(app: typer.Typer, console: Console, swarm_option, peers_option, fai
             ensemble.save(out)
         except (ProtocolError, NodeError, ValueError, OSError) as error:
             fail(error)
-        console.print(ensemble_table(ensemble))
-        console.print(f"saved to [bold]{out}[/]; generate offline with `ddm-swarm generate --from {out} \"…\"`")
+        Console().print(ensemble_table(ensemble))
+        Console().print(f"saved to [bold]{out}[/]; generate offline with `ddm-swarm generate --from {out} \"…\"`")

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from node.announcer import Announcer
-from node.assembly import rank
+from ddm_models.checkpoint import InvalidCheckpoint
+from node.assembly import check_expert, check_router, rank
 from node.blob_service import BlobService
 from node.claims import ROUTER_JOB
+from node.errors import NodeError
 from node.membership import SwarmMembership
+from protocol.errors import ProtocolError
 
 logger = logging.getLogger("ddm_swarm.mirror")
 
@@ -23,6 +26,7 @@ class Mirror:
         self.jobs, self.period_s = jobs, period_s
         self.own_job: Optional[str] = None
         self.mirrored: Dict[str, str] = {}  # job -> blob sha256 we hold for it
+        self.refused: Set[str] = set()  # blobs that failed the checks: never tried again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddm-mirror", daemon=True)
 
@@ -41,14 +45,31 @@ class Mirror:
                         logger.info(f"mirror of {job} failed this round: {error}")
 
     def refresh(self, job: str) -> None:
+        """Hold the best acceptable checkpoint of `job` (the same checks as generation applies)."""
         records = (self.membership.routers() if job == ROUTER_JOB
                    else self.membership.checkpoints(int(job.split("/")[1])))
         mine = self.membership.identity.signer_id
-        candidates = [r for r in rank(records) if r.signer != mine]
-        if not candidates or self.mirrored.get(job) == candidates[0].blob.sha256:
+        for best in (r for r in rank(records) if r.signer != mine and r.blob.sha256 not in self.refused):
+            if self.mirrored.get(job) == best.blob.sha256:
+                return
+            try:
+                path = self.blobs.fetch(best.blob)
+                if job == ROUTER_JOB:
+                    check_router(path, best, self.membership.manifest)
+                else:
+                    check_expert(path, best, self.membership.manifest)
+            except (InvalidCheckpoint, ProtocolError) as error:
+                self.refused.add(best.blob.sha256)
+                if self.blobs.store.has(best.blob.sha256):
+                    self.blobs.store.delete(best.blob.sha256)
+                logger.warning(f"not mirroring {job} {best.blob.sha256[:12]} by {best.signer[:12]}: {error}")
+                continue
+            except NodeError as error:  # unreachable now; maybe later
+                logger.info(f"cannot mirror {job} {best.blob.sha256[:12]} yet: {error}")
+                continue
+            break
+        else:
             return
-        best = candidates[0]
-        self.blobs.fetch(best.blob)
         self.announcer.provide(best.blob.sha256)
         previous = self.mirrored.get(job)
         self.mirrored[job] = best.blob.sha256

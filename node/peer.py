@@ -110,13 +110,16 @@ class SwarmNode:
         self.membership.announce_beacon()
         self.loop = NetworkLoop()
         self.store = BlobStore(self.data_dir / "blobs")
+        corrupt = self.store.verify_all()  # a crash or a bad disk must not leave us serving bad bytes
+        if corrupt:
+            logger.warning(f"quarantined {len(corrupt)} corrupt blob(s) found at start-up")
         self.blobs = BlobService(self.membership, self.store, self.loop)
         self.presence = Presence(self.membership, role="trainer")
         self.presence.announce("joining")
         self.announcer = Announcer(self.membership, self.presence, lambda: self.trainer.step if self.trainer else 0)
         self.jobs = all_jobs(self.manifest)
         self.mirror = Mirror(self.membership, self.blobs, self.announcer, self.jobs,
-                             period_s=3 * self.manifest.timing.lease_s)
+                             period_s=self.manifest.timing.lease_s)
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
                     f"(signer {identity.signer_id[:12]}…)")
 
