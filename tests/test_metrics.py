@@ -20,7 +20,9 @@ from ddm_models.metrics import (
     ClassifierRecipe,
     classifier_fid,
     conditional_accuracy,
+    MetricUnavailable,
     heldout_reference,
+    inception_fid,
     load_or_train_classifier,
     train_classifier,
 )
@@ -137,3 +139,9 @@ def test_classifier_fid_sees_a_missing_digit(classifier, heldout):
     without_sevens = train_part.images[train_part.labels != 7]
     assert classifier_fid(classifier, heldout_set.images, without_sevens) > 2 * classifier_fid(
         classifier, heldout_set.images, train_part.images)
+
+
+def test_inception_fid_without_local_weights_says_what_is_missing(tmp_path):
+    images = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(MetricUnavailable, match="weights"):
+        inception_fid(images, images, weights_path=tmp_path / "absent.pth")
