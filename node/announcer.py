@@ -102,7 +102,8 @@ class Announcer:
     def stop(self, release: bool = True) -> None:
         """Stop the loop; with `release`, give the job back and leave with an OFFLINE tombstone."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         while not self._queue.empty():  # checkpoints made just before stopping still get announced
             record = self._queue.get_nowait()
             self._publish(record, f"{record.KIND} step {record.step}")  # type: ignore[attr-defined]

@@ -69,6 +69,49 @@ def bootstrap(
 
 
 @app.command()
+def node(
+    swarm: str = SwarmOption,
+    initial_peers: Optional[List[str]] = InitialPeersOption,
+    data_dir: Path = typer.Option(Path("ddm-node"), help="Where the node keeps its identity, state and blobs."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int = typer.Option(0, help="TCP port to listen on (0 picks a free one)."),
+    job: Optional[str] = typer.Option(None, help="Train this job ('expert/<k>' or 'router') instead of choosing."),
+    model: Optional[str] = typer.Option(None, help="Expert model of the manifest to train (default: the cluster's)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop training at this step."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop training after this many minutes."),
+    exit_when_done: bool = typer.Option(False, help="Exit when the budget is spent instead of serving on."),
+    mirror: bool = typer.Option(True, help="Also keep and serve the latest checkpoint of every other job."),
+    threads: int = typer.Option(1, help="torch threads (one per core; several nodes on a machine share them)."),
+    device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1 …"),
+    seed: int = typer.Option(0, help="Training seed (a restart must use the same one)."),
+) -> None:
+    """Join a swarm, claim the job that most needs work, train it, announce and serve checkpoints."""
+    from node.node_view import NodeView
+    from node.peer import NodeOptions, SwarmNode
+    from node.swarm_files import load_manifest
+
+    setup_logging()
+    try:
+        manifest = load_manifest(swarm)
+        peers = initial_peers or list(manifest.bootstrap_peers)
+        options = NodeOptions(data_dir=data_dir, initial_peers=peers, host=host, port=port, job=job, model=model,
+                              max_steps=max_steps, max_minutes=max_minutes, exit_when_done=exit_when_done,
+                              mirror=mirror, threads=threads, seed=seed, device=device)
+        if job is not None and job not in all_jobs_of(manifest):
+            raise NodeError(f"--job {job!r} is not a job of swarm '{manifest.name}': {', '.join(all_jobs_of(manifest))}")
+        with NodeView(manifest.name, console) as view:
+            SwarmNode(manifest, options, on_status=view.update).run()
+    except (ProtocolError, NodeError) as error:
+        fail(error)
+
+
+def all_jobs_of(manifest) -> List[str]:
+    from node.claims import all_jobs
+
+    return all_jobs(manifest)
+
+
+@app.command()
 def status(
     swarm: str = SwarmOption,
     initial_peers: Optional[List[str]] = InitialPeersOption,
@@ -118,6 +161,11 @@ def swarm_show(swarm: str = SwarmOption) -> None:
         fail(error)
     print(f"# swarm id: {manifest.swarm_id}")
     print(yaml.safe_dump(manifest.to_file_dict(), sort_keys=False, allow_unicode=True), end="")
+
+
+from node.generate_cli import register as _register_generate  # noqa: E402
+
+_register_generate(app, console, SwarmOption, InitialPeersOption, fail, setup_logging)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,252 @@
+"""The publishable checkpoint: one safetensors file, self-describing, checked before use.
+
+Tensors: `ema/<param>` (the weights for generation), optionally `train/<param>` (the raw training
+weights) and `optim/<param>/exp_avg|exp_avg_sq` (AdamW moments), so another node can continue
+training from it. Metadata (safetensors' str -> str header): format, kind (expert | router),
+objective, config (canonical JSON), config_hash, cluster, step, samples_seen, held-out metric and
+its name, optimizer step, and a free JSON `extra`.
+
+Everything read from a file is validated: a checkpoint with bad metadata, a config that does not
+hash to its recorded hash, missing or unexpected tensors, wrong shapes or non-finite weights raises
+`InvalidCheckpoint` and is never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ddm_models.configs import ExpertConfig, InvalidConfig, RouterConfig, canonical_json, config_hash
+
+FORMAT = "ddm-swarm/checkpoint/1"
+KINDS = ("expert", "router")
+
+
+class InvalidCheckpoint(ValueError):
+    """A checkpoint file is malformed or unsafe to load; the message says what is wrong with it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMetadata:
+    """What a checkpoint says about itself. `cluster` is -1 for a router; `heldout_metric` is the
+    held-out loss of an expert or the held-out accuracy of a router (`heldout_metric_name`)."""
+
+    kind: str
+    config: ExpertConfig | RouterConfig
+    cluster: int
+    step: int
+    samples_seen: int
+    heldout_metric: float | None = None
+    heldout_metric_name: str = "loss"
+    optimizer_step: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def objective(self) -> str:
+        return self.config.objective if isinstance(self.config, ExpertConfig) else "router"
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    def to_header(self) -> dict[str, str]:
+        return {
+            "format": FORMAT, "kind": self.kind, "objective": self.objective,
+            "config": canonical_json(self.config), "config_hash": self.config_hash,
+            "cluster": str(self.cluster), "step": str(self.step), "samples_seen": str(self.samples_seen),
+            "heldout_metric": "" if self.heldout_metric is None else repr(float(self.heldout_metric)),
+            "heldout_metric_name": self.heldout_metric_name,
+            "optimizer_step": "" if self.optimizer_step is None else str(self.optimizer_step),
+            "extra": json.dumps(self.extra, sort_keys=True),
+        }
+
+    @classmethod
+    def from_header(cls, header: dict[str, str] | None, where: str = "checkpoint") -> CheckpointMetadata:
+        """Parse and validate a safetensors header; raises `InvalidCheckpoint`."""
+        if not header:
+            raise InvalidCheckpoint(f"{where} has no metadata; it was not written by ddm-swarm")
+        try:
+            if header.get("format") != FORMAT:
+                raise InvalidCheckpoint(f"{where} has format {header.get('format')!r}, expected {FORMAT!r}")
+            kind = header["kind"]
+            if kind not in KINDS:
+                raise InvalidCheckpoint(f"{where} has kind {kind!r}, expected one of {KINDS}")
+            config_data = json.loads(header["config"])
+            config_type = config_data.pop("type", None)
+            expected_type = "ExpertConfig" if kind == "expert" else "RouterConfig"
+            if config_type != expected_type:
+                raise InvalidCheckpoint(f"{where} is a {kind} but its config is a {config_type}")
+            config = (ExpertConfig if kind == "expert" else RouterConfig).from_dict(config_data)
+            metadata = cls(kind=kind, config=config, cluster=int(header["cluster"]), step=int(header["step"]),
+                           samples_seen=int(header["samples_seen"]),
+                           heldout_metric=float(header["heldout_metric"]) if header["heldout_metric"] else None,
+                           heldout_metric_name=header["heldout_metric_name"],
+                           optimizer_step=int(header["optimizer_step"]) if header["optimizer_step"] else None,
+                           extra=json.loads(header["extra"]))
+        except (KeyError, ValueError, TypeError, InvalidConfig) as error:
+            if isinstance(error, InvalidCheckpoint):
+                raise
+            raise InvalidCheckpoint(f"{where} has bad metadata: {type(error).__name__}: {error}") from error
+        if header["config_hash"] != metadata.config_hash:
+            raise InvalidCheckpoint(f"{where}: its config hashes to {metadata.config_hash}, not to the recorded "
+                                    f"{header['config_hash']}")
+        if header["objective"] != metadata.objective:
+            raise InvalidCheckpoint(f"{where}: objective {header['objective']!r} contradicts its config")
+        if metadata.step < 0 or metadata.samples_seen < 0 or (kind == "expert" and metadata.cluster < 0):
+            raise InvalidCheckpoint(f"{where}: negative step, samples_seen or cluster")
+        if metadata.heldout_metric is not None and not math.isfinite(metadata.heldout_metric):
+            raise InvalidCheckpoint(f"{where}: held-out metric is {metadata.heldout_metric}")
+        if not isinstance(metadata.extra, dict):
+            raise InvalidCheckpoint(f"{where}: 'extra' must be a JSON object")
+        return metadata
+
+
+def checkpoint_tensors(ema: dict[str, torch.Tensor], train: dict[str, torch.Tensor] | None = None,
+                       optimizer_moments: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """Flatten state dicts into the file's tensor names (CPU, contiguous copies)."""
+    tensors = {f"ema/{name}": value for name, value in ema.items()}
+    tensors.update({f"train/{name}": value for name, value in (train or {}).items()})
+    for name, moments in (optimizer_moments or {}).items():
+        tensors.update({f"optim/{name}/{moment}": value for moment, value in moments.items()})
+    return {name: value.detach().to("cpu").contiguous().clone() for name, value in tensors.items()}
+
+
+def write_checkpoint(path: str | Path, metadata: CheckpointMetadata, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write atomically: a temporary file in the same folder, fsync, rename over `path`, fsync the
+    folder. A crash leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = save_safetensors(tensors, metadata=metadata.to_header())
+    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def read_checkpoint(path: str | Path | bytes) -> tuple[CheckpointMetadata, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a checkpoint file (or its bytes), validated: metadata, config hash,
+    tensor name prefixes, and that every floating tensor is finite."""
+    where = "checkpoint bytes" if isinstance(path, bytes) else str(path)
+    try:
+        data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    except OSError as error:
+        raise InvalidCheckpoint(f"cannot read {where}: {error}") from error
+    try:
+        tensors = load_safetensors(data)
+        header = _header_of(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as error:
+        raise InvalidCheckpoint(f"{where} is not a valid safetensors file: {error}") from error
+    metadata = CheckpointMetadata.from_header(header, where)
+    for name, tensor in tensors.items():
+        if not name.startswith(("ema/", "train/", "optim/")):
+            raise InvalidCheckpoint(f"{where} has an unexpected tensor {name!r}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidCheckpoint(f"{where}: tensor {name!r} has NaN or infinite values")
+    return metadata, tensors
+
+
+def _header_of(data: bytes) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors buffer (8-byte little-endian header length, JSON header)."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]).get("__metadata__")
+
+
+def state_dict_part(tensors: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """The tensors under `part/` ("ema" or "train") with the prefix removed."""
+    prefix = f"{part}/"
+    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+
+
+def optimizer_moments(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{param name: {"exp_avg": ..., "exp_avg_sq": ...}} from a checkpoint's `optim/` tensors."""
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            param, _, moment = name[len("optim/"):].rpartition("/")
+            moments.setdefault(param, {})[moment] = value
+    return moments
+
+
+def check_state_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise `InvalidCheckpoint` unless `state` has exactly the model's tensor names, shapes and dtypes."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise InvalidCheckpoint(f"{where} does not fit its config's architecture: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}")
+    for name, value in state.items():
+        if value.shape != expected[name].shape or value.dtype != expected[name].dtype:
+            raise InvalidCheckpoint(f"{where}: {name} is {value.dtype} {tuple(value.shape)}, the architecture "
+                                    f"needs {expected[name].dtype} {tuple(expected[name].shape)}")
+
+
+def check_training_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Validate the optional `train/` and `optim/` parts against the model."""
+    train = state_dict_part(tensors, "train")
+    if train:
+        check_state_matches(model, train, f"{where} (training weights)")
+    parameters = dict(model.named_parameters())
+    for name, moments in optimizer_moments(tensors).items():
+        if name not in parameters or set(moments) != {"exp_avg", "exp_avg_sq"}:
+            raise InvalidCheckpoint(f"{where}: optimizer state for unknown parameter {name!r} or moments {sorted(moments)}")
+        if any(m.shape != parameters[name].shape for m in moments.values()):
+            raise InvalidCheckpoint(f"{where}: optimizer state of {name} has the wrong shape")
+
+
+def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema"):
+    """A `LoadedExpert` (eval mode) from a validated expert checkpoint; `weights` "ema" (for
+    generation) or "train"."""
+    from ddm_models.experts import build_expert
+    from ddm_models.objectives import build_objective
+    from ddm_models.sampling import LoadedExpert
+
+    where = "checkpoint bytes" if isinstance(path, bytes) else str(path)
+    metadata, tensors = read_checkpoint(path)
+    if metadata.kind != "expert":
+        raise InvalidCheckpoint(f"{where} holds a {metadata.kind}, not an expert")
+    model = build_expert(metadata.config)
+    state = state_dict_part(tensors, weights)
+    check_state_matches(model, state, where)
+    check_training_state(model, tensors, where)
+    model.load_state_dict(state)
+    return LoadedExpert(cluster=metadata.cluster, config=metadata.config,
+                        objective=build_objective(metadata.config.objective),
+                        model=model.to(device).eval().requires_grad_(False), metadata=metadata)
+
+
+def load_router(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema"):
+    """A `Router` (eval mode) from a validated router checkpoint."""
+    from ddm_models.router import build_router
+
+    where = "checkpoint bytes" if isinstance(path, bytes) else str(path)
+    metadata, tensors = read_checkpoint(path)
+    if metadata.kind != "router":
+        raise InvalidCheckpoint(f"{where} holds a {metadata.kind}, not a router")
+    router = build_router(metadata.config)
+    state = state_dict_part(tensors, weights)
+    check_state_matches(router, state, where)
+    check_training_state(router, tensors, where)
+    router.load_state_dict(state)
+    return router.to(device).eval().requires_grad_(False)

@@ -1,0 +1,246 @@
+"""Model configurations as data: frozen dataclasses, validated on load, hashed canonically.
+
+A config travels inside every checkpoint and its hash inside every signed checkpoint record, so two
+peers agree on an architecture exactly when their `config_hash()` values agree. Named sizes live in
+`EXPERT_SIZES` and `ROUTER_SIZES`; `expert_config("DiT-B/2", objective="ddpm")` picks one and
+overrides fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import Any, TypeVar
+
+
+class InvalidConfig(ValueError):
+    """A model config is malformed: unknown or missing field, wrong type, or impossible value."""
+
+
+OBJECTIVES = ("fm", "ddpm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+    """One expert's architecture and objective.
+
+    Images (or latents) are (in_channels, sample_size, sample_size). The transformer sees
+    (sample_size / patch_size)^2 tokens of `width` channels through `depth` blocks with `heads`
+    heads, AdaLN-Single modulation and cross-attention on text token states of `text_dim` channels.
+    `stem_channels` > 0 adds a 3x3 conv stem before patchifying, `head_channels` > 0 a 3x3 conv head
+    after unpatchifying (both help tiny pixel-space models). `pooled_text` adds a learned projection
+    of the pooled text embedding (`text_pooled_dim`) to the timestep embedding feeding AdaLN-Single.
+    `caption_dropout` is the probability that training replaces a caption by the learned null
+    embedding (classifier-free guidance).
+    """
+
+    name: str = "tiny"
+    objective: str = "fm"
+    in_channels: int = 1
+    sample_size: int = 28
+    patch_size: int = 4
+    width: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    text_pooled_dim: int = 384
+    pooled_text: bool = True
+    stem_channels: int = 32
+    head_channels: int = 32
+    caption_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for field in ("in_channels", "sample_size", "patch_size", "width", "depth", "heads", "text_dim",
+                      "text_pooled_dim"):
+            _check(getattr(self, field) >= 1, f"{field} must be >= 1, got {getattr(self, field)}")
+        _check(self.stem_channels >= 0 and self.head_channels >= 0, "stem/head channels must be >= 0")
+        _check(self.sample_size % self.patch_size == 0,
+               f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}")
+        _check(self.width % self.heads == 0, f"width {self.width} is not a multiple of heads {self.heads}")
+        _check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.sample_size, self.sample_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExpertConfig:
+        """Build from a plain dict; unknown keys, missing-but-required or mistyped values raise
+        `InvalidConfig` (fields left out take their defaults)."""
+        return _from_dict(cls, data)
+
+    def config_hash(self) -> str:
+        return config_hash(self)
+
+    def replace(self, **changes: Any) -> ExpertConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """The router: a small conv net predicting p(cluster | x_t, t[, pooled text]).
+
+    `channels` are the widths of its stages (each halves the resolution after the first);
+    `use_text` lets it see the pooled text embedding (`text_pooled_dim`) as DDM's router may, which
+    makes it informative near t = 1 where x_t is almost pure noise; Paris's router does not.
+    """
+
+    name: str = "router-small"
+    num_clusters: int = 4
+    in_channels: int = 1
+    sample_size: int = 28
+    channels: tuple[int, ...] = (32, 64, 128)
+    time_dim: int = 128
+    use_text: bool = True
+    text_pooled_dim: int = 384
+
+    def __post_init__(self) -> None:
+        _check(self.num_clusters >= 2, f"a router needs >= 2 clusters, got {self.num_clusters}")
+        _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
+               f"channels must be positive widths, got {self.channels}")
+        for field in ("in_channels", "sample_size", "time_dim", "text_pooled_dim"):
+            _check(getattr(self, field) >= 1, f"{field} must be >= 1, got {getattr(self, field)}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.sample_size, self.sample_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["channels"] = list(self.channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RouterConfig:
+        return _from_dict(cls, data)
+
+    def config_hash(self) -> str:
+        return config_hash(self)
+
+    def replace(self, **changes: Any) -> RouterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidConfig(message)
+
+
+Config = TypeVar("Config", ExpertConfig, RouterConfig)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check one JSON/YAML value against a field's annotation (int, float, bool, str, tuple[int, ...])."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InvalidConfig(f"{where} must be a list, got {type(value).__name__}")
+        (item,) = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return tuple(_coerce(v, item, f"{where}[]") for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise InvalidConfig(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidConfig(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidConfig(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise InvalidConfig(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"no coercion for {annotation}")  # a programming error, not bad input
+
+
+def _from_dict(cls: type[Config], data: Any) -> Config:
+    if not isinstance(data, dict):
+        raise InvalidConfig(f"a {cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise InvalidConfig(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(fields)}")
+    values = {name: _coerce(value, hints[name], f"{cls.__name__}.{name}") for name, value in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise InvalidConfig(f"{cls.__name__}: {error}") from error
+
+
+def canonical_json(config: ExpertConfig | RouterConfig) -> str:
+    """Sorted keys, no whitespace, tuples as lists: equal configs give equal strings."""
+    return json.dumps({"type": type(config).__name__, **config.to_dict()}, sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(config: ExpertConfig | RouterConfig) -> str:
+    """sha256 (hex) of `canonical_json(config)`."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+# Named sizes. "tiny" trains at a few hundred images/s on 2 CPU threads; the DiT shapes follow
+# Peebles & Xie (B: 768 x 12, XL: 1152 x 28) on 32x32x4 SD-VAE latents, with AdaLN-Single and
+# cross-attention as in PixArt-alpha, which Paris and Heterogeneous DDM train at 129M-605M.
+_LATENT = dict(in_channels=4, sample_size=32, patch_size=2, stem_channels=0, head_channels=0,
+               pooled_text=False, text_dim=1024, text_pooled_dim=1024)
+EXPERT_SIZES: dict[str, ExpertConfig] = {
+    "tiny": ExpertConfig(),
+    "small": ExpertConfig(name="small", width=192, depth=8, heads=6),
+    "digits-8x8": ExpertConfig(name="digits-8x8", sample_size=8, patch_size=2, width=64, depth=3, heads=4,
+                               stem_channels=16, head_channels=16),
+    "DiT-S/2": ExpertConfig(name="DiT-S/2", width=384, depth=12, heads=6, **_LATENT),
+    "DiT-B/2": ExpertConfig(name="DiT-B/2", width=768, depth=12, heads=12, **_LATENT),
+    "DiT-L/2": ExpertConfig(name="DiT-L/2", width=1024, depth=24, heads=16, **_LATENT),
+    "DiT-XL/2": ExpertConfig(name="DiT-XL/2", width=1152, depth=28, heads=16, **_LATENT),
+}
+
+ROUTER_SIZES: dict[str, RouterConfig] = {
+    "small": RouterConfig(),
+    "digits-8x8": RouterConfig(name="router-8x8", sample_size=8, channels=(32, 64)),
+    "latent": RouterConfig(name="router-latent", in_channels=4, sample_size=32, channels=(64, 128, 256, 256),
+                           time_dim=256, text_pooled_dim=1024),
+}
+
+
+def expert_config(size: str, **overrides: Any) -> ExpertConfig:
+    """The named size `size` with `overrides` applied (validated)."""
+    if size not in EXPERT_SIZES:
+        raise InvalidConfig(f"unknown expert size {size!r}; known: {sorted(EXPERT_SIZES)}")
+    return _from_dict(ExpertConfig, {**EXPERT_SIZES[size].to_dict(), **overrides})
+
+
+def router_config(size: str, **overrides: Any) -> RouterConfig:
+    """The named router size `size` with `overrides` applied (validated)."""
+    if size not in ROUTER_SIZES:
+        raise InvalidConfig(f"unknown router size {size!r}; known: {sorted(ROUTER_SIZES)}")
+    return _from_dict(RouterConfig, {**ROUTER_SIZES[size].to_dict(), **overrides})
+
+
+def expert_config_from_spec(objective: str, architecture: dict[str, Any]) -> ExpertConfig:
+    """An expert config from a swarm manifest's model spec: `architecture` names a `size` (default
+    "tiny") and may override any field; `objective` is the spec's objective."""
+    fields = dict(architecture)
+    size = fields.pop("size", "tiny")
+    if not isinstance(size, str):
+        raise InvalidConfig(f"architecture.size must be a size name, got {size!r}")
+    return expert_config(size, objective=objective, **fields)
+
+
+def router_config_from_spec(architecture: dict[str, Any], num_clusters: int) -> RouterConfig:
+    """A router config from a swarm manifest's router spec (`size` default "small") for `num_clusters`."""
+    fields = dict(architecture)
+    size = fields.pop("size", "small")
+    if not isinstance(size, str):
+        raise InvalidConfig(f"architecture.size must be a size name, got {size!r}")
+    return router_config(size, num_clusters=num_clusters, **fields)

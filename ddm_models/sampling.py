@@ -1,0 +1,157 @@
+"""Generation from an ensemble of experts: v(x, t) = sum_k p_k(x, t) v_k(x, t), Euler in FM time.
+
+At every step the router gives p(cluster | x_t, t[, text]); the strategy keeps the top-1, the top-k
+(renormalised; top-2 is the default) or all clusters; each selected expert runs only on the samples
+that selected it, with classifier-free guidance applied to its own prediction, and its output is
+converted to FM velocity by its objective, so DDPM and FM experts of any size mix freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ddm_models.configs import ExpertConfig
+from ddm_models.experts import Expert
+from ddm_models.objectives import Objective
+from ddm_models.router import Router
+from ddm_models.text import TextBatch, TextEncoder
+
+STRATEGIES = ("top1", "top2", "topk", "full")
+
+
+@dataclasses.dataclass
+class LoadedExpert:
+    """An expert ready to sample: its cluster id, config, objective and model (eval mode)."""
+
+    cluster: int
+    config: ExpertConfig
+    objective: Objective
+    model: Expert
+    metadata: object | None = None  # the CheckpointMetadata it was loaded from, if any
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch, guidance_scale: float = 1.0) -> torch.Tensor:
+        """FM velocity (B, C, H, W) at state x (B, C, H, W), FM time t (B,), with classifier-free
+        guidance pred = uncond + g (cond - uncond) on the expert's own prediction (g = 1: no guidance)."""
+        x_in, timestep = self.objective.model_input(x, t)
+        if guidance_scale == 1.0:
+            prediction = self.model(x_in, timestep, text)
+        else:
+            batch = x.shape[0]
+            drop = torch.arange(2 * batch, device=x.device) >= batch
+            both = self.model(torch.cat([x_in, x_in]), torch.cat([timestep, timestep]), TextBatch.cat([text, text]),
+                              drop_text=drop)
+            cond, uncond = both.chunk(2)
+            prediction = uncond + guidance_scale * (cond - uncond)
+        return self.objective.to_velocity(prediction, x, t)
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """images: (B, C, H, W) in [-1, 1]; evaluations: cluster -> number of (sample, step) pairs that
+    cluster's expert computed; routing: (steps, B, K) mixing weights used at each step."""
+
+    images: torch.Tensor
+    evaluations: dict[int, int]
+    routing: torch.Tensor
+
+
+class EnsembleSampler:
+    """Sample from `experts` (one per cluster id) mixed by `router`.
+
+    strategy: "top1", "top2", "topk" (with k) or "full". A router is needed unless there is one
+    expert. Clusters the router knows but the ensemble lacks get weight 0. `text_encoder` turns
+    prompts into a `TextBatch` when `sample` is given strings.
+    """
+
+    def __init__(self, experts: list[LoadedExpert], router: Router | None = None, strategy: str = "top2",
+                 k: int | None = None, text_encoder: TextEncoder | None = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown routing strategy {strategy!r}; use one of {STRATEGIES}")
+        if not experts:
+            raise ValueError("an ensemble needs at least one expert")
+        clusters = [e.cluster for e in experts]
+        if len(set(clusters)) != len(clusters):
+            raise ValueError(f"several experts for one cluster: {sorted(clusters)}; pick one per cluster")
+        shapes = {e.config.image_shape for e in experts}
+        if len(shapes) != 1:
+            raise ValueError(f"experts disagree on the image shape: {sorted(shapes)}")
+        self.num_clusters = router.config.num_clusters if router is not None else max(clusters) + 1
+        if router is None and len(experts) > 1:
+            raise ValueError("several experts need a router")
+        if max(clusters) >= self.num_clusters:
+            raise ValueError(f"expert cluster {max(clusters)} is outside the router's {self.num_clusters} clusters")
+        self.experts = {e.cluster: e for e in experts}
+        self.router, self.text_encoder = router, text_encoder
+        self.k = {"top1": 1, "top2": 2, "full": self.num_clusters}.get(strategy, k)
+        if self.k is None or self.k < 1:
+            raise ValueError("strategy 'topk' needs k >= 1")
+        self.strategy = strategy
+        self.image_shape = shapes.pop()
+
+    def routing_weights(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """(B, K) mixing weights at state x, FM time t (B,): router probabilities restricted to the
+        present clusters, then to the top-k, renormalised to sum to 1 per sample."""
+        present = torch.zeros(self.num_clusters, dtype=torch.bool, device=x.device)
+        present[list(self.experts)] = True
+        if self.router is None:
+            probs = present.to(x.dtype).expand(x.shape[0], -1)
+        else:
+            use_text = self.router.config.use_text
+            logits = self.router(x, t, text if use_text else None).float()
+            probs = torch.softmax(logits.masked_fill(~present, float("-inf")), dim=1).to(x.dtype)
+        k = min(self.k, int(present.sum()))
+        top = probs.topk(k, dim=1)
+        weights = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+        return weights / weights.sum(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch, guidance_scale: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """(v, weights, evaluations) at x (B, C, H, W), t (B,): each expert runs on its rows only."""
+        weights = self.routing_weights(x, t, text)
+        v = torch.zeros_like(x)
+        evaluations = {}
+        for cluster, expert in self.experts.items():
+            rows = (weights[:, cluster] > 0).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            v_k = expert.velocity(x[rows], t[rows], text.select(rows), guidance_scale)
+            v[rows] += weights[rows, cluster].view(-1, 1, 1, 1) * v_k
+            evaluations[cluster] = rows.numel()
+        return v, weights, evaluations
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str] | TextBatch, num_steps: int = 20, guidance_scale: float = 2.0,
+               seed: int = 0, device: torch.device | str | None = None) -> SampleResult:
+        """One image per prompt: Euler from t = 1 (noise drawn from `seed`) to t = 0 in `num_steps`
+        uniform steps. The same seed and prompts give the same images."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if device is None:
+            device = next(iter(self.experts.values())).model.pos_embed.proj.weight.device
+        text = self._encode(prompts).to(device)
+        batch = len(text)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn((batch, *self.image_shape), generator=generator, device=device)
+        times = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
+        evaluations = {cluster: 0 for cluster in self.experts}
+        routing = []
+        for i in range(num_steps):
+            t = times[i].expand(batch)
+            v, weights, counts = self.velocity(x, t, text, guidance_scale)
+            x = x + (times[i + 1] - times[i]) * v
+            routing.append(weights)
+            for cluster, count in counts.items():
+                evaluations[cluster] += count
+        return SampleResult(x.clamp(-1, 1), evaluations, torch.stack(routing))
+
+    def _encode(self, prompts: list[str] | TextBatch) -> TextBatch:
+        if isinstance(prompts, TextBatch):
+            return prompts
+        if self.text_encoder is None:
+            raise ValueError("give the sampler a text_encoder to sample from prompt strings, or pass a TextBatch")
+        if not prompts:
+            raise ValueError("no prompts to sample")
+        return self.text_encoder.encode(list(prompts))

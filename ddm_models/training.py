@@ -1,0 +1,357 @@
+"""Plain PyTorch trainers for experts and routers (AdamW, EMA, bf16 autocast on CUDA, DDP).
+
+The loop reads top to bottom: draw a batch, noise it, predict, step AdamW, update the EMA. All
+randomness of step n comes from a generator seeded by (seed, n, rank), so a run that saves its
+state, stops, and resumes in a new object or process replays exactly the steps an uninterrupted run
+takes: same batches, same noise, same losses, same weights.
+
+State is saved and shared in the checkpoint format of `checkpoint.py` (EMA + training weights +
+AdamW moments), so local resume (`save_state`/`load_state`) and continuing another node's work
+(`init_from_checkpoint`) are the same operation.
+
+Multi-GPU: launched under torchrun (env WORLD_SIZE > 1), the model is wrapped in
+DistributedDataParallel, each rank draws its own batches, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddm_models.captions import sample_captions
+from ddm_models.checkpoint import (CheckpointMetadata, InvalidCheckpoint, check_state_matches, check_training_state,
+                                   checkpoint_tensors, optimizer_moments, read_checkpoint, state_dict_part,
+                                   write_checkpoint)
+from ddm_models.configs import ExpertConfig, RouterConfig
+from ddm_models.data import ImageDataset
+from ddm_models.experts import build_expert
+from ddm_models.objectives import build_objective, fm_noised
+from ddm_models.router import build_router
+from ddm_models.text import TextBatch, TextEncoder
+
+STATE_FILE = "state.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStats:
+    """After a call to `train_steps`/`train_for`: the step reached, the mean loss of the steps just
+    taken, their losses, and the throughput (images/s, wall clock)."""
+
+    step: int
+    loss: float
+    losses: tuple[float, ...]
+    images_per_s: float
+    seconds: float
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when torchrun launched us (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+class _Trainer:
+    """What expert and router training share: optimizer, EMA, per-step randomness, state files."""
+
+    kind: str
+
+    def __init__(self, model: nn.Module, config, *, seed: int, batch_size: int, lr: float, ema_decay: float,
+                 weight_decay: float, warmup_steps: int, grad_clip: float, device: torch.device | str):
+        self.config, self.seed, self.batch_size = config, seed, batch_size
+        self.lr, self.ema_decay, self.warmup_steps, self.grad_clip = lr, ema_decay, warmup_steps, grad_clip
+        self.rank, self.world_size = _distributed()
+        self.device = torch.device(device)
+        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            # torchrun starts one process per GPU: each takes the GPU of its LOCAL_RANK.
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        self.model = model.to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.trained = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.step = 0
+        self.samples_seen = 0
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _loss(self, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _generator(self, *salt: int) -> torch.Generator:
+        words = np.random.SeedSequence([self.seed, *salt]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+    def train_step(self) -> float:
+        """One optimisation step; returns its loss."""
+        self.trained.train()
+        generator = self._generator(self.step, self.rank)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self._loss(generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * min(1.0, (self.step + 1) / max(1, self.warmup_steps))
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        self.samples_seen += self.batch_size * self.world_size
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up of the decay (as in many DiT trainers): early on the EMA follows the weights closely.
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
+        for ema_param, param in zip(self.ema.parameters(), self.model.parameters()):
+            ema_param.lerp_(param.detach(), 1.0 - decay)
+
+    def train_steps(self, n: int) -> TrainStats:
+        """Run `n` steps."""
+        start, losses = time.perf_counter(), []
+        for _ in range(n):
+            losses.append(self.train_step())
+        return self._stats(losses, time.perf_counter() - start)
+
+    def train_for(self, seconds: float, max_steps: int | None = None) -> TrainStats:
+        """Run steps until `seconds` of wall time have passed (or `max_steps` steps)."""
+        start, losses = time.perf_counter(), []
+        while time.perf_counter() - start < seconds and (max_steps is None or len(losses) < max_steps):
+            losses.append(self.train_step())
+        return self._stats(losses, time.perf_counter() - start)
+
+    def _stats(self, losses: list[float], seconds: float) -> TrainStats:
+        images = len(losses) * self.batch_size * self.world_size
+        return TrainStats(self.step, float(np.mean(losses)) if losses else float("nan"), tuple(losses),
+                          images / seconds if seconds > 0 else 0.0, seconds)
+
+    # --- state ----------------------------------------------------------------------------------
+    def _metadata(self, heldout_metric: float | None, cluster: int, metric_name: str) -> CheckpointMetadata:
+        adam_step = [s["step"] for s in self.optimizer.state.values() if "step" in s]
+        return CheckpointMetadata(kind=self.kind, config=self.config, cluster=cluster, step=self.step,
+                                  samples_seen=self.samples_seen, heldout_metric=heldout_metric,
+                                  heldout_metric_name=metric_name,
+                                  optimizer_step=int(adam_step[0]) if adam_step else None,
+                                  extra={"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr})
+
+    def _write(self, path: Path, metadata: CheckpointMetadata, with_training_state: bool) -> Path | None:
+        if self.rank != 0:
+            return None
+        names = {param: name for name, param in self.model.named_parameters()}
+        moments = {names[p]: {"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+                   for p, s in self.optimizer.state.items() if "exp_avg" in s} if with_training_state else None
+        tensors = checkpoint_tensors(self.ema.state_dict(), self.model.state_dict() if with_training_state else None,
+                                     moments)
+        return write_checkpoint(path, metadata, tensors)
+
+    def save_state(self, directory: str | Path) -> Path | None:
+        """Everything needed to resume bit-for-bit, as `directory/state.safetensors` (atomic)."""
+        return self._write(Path(directory) / STATE_FILE, self._metadata(None, self._cluster(), "loss"), True)
+
+    def load_state(self, directory: str | Path) -> None:
+        """Resume from `save_state(directory)`: weights, EMA, AdamW moments and step, counters."""
+        metadata = self.init_from_checkpoint(Path(directory) / STATE_FILE)
+        if metadata.extra.get("seed") != self.seed:
+            raise InvalidCheckpoint(f"{directory} was saved by a run with seed {metadata.extra.get('seed')}, this "
+                                    f"trainer has seed {self.seed}; a resumed run must use the same seed")
+
+    def init_from_checkpoint(self, path: str | Path | bytes) -> CheckpointMetadata:
+        """Continue from a checkpoint (local or another node's): training weights (else its EMA
+        weights), EMA, AdamW moments if present, step and samples seen. Its config must hash to
+        this trainer's."""
+        metadata, tensors = read_checkpoint(path)
+        where = "checkpoint" if isinstance(path, bytes) else str(path)
+        if metadata.kind != self.kind or metadata.config_hash != self.config.config_hash():
+            raise InvalidCheckpoint(f"{where} is a {metadata.kind} with config {metadata.config_hash[:12]}, this "
+                                    f"trainer needs a {self.kind} with config {self.config.config_hash()[:12]}")
+        ema = state_dict_part(tensors, "ema")
+        train = state_dict_part(tensors, "train") or ema
+        check_state_matches(self.model, ema, where)
+        check_training_state(self.model, tensors, where)
+        self.model.load_state_dict(train)
+        self.ema.load_state_dict(ema)
+        self._load_moments(optimizer_moments(tensors), metadata.optimizer_step)
+        self.step, self.samples_seen = metadata.step, metadata.samples_seen
+        return metadata
+
+    def _load_moments(self, moments: dict[str, dict[str, torch.Tensor]], adam_step: int | None) -> None:
+        self.optimizer.state.clear()
+        if not moments:
+            return
+        for name, param in self.model.named_parameters():
+            if name in moments:
+                self.optimizer.state[param] = {
+                    "step": torch.tensor(float(adam_step or 0)),
+                    "exp_avg": moments[name]["exp_avg"].to(param.device, param.dtype).clone(),
+                    "exp_avg_sq": moments[name]["exp_avg_sq"].to(param.device, param.dtype).clone()}
+
+    def _cluster(self) -> int:
+        return -1
+
+
+class ExpertTrainer(_Trainer):
+    """Trains one expert on one cluster's images with captions derived from their labels.
+
+    dataset: images (N, C, H, W) in [-1, 1] matching `config.image_shape`, labels (N,);
+    `caption_sampler(labels, generator) -> list[str]` turns labels into captions (digits by
+    default); `heldout` is the cluster's held-out images for `heldout_loss`.
+    """
+
+    kind = "expert"
+
+    def __init__(self, config: ExpertConfig, dataset: ImageDataset, text_encoder: TextEncoder, *, seed: int = 0,
+                 batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, weight_decay: float = 0.0,
+                 warmup_steps: int = 50, grad_clip: float = 1.0, device: torch.device | str = "cpu",
+                 cluster: int = 0, heldout: ImageDataset | None = None,
+                 caption_sampler: Callable[[torch.Tensor, torch.Generator], list[str]] = sample_captions):
+        if tuple(dataset.image_shape) != config.image_shape:
+            raise ValueError(f"data set images are {dataset.image_shape}, the expert expects {config.image_shape}")
+        if len(dataset) == 0:
+            raise ValueError("cannot train an expert on an empty data set")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_expert(config)
+        super().__init__(model, config, seed=seed, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                         weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, device=device)
+        self.dataset, self.heldout, self.cluster = dataset, heldout, cluster
+        self.text_encoder, self.caption_sampler = text_encoder, caption_sampler
+        self.objective = build_objective(config.objective)
+
+    def _cluster(self) -> int:
+        return self.cluster
+
+    def _loss(self, generator: torch.Generator) -> torch.Tensor:
+        index = torch.randint(len(self.dataset), (self.batch_size,), generator=generator)
+        x0 = self.dataset.images[index]
+        text = self.text_encoder.encode(self.caption_sampler(self.dataset.labels[index], generator))
+        noise = torch.randn(x0.shape, generator=generator)
+        u = torch.rand(self.batch_size, generator=generator)
+        drop = torch.rand(self.batch_size, generator=generator) < self.config.caption_dropout
+        x_in, timestep, target = self.objective.training_example(x0, noise, u)
+        prediction = self.trained(x_in.to(self.device), timestep.to(self.device), text.to(self.device),
+                                  drop_text=drop.to(self.device))
+        return self.objective.loss(prediction, target.to(self.device))
+
+    @torch.no_grad()
+    def heldout_loss(self, max_images: int = 512, batch_size: int = 256) -> float:
+        """The EMA model's loss on the held-out images (the training set if none), with noise and
+        times fixed by the trainer's seed and stratified over [0, 1): comparable across steps."""
+        data = self.heldout if self.heldout is not None and len(self.heldout) else self.dataset
+        n = min(max_images, len(data))
+        generator = self._generator(2**31 - 1)
+        noise = torch.randn((n, *data.image_shape), generator=generator)
+        u = (torch.arange(n) + torch.rand(n, generator=generator)) / n
+        captions = self.caption_sampler(data.labels[:n], generator)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            part = slice(start, min(n, start + batch_size))
+            x_in, timestep, target = self.objective.training_example(data.images[part], noise[part], u[part])
+            prediction = self.ema(x_in.to(self.device), timestep.to(self.device),
+                                 self.text_encoder.encode(captions[part]).to(self.device))
+            total += float(F.mse_loss(prediction.float(), target.to(self.device).float(), reduction="sum"))
+        return total / noise.numel()
+
+    def export(self, path: str | Path, *, heldout_loss: float | None = None, with_training_state: bool = True
+               ) -> Path | None:
+        """Write the publishable checkpoint (EMA weights, and unless told otherwise the training
+        weights and AdamW moments) with the held-out loss (measured now if not given)."""
+        metric = self.heldout_loss() if heldout_loss is None else heldout_loss
+        return self._write(Path(path), self._metadata(metric, self.cluster, "loss"), with_training_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterEvaluation:
+    """Held-out accuracy overall and per FM-time bin: bins[i] = (t_low, t_high, accuracy)."""
+
+    accuracy: float
+    bins: tuple[tuple[float, float, float], ...]
+
+
+class RouterTrainer(_Trainer):
+    """Trains the router with cross-entropy on x_t = (1-t) x0 + t eps (the sampler's path), t
+    uniform in [0, 1], labelled by cluster. `clusters`: (N,) int64 cluster of each image."""
+
+    kind = "router"
+
+    def __init__(self, config: RouterConfig, dataset: ImageDataset, clusters: torch.Tensor,
+                 text_encoder: TextEncoder | None = None, *, seed: int = 0, batch_size: int = 128, lr: float = 1e-3,
+                 ema_decay: float = 0.999, weight_decay: float = 0.0, warmup_steps: int = 50, grad_clip: float = 1.0,
+                 device: torch.device | str = "cpu", heldout: tuple[ImageDataset, torch.Tensor] | None = None,
+                 caption_sampler: Callable[[torch.Tensor, torch.Generator], list[str]] = sample_captions):
+        if len(clusters) != len(dataset) or int(clusters.max()) >= config.num_clusters or int(clusters.min()) < 0:
+            raise ValueError(f"clusters must give each of the {len(dataset)} images a cluster in "
+                             f"0..{config.num_clusters - 1}")
+        if config.use_text and text_encoder is None:
+            raise ValueError("a router with use_text=True needs a text encoder")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_router(config)
+        super().__init__(model, config, seed=seed, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                         weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, device=device)
+        self.dataset, self.clusters, self.heldout = dataset, clusters.long(), heldout
+        self.text_encoder, self.caption_sampler = text_encoder, caption_sampler
+
+    def _text(self, labels: torch.Tensor, generator: torch.Generator) -> TextBatch | None:
+        if not self.config.use_text:
+            return None
+        return self.text_encoder.encode(self.caption_sampler(labels, generator)).to(self.device)
+
+    def _loss(self, generator: torch.Generator) -> torch.Tensor:
+        index = torch.randint(len(self.dataset), (self.batch_size,), generator=generator)
+        x0 = self.dataset.images[index]
+        text = self._text(self.dataset.labels[index], generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.rand(self.batch_size, generator=generator)
+        logits = self.trained(fm_noised(x0, noise, t).to(self.device), t.to(self.device), text)
+        return F.cross_entropy(logits.float(), self.clusters[index].to(self.device))
+
+    @torch.no_grad()
+    def evaluate(self, num_bins: int = 5, repeats: int = 2, batch_size: int = 512) -> RouterEvaluation:
+        """EMA router accuracy on the held-out images (the training set if none), each image seen
+        `repeats` times at stratified t, overall and in `num_bins` equal bins of t."""
+        data, clusters = self.heldout if self.heldout is not None else (self.dataset, self.clusters)
+        generator = self._generator(2**31 - 2)
+        n = len(data) * repeats
+        index = torch.arange(n) % len(data)
+        t = (torch.arange(n) + torch.rand(n, generator=generator)) / n
+        t = t[torch.randperm(n, generator=generator)]
+        noise = torch.randn((n, *data.image_shape), generator=generator)
+        captions = self.caption_sampler(data.labels[index], generator)
+        correct = torch.zeros(n, dtype=torch.bool)
+        for start in range(0, n, batch_size):
+            part = slice(start, min(n, start + batch_size))
+            text = (self.text_encoder.encode(captions[part]).to(self.device) if self.config.use_text else None)
+            x_t = fm_noised(data.images[index[part]], noise[part], t[part]).to(self.device)
+            logits = self.ema(x_t, t[part].to(self.device), text)
+            correct[part] = logits.argmax(1).cpu() == clusters[index[part]]
+        edges = torch.linspace(0, 1, num_bins + 1)
+        bins = []
+        for low, high in zip(edges[:-1].tolist(), edges[1:].tolist()):
+            inside = (t >= low) & (t < high) if high < 1 else (t >= low)
+            bins.append((low, high, float(correct[inside].float().mean())))
+        return RouterEvaluation(float(correct.float().mean()), tuple(bins))
+
+    def export(self, path: str | Path, *, accuracy: float | None = None, with_training_state: bool = True
+               ) -> Path | None:
+        """Write the publishable router checkpoint with its held-out accuracy (measured if not given)."""
+        metric = self.evaluate().accuracy if accuracy is None else accuracy
+        return self._write(Path(path), self._metadata(metric, -1, "accuracy"), with_training_state)
