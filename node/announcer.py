@@ -45,21 +45,32 @@ class Announcer:
         """Publish a checkpoint (or router) record and announce this node as its blob's provider."""
         self._queue.put(record)
         self._latest[job] = record
-        self.provide(record.blob.sha256)  # type: ignore[attr-defined]
+        self.provide(record.blob.sha256, now=True)  # type: ignore[attr-defined]
 
-    def provide(self, blob_sha256: str) -> None:
-        self._provided.setdefault(blob_sha256, 0.0)
+    def provide(self, blob_sha256: str, now: bool = False) -> None:
+        """Announce this node as a provider of a blob it holds (at once with `now`, else next tick)."""
+        if blob_sha256 in self._provided:
+            return
+        self._provided[blob_sha256] = 0.0
+        if now:
+            self._queue.put(self._provider_record(blob_sha256))
 
     def unprovide(self, blob_sha256: str) -> None:
         self._provided.pop(blob_sha256, None)
 
     # --- the loop --------------------------------------------------------------------------------
+    def _provider_record(self, sha: str) -> ProviderRecord:
+        expires = get_dht_time() + 3 * self.period
+        record = ProviderRecord(self.membership.swarm_id, sha, self.membership.peer_id,
+                                tuple(self.membership.maddrs[:8]), expires)
+        return record.signed_by(self.membership.identity)
+
     def _run(self) -> None:
         next_tick = 0.0
         while not self._stop.is_set():
             try:
                 record = self._queue.get(timeout=max(0.0, min(0.5, next_tick - time.monotonic())))
-                self._publish(record, f"{record.KIND} step {record.step}")  # type: ignore[attr-defined]
+                self._publish(record, _describe(record))
             except queue.Empty:
                 pass
             if time.monotonic() >= next_tick:
@@ -86,12 +97,10 @@ class Announcer:
         now = get_dht_time()
         for sha, expiry in list(self._provided.items()):
             if expiry - now < 2 * self.period:
-                expires = now + 3 * self.period
-                record = ProviderRecord(self.membership.swarm_id, sha, self.membership.peer_id,
-                                        tuple(self.membership.maddrs[:8]), expires)
-                self._publish(record.signed_by(self.membership.identity), f"provider {sha[:8]}")
+                record = self._provider_record(sha)
+                self._publish(record, f"provider {sha[:8]}")
                 if sha in self._provided:
-                    self._provided[sha] = expires
+                    self._provided[sha] = record.expires_at
         ttl = self.membership.manifest.timing.record_ttl_s
         for job, record in list(self._latest.items()):
             if record.expires_at - now < max(2 * self.period, ttl / 4):  # type: ignore[attr-defined]
@@ -106,11 +115,17 @@ class Announcer:
             self._thread.join(timeout=10)
         while not self._queue.empty():  # checkpoints made just before stopping still get announced
             record = self._queue.get_nowait()
-            self._publish(record, f"{record.KIND} step {record.step}")  # type: ignore[attr-defined]
+            self._publish(record, _describe(record))
         if release:
             if self.lease is not None:
                 self.lease.release(self.current_step())
             self.presence.leave()
+
+
+def _describe(record: SignedRecord) -> str:
+    if isinstance(record, ProviderRecord):
+        return f"provider {record.blob_sha256[:8]}"
+    return f"{record.KIND} step {record.step}"  # type: ignore[attr-defined]
 
 
 def new_checkpoint_record(membership: SwarmMembership, kind: type, **fields) -> SignedRecord:

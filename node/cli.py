@@ -148,6 +148,40 @@ def status(
         out.print(f"[yellow]warning:[/] {warning}")
 
 
+@app.command()
+def demo(
+    minutes: float = typer.Option(6.0, help="Training time of the expert nodes (the whole demo takes ~3 min more)."),
+    out: Path = typer.Option(Path("ddm-demo"), help="Folder for the nodes' data, logs and the result grid."),
+    per_digit: int = typer.Option(8, help="Samples per digit in the grid and the accuracy measurement."),
+    router_share: float = typer.Option(0.3, help="The router node trains this fraction of the time."),
+    swarm: str = typer.Option("local", "--swarm", "-s", help="Bundled swarm name or manifest file."),
+) -> None:
+    """Run a whole swarm on this machine on the embedded default, then generate digits from it."""
+    from rich.table import Table
+
+    from node.demo import run_demo
+    from node.swarm_files import load_manifest
+
+    setup_logging()
+    try:
+        manifest = load_manifest(swarm)
+        if manifest.dataset.kind not in ("embedded-digits", "small-digits"):
+            raise NodeError("the demo runs on swarms with embedded digit data (like 'local')")
+        result = run_demo(manifest, swarm, out, minutes=minutes, router_share=router_share, per_digit=per_digit,
+                          console=console)
+    except (ProtocolError, NodeError) as error:
+        fail(error)
+    table = Table(title="conditional accuracy (the digit classifier agrees with the prompt)")
+    table.add_column("routing")
+    table.add_column("accuracy", justify="right")
+    for routing, value in result.accuracy.items():
+        table.add_row(routing, f"{value:.3f}")
+    results = Console()
+    results.print(table)
+    results.print(f"grid of the digits 0-9 (top-2 routing): [bold]{result.grid}[/]")
+    results.print(f"demo finished in {result.seconds / 60:.1f} minutes; every process it started is stopped")
+
+
 @swarm_app.command("show")
 def swarm_show(swarm: str = SwarmOption) -> None:
     """Print a swarm's manifest and its swarm id."""

@@ -83,7 +83,8 @@ def prepare_swarm_data(manifest: SwarmManifest, cache_dir: Path) -> SwarmData:
         except (ClusterSplitError, OSError, ValueError) as error:
             logger.warning(f"rebuilding the cluster split: the cached one is unusable ({error})")
     if split is None:
-        split = cluster_images(dataset.images, clustering.num_clusters, clustering.seed, fine=clustering.fine_clusters)
+        split = cluster_images(dataset.images, clustering.num_clusters, clustering.seed, fine=clustering.fine_clusters,
+                               embedding=clustering.embedding)
         split.save(cache)
     if clustering.assignment_sha256 and split.sha256 != clustering.assignment_sha256:
         raise InvalidJobSetup(f"this peer's cluster split hashes to {split.sha256[:16]}…, the swarm's manifest pins "

@@ -70,7 +70,7 @@ class Mirror:
             break
         else:
             return
-        self.announcer.provide(best.blob.sha256)
+        self.announcer.provide(best.blob.sha256, now=True)
         previous = self.mirrored.get(job)
         self.mirrored[job] = best.blob.sha256
         logger.info(f"mirroring {job} step {best.step} ({best.blob.sha256[:12]})")
