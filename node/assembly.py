@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -195,8 +196,20 @@ class Assembler:
         logger.warning(f"skipping {record.KIND} {record.blob.sha256[:12]} (step {record.step}, signer "
                        f"{record.signer[:12]}): {reason}")
 
+    def _candidates(self, read: Callable[[], List[Record]]):
+        """Records best first; if every one tried was unreachable, read the DHT again once (a trainer
+        may have replaced the record we read by a newer one in the meantime)."""
+        tried = set()
+        for attempt in range(2):
+            for record in rank(read()):
+                if record.blob.sha256 not in tried:
+                    tried.add(record.blob.sha256)
+                    yield record
+            if attempt == 0:
+                time.sleep(1.0)
+
     def expert(self, cluster: int) -> Optional[Tuple[LoadedExpert, CheckpointRecord, Path]]:
-        for record in rank(self.membership.checkpoints(cluster)):
+        for record in self._candidates(lambda: self.membership.checkpoints(cluster)):
             path = self._fetch(record)
             if path is None:
                 continue
@@ -223,7 +236,7 @@ class Assembler:
         return True
 
     def router(self) -> Optional[Tuple[Router, RouterRecord, Path]]:
-        for record in rank(self.membership.routers()):
+        for record in self._candidates(self.membership.routers):
             path = self._fetch(record)
             if path is None:
                 continue

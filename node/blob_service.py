@@ -4,6 +4,7 @@ the providers the DHT names. Runs on the node's `NetworkLoop`; callable from any
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
 
@@ -42,6 +43,11 @@ class BlobService:
         if self.store.has(ref.sha256):
             return self.store.path(ref.sha256)
         providers = self.providers(ref.sha256, extra_providers)
+        for delay in (0.5, 1.0, 2.0):  # a provider record may trail its checkpoint record by a moment
+            if providers:
+                break
+            time.sleep(delay)
+            providers = self.providers(ref.sha256, extra_providers)
         if not providers:
             raise BlobUnavailable(ref, {}, ref.num_chunks)
         return self.loop.run(fetch_blob(self.p2p, ref, providers, self.store, bans=self.bans, progress=progress),

@@ -96,6 +96,8 @@ class SwarmMembership:
         """Store a signed record under its key; with `confirm`, read it back (store() may lie)."""
         key, value = key_for_record(record), record.encode()
         for attempt in range(attempts):
+            if record.expires_at <= get_dht_time():  # type: ignore[attr-defined]
+                raise PublishFailed(f"the {record.KIND} record expired before it could be published")
             with self._lock:
                 self.dht.store(key, value, expiration_time=record.expires_at, subkey=record.signer,  # type: ignore
                                return_future=True).result(DHT_CALL_TIMEOUT_S)

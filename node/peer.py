@@ -83,6 +83,7 @@ class SwarmNode:
         self.stop_event = threading.Event()
         self.trainer = None
         self.last_blob: Optional[str] = None
+        self.previous_blob: Optional[str] = None
         self._last_ckpt_step = -1
         self._peers_checked = 0.0
 
@@ -261,13 +262,15 @@ class SwarmNode:
             record = new_checkpoint_record(self.membership, CheckpointRecord, cluster=int(job.split("/")[1]),
                                            objective=spec.objective, spec_hash=spec.spec_hash, heldout_loss=metric,
                                            **common)
-        previous, self.last_blob = self.last_blob, ref.sha256
+        # the previous checkpoint stays available one round longer: a client may have just picked it
+        older, previous, self.last_blob = self.previous_blob, self.last_blob, ref.sha256
+        self.previous_blob = previous if previous != ref.sha256 else older
         atomic_write_bytes(state / "published.json", json.dumps({"blob": ref.sha256, "step": self.trainer.step}).encode())
         self.announcer.announce_checkpoint(job, record)
-        if previous and previous != ref.sha256:
-            self.announcer.unprovide(previous)
+        if older and older not in (ref.sha256, self.previous_blob):
+            self.announcer.unprovide(older)
         self._last_ckpt_step = self.trainer.step
-        self.store.gc(keep={ref.sha256, *self.mirror.held()})
+        self.store.gc(keep={ref.sha256, *([self.previous_blob] if self.previous_blob else []), *self.mirror.held()})
         self._set(last_checkpoint=f"step {self.trainer.step} ({'acc' if is_router else 'loss'} {metric:.4f})")
 
     def _serve(self) -> None:
