@@ -182,6 +182,33 @@ def demo(
     results.print(f"demo finished in {result.seconds / 60:.1f} minutes; every process it started is stopped")
 
 
+@swarm_app.command("create")
+def swarm_create(
+    out: Path = typer.Option(..., help="Manifest file to write."),
+    base: str = typer.Option("local", "--from", help="Bundled swarm or manifest to start from."),
+    name: Optional[str] = typer.Option(None, help="Name of the new swarm."),
+    description: Optional[str] = typer.Option(None, help="One line saying what the swarm trains."),
+    num_clusters: Optional[int] = typer.Option(None, help="Number of clusters (experts)."),
+    signer: Optional[List[str]] = typer.Option(None, help="Allowed signer id (repeat); makes the swarm allow-list only."),
+    lease_s: Optional[float] = typer.Option(None, help="Lease period T in seconds (claims expire after 3T)."),
+    bootstrap_peer: Optional[List[str]] = typer.Option(None, help="Bootstrap multiaddr nodes join through (repeat)."),
+    pin_split: bool = typer.Option(True, help="Compute the data split now and pin its sha256 in the manifest."),
+) -> None:
+    """Write a new swarm manifest (derived from a bundled one) and print its swarm id."""
+    from bootstrap.create import create_swarm
+
+    setup_logging()
+    try:
+        manifest = create_swarm(base, out, name=name, num_clusters=num_clusters, trust_signers=signer or (),
+                                lease_s=lease_s, bootstrap_peers=bootstrap_peer or (), pin_split=pin_split,
+                                description=description)
+    except (ProtocolError, NodeError) as error:
+        fail(error)
+    print(f"wrote {out}: swarm '{manifest.name}' id {manifest.swarm_id}")
+    if manifest.clustering.assignment_sha256:
+        print(f"data split pinned: {manifest.clustering.assignment_sha256}")
+
+
 @swarm_app.command("show")
 def swarm_show(swarm: str = SwarmOption) -> None:
     """Print a swarm's manifest and its swarm id."""

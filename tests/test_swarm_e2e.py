@@ -83,14 +83,15 @@ def test_nodes_claim_every_job_train_and_announce_checkpoints(swarm):
     assert claims == {"expert/0": s["a"], "expert/1": s["b"], "router": s["r"]}
 
 
-def test_generate_assembles_the_ensemble_and_writes_a_png(swarm):
+def test_generate_mixes_a_ddpm_and_a_flow_matching_expert_and_writes_a_png(swarm):
     out = swarm["tmp"] / "digits.png"
     result = run_cli("generate", "the digit 3", "a handwritten seven", "--num", "3", "--out", str(out),
                      "--swarm", str(swarm["path"]), "--cache-dir", str(swarm["tmp"] / "gen-cache"),
                      *sum([["--initial-peers", p] for p in swarm["peers"]], []))
     assert result.returncode == 0, result.stdout + result.stderr
-    for job in ("expert/0", "expert/1", "router"):
-        assert job in result.stdout
+    rows = {line.split()[1]: line.split() for line in result.stdout.splitlines() if line.startswith("│ ")}
+    assert set(rows) >= {"expert/0", "expert/1", "router"}
+    assert (rows["expert/0"][5], rows["expert/1"][5]) == ("fm", "ddpm")  # heterogeneous experts, mixed
     image = Image.open(out)
     assert image.size == (3 * (8 * 4 + 1) + 1, 2 * (8 * 4 + 1) + 1)
     assert len(set(image.get_flattened_data())) > 10  # real samples, not a blank grid
