@@ -128,9 +128,14 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int, *, fine: int =
     return ClusterSplit.from_assignments(_number_by_first_appearance(coarse_of_fine[fine_of_item]), k)
 
 
-def cluster_images(images: torch.Tensor, k: int, seed: int, *, fine: int = FINE_CENTROIDS) -> ClusterSplit:
+def cluster_images(images: torch.Tensor, k: int, seed: int, *, fine: int = FINE_CENTROIDS,
+                   embedding: str = "pixel-pca") -> ClusterSplit:
     """The embedded default's split: two-stage k-means of `embed_for_clustering(images)`.
-    images: (N, C, H, W) in [-1, 1]; returns one of `k` cluster ids per image."""
+    images: (N, C, H, W) in [-1, 1]; returns one of `k` cluster ids per image. `embedding` is the
+    manifest's `clustering.embedding`; in-memory images support only "pixel-pca"."""
+    if embedding != "pixel-pca":
+        raise ValueError(f"cluster_images embeds by 'pixel-pca' only, not {embedding!r}; for DINOv2 or "
+                         f"open_clip embeddings use image_embeddings.embed_to_memmap, then cluster_embeddings")
     return cluster_embeddings(embed_for_clustering(images), k, seed, fine=fine)
 
 

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -33,7 +33,9 @@ class Announcer:
         self.failures = 0
         self._provided: Dict[str, float] = {}  # blob sha256 -> expiry of our provider record
         self._latest: Dict[str, SignedRecord] = {}  # job -> our latest checkpoint/router record
-        self._queue: "queue.Queue[SignedRecord]" = queue.Queue()
+        # signed records to publish as they are, or blob sha256s to announce as provided (signed when sent,
+        # so a backlog can never publish an already-expired provider record)
+        self._queue: "queue.Queue[Union[SignedRecord, str]]" = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddm-announcer", daemon=True)
 
@@ -43,28 +45,56 @@ class Announcer:
     # --- called from other threads ---------------------------------------------------------------
     def announce_checkpoint(self, job: str, record: SignedRecord) -> None:
         """Publish a checkpoint (or router) record and announce this node as its blob's provider."""
+        # provider first: whoever sees the record can find the blob at once
+        self.provide(record.blob.sha256, now=True)  # type: ignore[attr-defined]
         self._queue.put(record)
         self._latest[job] = record
-        self.provide(record.blob.sha256)  # type: ignore[attr-defined]
 
-    def provide(self, blob_sha256: str) -> None:
-        self._provided.setdefault(blob_sha256, 0.0)
+    def provide(self, blob_sha256: str, now: bool = False) -> None:
+        """Announce this node as a provider of a blob it holds (at once with `now`, else next tick)."""
+        if blob_sha256 in self._provided:
+            return
+        self._provided[blob_sha256] = 0.0
+        if now:
+            self._queue.put(blob_sha256)
 
     def unprovide(self, blob_sha256: str) -> None:
         self._provided.pop(blob_sha256, None)
 
     # --- the loop --------------------------------------------------------------------------------
+    @property
+    def provider_ttl(self) -> float:
+        # a provider record outlives a few lease periods, but at least a minute: a dead provider costs a
+        # fetcher one connection timeout, a missing one costs it the blob
+        return max(3 * self.period, 60.0)
+
+    def _provider_record(self, sha: str) -> ProviderRecord:
+        expires = get_dht_time() + self.provider_ttl
+        record = ProviderRecord(self.membership.swarm_id, sha, self.membership.peer_id,
+                                tuple(self.membership.maddrs[:8]), expires)
+        return record.signed_by(self.membership.identity)
+
     def _run(self) -> None:
         next_tick = 0.0
         while not self._stop.is_set():
             try:
-                record = self._queue.get(timeout=max(0.0, min(0.5, next_tick - time.monotonic())))
-                self._publish(record, f"{record.KIND} step {record.step}")  # type: ignore[attr-defined]
+                item = self._queue.get(timeout=max(0.0, min(0.5, next_tick - time.monotonic())))
+                self._send(item)
             except queue.Empty:
                 pass
             if time.monotonic() >= next_tick:
                 self._tick()
                 next_tick = time.monotonic() + self.period
+
+    def _send(self, item: Union[SignedRecord, str]) -> None:
+        if isinstance(item, str):
+            if item not in self._provided:
+                return  # unprovided while it waited
+            record = self._provider_record(item)
+            self._publish(record, _describe(record))
+            self._provided[item] = record.expires_at
+        else:
+            self._publish(item, _describe(item))
 
     def _publish(self, record: SignedRecord, what: str) -> None:
         try:
@@ -85,13 +115,11 @@ class Announcer:
             logger.warning(f"could not renew the lease/presence: {error}")
         now = get_dht_time()
         for sha, expiry in list(self._provided.items()):
-            if expiry - now < 2 * self.period:
-                expires = now + 3 * self.period
-                record = ProviderRecord(self.membership.swarm_id, sha, self.membership.peer_id,
-                                        tuple(self.membership.maddrs[:8]), expires)
-                self._publish(record.signed_by(self.membership.identity), f"provider {sha[:8]}")
+            if expiry - now < max(2 * self.period, self.provider_ttl / 2):
+                record = self._provider_record(sha)
+                self._publish(record, f"provider {sha[:8]}")
                 if sha in self._provided:
-                    self._provided[sha] = expires
+                    self._provided[sha] = record.expires_at
         ttl = self.membership.manifest.timing.record_ttl_s
         for job, record in list(self._latest.items()):
             if record.expires_at - now < max(2 * self.period, ttl / 4):  # type: ignore[attr-defined]
@@ -102,14 +130,20 @@ class Announcer:
     def stop(self, release: bool = True) -> None:
         """Stop the loop; with `release`, give the job back and leave with an OFFLINE tombstone."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         while not self._queue.empty():  # checkpoints made just before stopping still get announced
-            record = self._queue.get_nowait()
-            self._publish(record, f"{record.KIND} step {record.step}")  # type: ignore[attr-defined]
+            self._send(self._queue.get_nowait())
         if release:
             if self.lease is not None:
                 self.lease.release(self.current_step())
             self.presence.leave()
+
+
+def _describe(record: SignedRecord) -> str:
+    if isinstance(record, ProviderRecord):
+        return f"provider {record.blob_sha256[:8]}"
+    return f"{record.KIND} step {record.step}"  # type: ignore[attr-defined]
 
 
 def new_checkpoint_record(membership: SwarmMembership, kind: type, **fields) -> SignedRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from functools import partial
@@ -33,6 +34,8 @@ from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecor
 
 logger = logging.getLogger("ddm_swarm.membership")
 R = TypeVar("R", bound=SignedRecord)
+# A DHT call that takes longer means the DHT process is gone or wedged; fail instead of hanging.
+DHT_CALL_TIMEOUT_S = 60.0
 
 
 def check_initial_peers(initial_peers: Iterable[str]) -> List[str]:
@@ -47,6 +50,17 @@ def check_initial_peers(initial_peers: Iterable[str]) -> List[str]:
                                      "/ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… (copy it from the bootstrap's output)") from None
         checked.append(str(maddr))
     return checked
+
+
+class _NodeDHT(DHT):
+    """hivemind's DHT process, detached from the terminal's process group: Ctrl-C and a group-wide
+    SIGTERM reach only the node, which then shuts the DHT (and its p2pd) down in order, after
+    releasing its claim. If the node dies instead, `_exit_with_parent` ends this process."""
+
+    def run(self) -> None:
+        os.setsid()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        super().run()
 
 
 class SwarmMembership:
@@ -67,7 +81,7 @@ class SwarmMembership:
         if announce_maddrs:
             options["announce_maddrs"] = list(announce_maddrs)
         try:
-            self.dht = DHT(initial_peers=self.initial_peers or None, start=True, **options)
+            self.dht = _NodeDHT(initial_peers=self.initial_peers or None, start=True, **options)
         except P2PDaemonError as error:
             if self.initial_peers and "bootstrap" in str(error):
                 raise JoinFailed("none of the initial peers answered: " + ", ".join(self.initial_peers)
@@ -82,8 +96,11 @@ class SwarmMembership:
         """Store a signed record under its key; with `confirm`, read it back (store() may lie)."""
         key, value = key_for_record(record), record.encode()
         for attempt in range(attempts):
+            if record.expires_at <= get_dht_time():  # type: ignore[attr-defined]
+                raise PublishFailed(f"the {record.KIND} record expired before it could be published")
             with self._lock:
-                self.dht.store(key, value, expiration_time=record.expires_at, subkey=record.signer)  # type: ignore
+                self.dht.store(key, value, expiration_time=record.expires_at, subkey=record.signer,  # type: ignore
+                               return_future=True).result(DHT_CALL_TIMEOUT_S)
             if not confirm or self._holds(key, record.signer, value):  # type: ignore[attr-defined]
                 return
             time.sleep(0.2 * (attempt + 1))
@@ -97,7 +114,7 @@ class SwarmMembership:
     # --- reading ---------------------------------------------------------------------------------
     def _get(self, key: str) -> dict:
         with self._lock:
-            result = self.dht.get(key, latest=True)
+            result = self.dht.get(key, latest=True, return_future=True).result(DHT_CALL_TIMEOUT_S)
         if result is None or not isinstance(result.value, dict):
             return {}
         return {subkey: (item.value, item.expiration_time) for subkey, item in result.value.items()}
@@ -150,11 +167,11 @@ class SwarmMembership:
     def validator_stats(self) -> dict:
         """How many records this peer's DHT process accepted and refused, by reason."""
         with self._lock:
-            return self.dht.run_coroutine(_validator_stats)
+            return self.dht.run_coroutine(_validator_stats, return_future=True).result(DHT_CALL_TIMEOUT_S)
 
     def num_peers(self) -> int:
         with self._lock:
-            return self.dht.run_coroutine(_routing_table_size)
+            return self.dht.run_coroutine(_routing_table_size, return_future=True).result(DHT_CALL_TIMEOUT_S)
 
     def shutdown(self) -> None:
         with self._lock:

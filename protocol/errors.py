@@ -48,3 +48,11 @@ class InvalidIdentity(ProtocolError):
 
 class HashMismatch(ProtocolError):
     """Bytes do not hash to the content id that a signed record promised."""
+
+
+class InvalidBlobRequest(ProtocolError):
+    """A blob request from a peer is malformed, oversized or asks for an impossible range."""
+
+
+class InvalidBlobResponse(ProtocolError):
+    """A blob provider answered with a malformed header or a byte count that does not fit the request."""

@@ -25,3 +25,10 @@ MAX_EXPIRATION_AHEAD_S = {
 
 # Clocks of honest peers disagree by this much at most; records from further in the future are refused.
 CLOCK_SKEW_S = 60.0
+
+# Blob transfer (protocol/blob_wire.py). A request and a response header are each a small
+# length-prefixed canonical msgpack map; a range answer carries at most MAX_RANGE_BYTES, so a peer
+# never has to buffer more than that for one request.
+MAX_BLOB_REQUEST_BYTES = 256
+MAX_BLOB_RESPONSE_HEADER_BYTES = 512
+MAX_RANGE_BYTES = 4 * CHUNK_BYTES

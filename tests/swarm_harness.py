@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -29,9 +30,10 @@ class LineProcess:
 
     def __init__(self, args: List[str], *, stdin: bool = False, cwd: Optional[Path] = None, env: Optional[dict] = None):
         self.args = args
+        # own process group: a test can kill the process with everything it started, as a crash would
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     cwd=cwd or ROOT, env=env or child_env())
+                                     cwd=cwd or ROOT, env=env or child_env(), start_new_session=True)
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.output: List[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -68,9 +70,23 @@ class LineProcess:
         return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash or `kill -9` of a node would."""
         if self.alive():
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
+
+    def freeze(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def interrupt(self) -> None:
+        """Ctrl-C, as a user at the terminal presses it (SIGINT to the process group)."""
+        os.killpg(self.proc.pid, signal.SIGINT)
 
 
 class DhtPeer(LineProcess):
@@ -115,3 +131,19 @@ class BootstrapProcess(LineProcess):
                 break
             self.maddrs.append(line.split()[-1])
         self.peer_id = self.maddrs[0].rsplit("/p2p/", 1)[1]
+
+
+class NodeProcess(LineProcess):
+    """`ddm-swarm node` as a user runs it (its log lines are what we read)."""
+
+    def __init__(self, manifest_path: Path, data_dir: Path, initial_peers: List[str], *extra: str):
+        super().__init__([sys.executable, "-m", "node.cli", "node", "--swarm", str(manifest_path), "--data-dir",
+                          str(data_dir), "--host", "127.0.0.1", *sum([["--initial-peers", p] for p in initial_peers], []),
+                          *extra], env=child_env(COLUMNS="200"))
+        self.data_dir = data_dir
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run one `ddm-swarm` command to completion."""
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=child_env(COLUMNS="200"))

@@ -87,6 +87,11 @@ def test_memory_mapped_embeddings_split_like_in_memory_ones(tmp_path):
     assert from_disk.sha256 == cluster_embeddings(points, k=3, seed=0, fine=32).sha256
 
 
+def test_an_embedding_other_than_pixel_pca_points_to_the_real_data_path():
+    with pytest.raises(ValueError, match="embed_to_memmap"):
+        cluster_images(load_small_digits().images, 4, 0, embedding="dinov2:facebook/dinov2-small")
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="faiss"):
         cluster_embeddings(np.zeros((100, 4)), k=2, seed=0, fine=8, backend="annoy")

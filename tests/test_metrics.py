@@ -20,7 +20,9 @@ from ddm_models.metrics import (
     ClassifierRecipe,
     classifier_fid,
     conditional_accuracy,
+    MetricUnavailable,
     heldout_reference,
+    inception_fid,
     load_or_train_classifier,
     train_classifier,
 )
@@ -55,32 +57,48 @@ def test_conditional_accuracy_counts_samples_read_as_the_asked_digit(classifier,
     assert conditional_accuracy(classifier, heldout_set.images, wrong_labels) < 0.03
 
 
-def test_classifier_is_cached_and_loads_without_training(tmp_path):
-    first = load_or_train_classifier(tmp_path, SMALL_RECIPE)
-    (cached,) = tmp_path.glob("digit-classifier-*.safetensors")
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """A cache directory holding the small recipe's classifier, trained once for this module."""
+    cache = tmp_path_factory.mktemp("classifier-cache")
+    return cache, load_or_train_classifier(cache, SMALL_RECIPE)
+
+
+def test_classifier_is_cached_and_loads_without_training(small_cache):
+    cache, first = small_cache
+    (cached,) = cache.glob("digit-classifier-*.safetensors")
     written = cached.stat().st_mtime_ns
-    second = load_or_train_classifier(tmp_path, SMALL_RECIPE)
+    second = load_or_train_classifier(cache, SMALL_RECIPE)
     assert cached.stat().st_mtime_ns == written
     assert second.heldout_accuracy == first.heldout_accuracy > 0.9
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, second.state_dict()[name]), name
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(cache.glob("*.tmp"))
 
 
-def test_corrupt_cache_file_is_retrained_with_a_warning(tmp_path):
-    load_or_train_classifier(tmp_path, SMALL_RECIPE)
-    (cached,) = tmp_path.glob("digit-classifier-*.safetensors")
-    cached.write_bytes(b"\x00" * 100)
+def test_corrupt_cache_file_is_retrained_with_a_warning(small_cache, tmp_path):
+    cache, _ = small_cache
+    (cached,) = cache.glob("digit-classifier-*.safetensors")
+    corrupt = tmp_path / cached.name
+    corrupt.write_bytes(b"\x00" * 100)
     with pytest.warns(UserWarning, match="unreadable"):
         model = load_or_train_classifier(tmp_path, SMALL_RECIPE)
-    assert model.heldout_accuracy > 0.9 and cached.stat().st_size > 100
+    assert model.heldout_accuracy > 0.9 and corrupt.stat().st_size > 100
 
 
-def test_training_is_deterministic_for_a_recipe():
-    data = load_small_digits()
-    first, second = train_classifier(data, SMALL_RECIPE), train_classifier(data, SMALL_RECIPE)
-    for name, tensor in first.state_dict().items():
-        assert torch.equal(tensor, second.state_dict()[name]), name
+def test_training_is_deterministic_for_a_recipe(small_cache):
+    _, cached = small_cache
+    retrained = train_classifier(load_small_digits(), SMALL_RECIPE)
+    for name, tensor in cached.state_dict().items():
+        assert torch.equal(tensor, retrained.state_dict()[name]), name
+
+
+def test_swarm_heldout_images_are_among_those_the_classifier_never_saw():
+    # configs/local.yaml holds out 10% with split seed 0; the classifier holds out 20% of the same
+    # permutation, so generated digits are never judged against images the classifier learned.
+    _, swarm_heldout = heldout_split(5000, 0.1, seed=DEFAULT_RECIPE.split_seed)
+    _, classifier_heldout = heldout_split(5000, DEFAULT_RECIPE.heldout_fraction, DEFAULT_RECIPE.split_seed)
+    assert np.isin(swarm_heldout, classifier_heldout).all()
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -121,3 +139,9 @@ def test_classifier_fid_sees_a_missing_digit(classifier, heldout):
     without_sevens = train_part.images[train_part.labels != 7]
     assert classifier_fid(classifier, heldout_set.images, without_sevens) > 2 * classifier_fid(
         classifier, heldout_set.images, train_part.images)
+
+
+def test_inception_fid_without_local_weights_says_what_is_missing(tmp_path):
+    images = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(MetricUnavailable, match="weights"):
+        inception_fid(images, images, weights_path=tmp_path / "absent.pth")

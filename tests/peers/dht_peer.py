@@ -50,6 +50,8 @@ def main() -> None:
         elif op == "read":
             if command["family"] == "checkpoints":
                 records = membership.checkpoints(command["cluster"])
+            elif command["family"] == "providers":
+                records = membership.providers(command["sha256"])
             else:
                 records = getattr(membership, FAMILIES[command["family"]])()
             reply = {"records": [r.encode().hex() for r in records]}

@@ -1,0 +1,114 @@
+"""Bookkeeping of one download: which chunks are missing, in flight, verified; and the whole-file
+hash, computed in order while the download runs (chunks arrive out of order)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from concurrent.futures import Executor
+from typing import Callable, Iterable, Optional
+
+
+class ChunkScheduler:
+    """Hands out missing chunk indices to download workers, lowest first.
+
+    A worker that fails gives its chunks back, and another worker picks them up. When nothing is
+    left to hand out but chunks are still in flight elsewhere, `take()` waits: the chunk may come
+    back if its worker fails.
+    """
+
+    def __init__(self, missing: Iterable[int]) -> None:
+        self._pending = deque(sorted(missing))
+        self._in_flight: set[int] = set()
+        self._changed = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return not self._pending and not self._in_flight
+
+    @property
+    def remaining(self) -> int:
+        return len(self._pending) + len(self._in_flight)
+
+    def try_take(self) -> Optional[int]:
+        if not self._pending:
+            return None
+        index = self._pending.popleft()
+        self._in_flight.add(index)
+        return index
+
+    async def take(self) -> Optional[int]:
+        """The next chunk to fetch, or None once every chunk is verified."""
+        while True:
+            index = self.try_take()
+            if index is not None or self.finished:
+                return index
+            self._changed.clear()
+            await self._changed.wait()
+
+    def done(self, index: int) -> None:
+        self._in_flight.discard(index)
+        self._changed.set()
+
+    def give_back(self, indices: Iterable[int]) -> None:
+        for index in sorted(indices, reverse=True):
+            if index in self._in_flight:
+                self._in_flight.discard(index)
+                self._pending.appendleft(index)
+        self._changed.set()
+
+
+class OrderedHasher:
+    """sha256 of the whole blob, fed chunk by chunk in index order on a worker thread.
+
+    `offer(index, data)` hands over a verified chunk; chunks that arrive ahead of the hashing
+    cursor wait in memory, up to `max_buffered`, beyond which they are read back from disk
+    (`read_chunk`) when their turn comes.
+    """
+
+    def __init__(self, num_chunks: int, read_chunk: Callable[[int], bytes], executor: Executor,
+                 max_buffered: int = 16) -> None:
+        self.num_chunks = num_chunks
+        self._read_chunk = read_chunk
+        self._executor = executor
+        self._max_buffered = max_buffered
+        self._ready: dict[int, Optional[bytes]] = {}
+        self._buffered = 0
+        self._cursor = 0
+        self._digest = hashlib.sha256()
+        self._pump: Optional[asyncio.Task] = None
+
+    def offer(self, index: int, data: Optional[bytes] = None) -> None:
+        if index < self._cursor or index in self._ready:
+            return
+        if data is not None and (index == self._cursor or self._buffered < self._max_buffered):
+            self._ready[index] = data
+            self._buffered += 1
+        else:
+            self._ready[index] = None
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._cursor in self._ready:
+            data = self._ready.pop(self._cursor)
+            if data is None:
+                data = await loop.run_in_executor(self._executor, self._read_chunk, self._cursor)
+            else:
+                self._buffered -= 1
+            await loop.run_in_executor(self._executor, self._digest.update, data)
+            self._cursor += 1
+
+    async def hexdigest(self) -> str:
+        """The whole blob's sha256, once every chunk has been offered."""
+        if self._pump is not None:
+            await self._pump
+        if self._cursor != self.num_chunks:
+            raise RuntimeError(f"hashed {self._cursor} of {self.num_chunks} chunks")
+        return self._digest.hexdigest()
+
+    def cancel(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()

@@ -1,0 +1,62 @@
+"""A node's blobs on the network: its `BlobStore`, served over hivemind streams and fetched from
+the providers the DHT names. Runs on the node's `NetworkLoop`; callable from any thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
+
+from hivemind.p2p import PeerID
+
+from node.banlist import BanList
+from node.blob_fetch import BlobUnavailable, fetch_blob
+from node.blob_server import BlobServer
+from node.blobstore import BlobStore
+from node.membership import SwarmMembership
+from node.network import NetworkLoop
+from protocol.hashing import BlobRef
+
+logger = logging.getLogger("ddm_swarm.blobs")
+
+
+class BlobService:
+    def __init__(self, membership: SwarmMembership, store: BlobStore, loop: NetworkLoop, *, serve: bool = True):
+        self.membership, self.store, self.loop = membership, store, loop
+        self.bans = BanList()
+        self.server: Optional[BlobServer] = None
+        self.p2p = loop.run(membership.dht.replicate_p2p(), timeout=60)
+        if serve:
+            self.server = BlobServer(store)
+            loop.run(self.server.start(self.p2p), timeout=60)
+
+    def providers(self, sha256: str, extra: Iterable[str] = ()) -> List[PeerID]:
+        """Peers the DHT names as providers of `sha256` (and `extra` peer ids), never this peer."""
+        names = [record.peer_id for record in self.membership.providers(sha256)] + list(extra)
+        unique = [name for name in dict.fromkeys(names) if name != self.membership.peer_id]
+        return [PeerID.from_base58(name) for name in unique]
+
+    def fetch(self, ref: BlobRef, *, extra_providers: Iterable[str] = (),
+              progress: Optional[Callable[[int, int], None]] = None, timeout: Optional[float] = None) -> Path:
+        """The verified blob `ref`, from the local store or downloaded from its providers."""
+        if self.store.has(ref.sha256):
+            return self.store.path(ref.sha256)
+        providers = self.providers(ref.sha256, extra_providers)
+        for delay in (0.5, 1.0, 2.0):  # a provider record may trail its checkpoint record by a moment
+            if providers:
+                break
+            time.sleep(delay)
+            providers = self.providers(ref.sha256, extra_providers)
+        if not providers:
+            raise BlobUnavailable(ref, {}, ref.num_chunks)
+        return self.loop.run(fetch_blob(self.p2p, ref, providers, self.store, bans=self.bans, progress=progress),
+                             timeout=timeout)
+
+    def stop(self) -> None:
+        try:
+            if self.server is not None:
+                self.loop.run(self.server.stop(), timeout=10)
+            self.loop.run(self.p2p.shutdown(), timeout=10)
+        except Exception as error:  # the daemon may already be gone at shutdown
+            logger.debug(f"blob service stop: {error}")

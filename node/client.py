@@ -1,0 +1,63 @@
+"""The generator's side: join a swarm as a client, assemble the ensemble, sample locally.
+
+    from node.client import assemble_ensemble
+    ensemble = assemble_ensemble("local", initial_peers=[...])
+    result = ensemble.sample(["the digit 7"] * 4, routing="top2", seed=0)
+
+Downloaded checkpoints are cached (content-addressed, verified, resumable) under `cache_dir`, so a
+second call fetches nothing that is still current.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from node.assembly import Assembler, Ensemble
+from node.blob_service import BlobService
+from node.blobstore import BlobStore
+from node.errors import NodeError
+from node.membership import SwarmMembership
+from node.network import NetworkLoop
+from node.swarm_files import load_manifest
+from protocol.identity import Identity
+from protocol.manifest import SwarmManifest
+
+logger = logging.getLogger("ddm_swarm.client")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DDM_SWARM_CACHE", Path.home() / ".cache" / "ddm-swarm"))
+
+
+def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequence[str] = (),
+                      cache_dir: Optional[Path] = None, verify: bool = False, require_all: bool = False,
+                      progress: Optional[Callable[[str, int, int], None]] = None) -> Ensemble:
+    """The best acceptable checkpoint of every cluster plus the router, fetched from the swarm."""
+    manifest = swarm if isinstance(swarm, SwarmManifest) else load_manifest(swarm)
+    peers = list(initial_peers) or list(manifest.bootstrap_peers)
+    if not peers:
+        raise NodeError("joining a swarm needs --initial-peers (the multiaddr of a bootstrap peer or any node)")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    membership = SwarmMembership(manifest, Identity.generate(), initial_peers=peers, client_mode=True)
+    loop = NetworkLoop()
+    blobs = None
+    try:
+        for problem in membership.beacon_problems():
+            logger.warning(problem)
+        blobs = BlobService(membership, BlobStore(cache / "blobs"), loop, serve=False)
+        heldout = None
+        if verify:
+            from node.jobs import prepare_swarm_data
+
+            data = prepare_swarm_data(manifest, cache)
+            heldout = lambda cluster: data.expert_data(cluster)[1]  # noqa: E731
+        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress)
+        return assembler.assemble(require_all=require_all)
+    finally:
+        if blobs is not None:
+            blobs.stop()
+        loop.stop()
+        membership.shutdown()

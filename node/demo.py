@@ -1,0 +1,149 @@
+"""`ddm-swarm demo`: a whole swarm on this machine, on the embedded default, in minutes on a CPU.
+
+It starts a bootstrap peer and one node process per job (K experts and the router) on 127.0.0.1,
+lets them claim jobs and train for a bounded time while a live table shows the swarm, assembles
+the ensemble from the swarm like any generator would, writes a grid of the digits 0-9 to a PNG,
+prints the conditional accuracy measured by the offline digit classifier, and stops every process
+it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from node.claims import all_jobs
+from node.errors import NodeError
+from protocol.identity import Identity
+from protocol.manifest import SwarmManifest
+
+
+@dataclass
+class DemoResult:
+    grid: Path
+    accuracy: Dict[str, float]
+    seconds: float
+    jobs: List[dict]
+
+
+class Processes:
+    """Child processes in their own sessions, logged to files, all stopped on exit."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.children: List[subprocess.Popen] = []
+
+    def start(self, name: str, args: List[str]) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
+        log = open(self.log_dir / f"{name}.log", "w")
+        child = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.children.append(child)
+        return child
+
+    def stop_all(self, grace_s: float = 20.0) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+
+
+def _bootstrap_maddr(log: Path, child: subprocess.Popen, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise NodeError(f"the bootstrap peer exited; see {log}")
+        for line in log.read_text().splitlines():
+            if "--initial-peers" in line:
+                return line.split()[-1]
+        time.sleep(0.3)
+    raise NodeError(f"the bootstrap peer did not start in {timeout:.0f} s; see {log}")
+
+
+def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, router_share: float,
+             per_digit: int, console: Console) -> DemoResult:
+    from node.client import assemble_ensemble
+    from node.membership import SwarmMembership
+    from node.status import collect_status, status_tables
+
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    processes = Processes(out / "logs")
+    jobs = all_jobs(manifest)
+    try:
+        boot = processes.start("bootstrap", ["bootstrap", "--swarm", swarm, "--host", "127.0.0.1", "--port", "0",
+                                             "--identity", str(out / "bootstrap.key")])
+        peer = _bootstrap_maddr(out / "logs" / "bootstrap.log", boot)
+        console.print(f"bootstrap peer up: {peer}")
+        for index, job in enumerate(jobs):
+            budget = minutes * (router_share if job == "router" else 1.0)
+            processes.start(f"node-{index}", ["node", "--swarm", swarm, "--initial-peers", peer, "--host", "127.0.0.1",
+                                              "--data-dir", str(out / f"node-{index}"), "--max-minutes", f"{budget:.3f}",
+                                              "--threads", "1"])
+            time.sleep(0.5)  # staggered starts: each node sees the claims of the ones before
+        console.print(f"{len(jobs)} nodes started ({', '.join(jobs)}); logs in {out / 'logs'}")
+        watcher = SwarmMembership(manifest, Identity.generate(), initial_peers=[peer], client_mode=True)
+        progress = Progress(TextColumn("training"), BarColumn(), TimeRemainingColumn(), console=console)
+        task = progress.add_task("train", total=60 * minutes)
+        train_started = time.monotonic()
+        snapshot: dict = {}
+        with Live(console=console, refresh_per_second=1) as live:
+            while True:
+                elapsed = time.monotonic() - train_started
+                snapshot = collect_status(watcher)
+                progress.update(task, completed=min(elapsed, 60 * minutes))
+                live.update(Group(progress, *status_tables(snapshot)[:1]))
+                online = [p for p in snapshot["peers"] if p["role"] == "trainer" and p["state"] == "online"]
+                done = elapsed > 60 * minutes and all(j["latest_step"] is not None for j in snapshot["jobs"]) \
+                    and not any(j["claims"] for j in snapshot["jobs"])
+                if done or elapsed > 60 * minutes + 180 or (not online and elapsed > 120):
+                    break
+                time.sleep(3)
+        watcher.shutdown()
+        for child, job in zip(processes.children[1:], jobs):
+            if child.poll() not in (None, 0):
+                console.print(f"[yellow]warning:[/] the node of {job} exited with {child.returncode}; "
+                              f"see {out / 'logs'}")
+        console.print("assembling the ensemble from the swarm …")
+        ensemble = assemble_ensemble(manifest, initial_peers=[peer], cache_dir=out / "client-cache")
+        grid, accuracy = _evaluate(ensemble, out, per_digit, console)
+    finally:
+        processes.stop_all()
+    return DemoResult(grid, accuracy, time.monotonic() - started, snapshot.get("jobs", []))
+
+
+def _evaluate(ensemble, out: Path, per_digit: int, console: Console):
+    from ddm_models.captions import prompt_for_digit
+    from ddm_models.images import save_grid
+    from ddm_models.metrics import conditional_accuracy, load_or_train_classifier
+
+    prompts = [prompt_for_digit(d) for d in range(10) for _ in range(per_digit)]
+    labels = torch.tensor([d for d in range(10) for _ in range(per_digit)])
+    classifier = load_or_train_classifier()
+    accuracy, grid = {}, out / "demo-grid.png"
+    for routing in ("top2", "top1", "full"):
+        result = ensemble.sample(prompts, routing=routing, seed=0)
+        accuracy[routing] = conditional_accuracy(classifier, result.images, labels)
+        if routing == "top2":
+            save_grid(result.images, per_digit, grid, scale=3)
+    (out / "demo-result.json").write_text(json.dumps({"accuracy": accuracy, "experts": ensemble.describe()}, indent=2))
+    return grid, accuracy

@@ -1,0 +1,140 @@
+"""`ddm-swarm generate` and `ddm-swarm fetch`: assemble the ensemble, sample, write PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from node.errors import NodeError
+
+MAX_PROMPT_CHARS = 1000
+MAX_IMAGES = 1024
+
+
+def check_prompts(prompts: List[str], per_prompt: int) -> List[str]:
+    """Refuse prompts a user cannot mean: empty, absurdly long, or too many images at once."""
+    if not prompts:
+        raise NodeError("give at least one prompt, e.g. ddm-swarm generate \"the digit 7\"")
+    for prompt in prompts:
+        if not prompt.strip():
+            raise NodeError("a prompt is empty; write what the image should show")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise NodeError(f"a prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS} "
+                            "(the text encoder reads only the first few dozen tokens anyway)")
+    if per_prompt < 1 or len(prompts) * per_prompt > MAX_IMAGES:
+        raise NodeError(f"--num must be >= 1 and prompts x --num at most {MAX_IMAGES}")
+    return [p.strip() for p in prompts]
+
+
+class FetchProgress:
+    """A rich progress bar per blob being downloaded."""
+
+    def __init__(self, console: Console):
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            console=console, transient=True)
+        self.tasks = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if what not in self.tasks:
+            self.tasks[what] = self.bar.add_task(f"fetch {what}", total=total)
+        self.bar.update(self.tasks[what], completed=done)
+
+
+def ensemble_table(ensemble) -> Table:
+    table = Table(title=f"ensemble of swarm '{ensemble.manifest.name}'")
+    for column in ("job", "model", "objective", "step", "held-out", "signer", "checkpoint"):
+        table.add_column(column)
+    for row in ensemble.describe():
+        table.add_row(row["job"], row["model"], row["objective"], str(row["step"]), f"{row['heldout']:.4f}",
+                      row["signer"] + "…", row["sha256"][:16] + "…")
+    return table
+
+
+def obtain_ensemble(console: Console, swarm: str, initial_peers: Optional[List[str]], cache_dir: Optional[Path],
+                    verify: bool, from_dir: Optional[Path]):
+    from node.assembly import Ensemble
+    from node.client import assemble_ensemble
+
+    if from_dir is not None:
+        return Ensemble.load(from_dir)
+    progress = FetchProgress(console)
+    with progress.bar:
+        ensemble = assemble_ensemble(swarm, initial_peers=initial_peers or (), cache_dir=cache_dir, verify=verify,
+                                     progress=progress)
+    for sha, reason in ensemble.rejected:
+        console.print(f"[yellow]not used[/] {sha[:16]}…: {reason}")
+    return ensemble
+
+
+def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_peers, routing, steps, guidance,
+                 seed: int, per_prompt: int, out: Path, cache_dir, verify: bool, from_dir, scale: int) -> Path:
+    from ddm_models.images import save_grid
+
+    prompts = check_prompts(prompts, per_prompt)
+    ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, from_dir)
+    results = Console()  # results on stdout; logs and progress stay on stderr
+    results.print(ensemble_table(ensemble))
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    result = ensemble.sample(rows, routing=routing, steps=steps, guidance=guidance, seed=seed)
+    if result.images.shape[1] not in (1, 3):
+        raise NodeError("this swarm's experts produce latents; decoding them to pixels needs the swarm's VAE, "
+                        "which is not installed here")
+    path = save_grid(result.images, per_prompt, out, scale=scale)
+    used = ", ".join(f"expert/{k}: {n}" for k, n in sorted(result.evaluations.items()))
+    results.print(f"expert evaluations (sample x step): {used}")
+    results.print(f"wrote {len(rows)} images to [bold]{path}[/] (one row per prompt)")
+    return path
+
+
+def register(app: typer.Typer, console: Console, swarm_option, peers_option, fail, setup_logging) -> None:
+    @app.command()
+    def generate(
+        prompts: List[str] = typer.Argument(..., help="Prompts; the grid has one row per prompt."),
+        swarm: str = swarm_option,
+        initial_peers: Optional[List[str]] = peers_option,
+        routing: Optional[str] = typer.Option(None, help="top1, top2 (default), top3 or full."),
+        steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the swarm's)."),
+        guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the swarm's)."),
+        seed: int = typer.Option(0, help="The same seed and prompts give the same images."),
+        num: int = typer.Option(4, "--num", "-n", help="Images per prompt."),
+        out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
+        cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
+        verify: bool = typer.Option(False, help="Measure each expert's held-out loss; reject ones much worse than they claim."),
+        from_dir: Optional[Path] = typer.Option(None, "--from", help="Use an ensemble saved by `ddm-swarm fetch` (offline)."),
+        scale: int = typer.Option(4, help="Magnify each image this many times in the PNG."),
+    ) -> None:
+        """Assemble the router and experts from the swarm and generate images locally."""
+        from protocol.errors import ProtocolError
+
+        setup_logging()
+        try:
+            run_generate(console, prompts, swarm=swarm, initial_peers=initial_peers, routing=routing, steps=steps,
+                         guidance=guidance, seed=seed, per_prompt=num, out=out, cache_dir=cache_dir, verify=verify,
+                         from_dir=from_dir, scale=scale)
+        except (ProtocolError, NodeError, ValueError) as error:
+            fail(error)
+
+    @app.command()
+    def fetch(
+        out: Path = typer.Option(..., help="Folder to save the ensemble in (safetensors + manifest)."),
+        swarm: str = swarm_option,
+        initial_peers: Optional[List[str]] = peers_option,
+        cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
+        verify: bool = typer.Option(False, help="Measure each expert's held-out loss before accepting it."),
+    ) -> None:
+        """Save the assembled ensemble so `generate --from DIR` works later with no network."""
+        from protocol.errors import ProtocolError
+
+        setup_logging()
+        try:
+            ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None)
+            ensemble.save(out)
+        except (ProtocolError, NodeError, ValueError, OSError) as error:
+            fail(error)
+        Console().print(ensemble_table(ensemble))
+        Console().print(f"saved to [bold]{out}[/]; generate offline with `ddm-swarm generate --from {out} \"…\"`")

@@ -1,0 +1,118 @@
+"""A real provider peer for the blob tests: a hivemind DHT on 127.0.0.1, a BlobStore, a BlobServer.
+
+    python tests/peers/blob_provider.py --store DIR --put FILE [--behaviour honest|corrupt|stall|bad-digests]
+        [--stall-after-bytes N] [--rate-mb-s R] [--initial-peers MADDR ...]
+
+Prints JSON lines on stdout: first {"event": "ready", "maddrs": [...], "peer_id": ..., "ref": {...}},
+then {"event": "stats", ...} whenever its server's counters change. Behaviours:
+- honest: serves what it stores;
+- corrupt: one byte of every chunk of its stored copy is flipped on disk (its digests stay right);
+- bad-digests: its stored digest list is wrong;
+- stall: serves `--stall-after-bytes` body bytes honestly, then stops sending, keeping streams open.
+`--rate-mb-s` throttles every range it sends (a slow but honest peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+
+from hivemind.dht import DHT
+
+from node.blob_server import BlobServer
+from node.blobstore import BlobStore
+from protocol.blob_wire import BlobResponse
+from protocol.hashing import chunk_count, chunk_span
+from protocol.limits import CHUNK_BYTES
+
+
+def say(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+class MisbehavingServer(BlobServer):
+    """The real server, whose range answers can be throttled or stalled."""
+
+    def __init__(self, store: BlobStore, *, stall_after: int | None, rate_mb_s: float | None) -> None:
+        super().__init__(store)
+        self.stall_after, self.rate_mb_s = stall_after, rate_mb_s
+        self.body_bytes_sent = 0
+
+    async def send_range(self, writer, path, start, end) -> None:
+        if self.stall_after is None and self.rate_mb_s is None:
+            return await super().send_range(writer, path, start, end)
+        writer.write(BlobResponse.ok(end - start).encode())
+        piece = 256 * 1024
+        with open(path, "rb", buffering=0) as source:
+            for offset in range(start, end, piece):
+                if self.stall_after is not None and self.body_bytes_sent >= self.stall_after:
+                    await writer.drain()
+                    await asyncio.Event().wait()  # stalled: alive, connected, silent
+                data = os.pread(source.fileno(), min(piece, end - offset), offset)
+                writer.write(data)
+                await writer.drain()
+                self.body_bytes_sent += len(data)
+                if self.rate_mb_s:
+                    await asyncio.sleep(len(data) / (self.rate_mb_s * 1e6))
+
+
+def spoil(store: BlobStore, sha256: str, behaviour: str) -> None:
+    """Damage this peer's own copy on disk, the way a faulty or malicious peer would hold it."""
+    if behaviour == "corrupt":
+        size = store.size(sha256)
+        with open(store.path(sha256), "r+b") as data:
+            for index in range(chunk_count(size)):
+                start, _ = chunk_span(index, size)
+                data.seek(start + 17)
+                byte = data.read(1)
+                data.seek(start + 17)
+                data.write(bytes([byte[0] ^ 0xFF]))
+    elif behaviour == "bad-digests":
+        digests = store.path(sha256).with_suffix(".digests")
+        raw = bytearray(digests.read_bytes())
+        raw[0] ^= 0xFF
+        digests.write_bytes(bytes(raw))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = BlobStore(args.store)
+    ref = store.put_file(args.put)
+    spoil(store, ref.sha256, args.behaviour)
+    dht = DHT(initial_peers=args.initial_peers or None, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+              nat_port_map=False, auto_nat=False)
+    p2p = await dht.replicate_p2p()
+    stall_after = args.stall_after_bytes if args.behaviour == "stall" else None
+    server = MisbehavingServer(store, stall_after=stall_after, rate_mb_s=args.rate_mb_s)
+    await server.start(p2p)
+    say(event="ready", maddrs=[str(m) for m in dht.get_visible_maddrs()], peer_id=p2p.peer_id.to_base58(),
+        ref=ref.to_wire(), chunks=chunk_count(ref.size), chunk_bytes=CHUNK_BYTES)
+    last = None
+    while True:
+        stats = dataclasses.asdict(server.stats)
+        if stats != last:
+            say(event="stats", **stats)
+            last = stats
+        await asyncio.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--put", required=True)
+    parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall"], default="honest")
+    parser.add_argument("--stall-after-bytes", type=int, default=8 * CHUNK_BYTES)
+    parser.add_argument("--rate-mb-s", type=float, default=None)
+    parser.add_argument("--initial-peers", nargs="*", default=[])
+    args = parser.parse_args()
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""StreamReceiver over a real socket pair, on the standard event loop and on uvloop (hivemind's)."""
+
+import asyncio
+import os
+import socket
+
+import pytest
+import uvloop
+
+from node.blob_stream import StreamClosed, StreamReceiver, StreamStalled
+from protocol.blob_wire import BlobResponse
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def run(loop_name: str, scenario) -> None:
+    loop = LOOPS[loop_name]()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), 20))
+    finally:
+        loop.close()
+
+
+async def receiver_and_peer() -> tuple[StreamReceiver, socket.socket]:
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    theirs.setblocking(False)
+    return StreamReceiver(reader, writer), theirs
+
+
+async def send_slowly(sock: socket.socket, data: bytes, piece: int) -> None:
+    loop = asyncio.get_running_loop()
+    for offset in range(0, len(data), piece):
+        await loop.sock_sendall(sock, data[offset:offset + piece])
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_headers_and_bodies_arrive_intact_whatever_the_packet_boundaries(loop_name):
+    async def scenario():
+        stream, peer = await receiver_and_peer()
+        bodies = [os.urandom(3 * 1024 * 1024 + 5), os.urandom(10), os.urandom(700_000)]
+        wire = b"".join(BlobResponse.ok(len(body)).encode() + body for body in bodies)
+        sender = asyncio.create_task(send_slowly(peer, wire, 99_991))
+        for body in bodies:
+            header = await stream.read_response(5)
+            assert header == BlobResponse.ok(len(body))
+            received = bytearray(header.length)
+            await stream.read_into(received, 5)
+            assert received == body
+        await sender
+        stream.close()
+        peer.close()
+
+    run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_peer_that_stops_sending_mid_body_is_reported_stalled(loop_name):
+    async def scenario():
+        stream, peer = await receiver_and_peer()
+        await asyncio.get_running_loop().sock_sendall(peer, BlobResponse.ok(1000).encode() + b"x" * 400)
+        await stream.read_response(5)
+        with pytest.raises(StreamStalled, match="no bytes for 0.3 s"):
+            await stream.read_into(bytearray(1000), 0.3)
+        stream.close()
+        peer.close()
+
+    run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_peer_that_closes_mid_body_is_reported_closed(loop_name):
+    async def scenario():
+        stream, peer = await receiver_and_peer()
+        await asyncio.get_running_loop().sock_sendall(peer, BlobResponse.ok(1000).encode() + b"x" * 10)
+        peer.close()
+        await stream.read_response(5)
+        with pytest.raises(StreamClosed):
+            await stream.read_into(bytearray(1000), 5)
+        stream.close()
+
+    run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_peer_that_trickles_bytes_below_the_minimum_rate_is_reported_too_slow(loop_name):
+    async def scenario():
+        stream, peer = await receiver_and_peer()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, BlobResponse.ok(100_000).encode())
+        await stream.read_response(5)
+
+        async def trickle():
+            for _ in range(50):
+                await loop.sock_sendall(peer, b"x" * 10)
+                await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(trickle())
+        with pytest.raises(StreamStalled, match="too slow"):
+            await stream.read_into(bytearray(100_000), stall_timeout=0.5, min_rate=200_000)
+        sender.cancel()
+        stream.close()
+        peer.close()
+
+    run(loop_name, scenario)

@@ -1,0 +1,230 @@
+"""BlobStore and partial downloads on disk: content addressing, atomicity, verification, gc, resume."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node.banlist import BanList
+from node.blob_partial import DownloadInProgress, PartialDownload
+from node.blob_schedule import ChunkScheduler
+from node.blobstore import BlobNotFound, BlobStore, CorruptBlob
+from protocol.hashing import blob_ref_of, blob_ref_of_chunks, chunk_span, sha256_hex
+from protocol.limits import CHUNK_BYTES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def blob_bytes(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 131 + seed) % 251 for i in range(256)) * (size // 256) + b"x" * (size % 256)
+
+
+@pytest.fixture
+def store(tmp_path) -> BlobStore:
+    return BlobStore(tmp_path / "store")
+
+
+def test_put_bytes_returns_the_ref_and_the_bytes_read_back(store):
+    data = blob_bytes(2 * CHUNK_BYTES + 1000)
+    ref = store.put_bytes(data)
+    assert ref == blob_ref_of(data)
+    assert store.has(ref.sha256) and store.list() == [ref.sha256]
+    assert store.path(ref.sha256).read_bytes() == data
+    assert store.ref(ref.sha256) == ref
+    assert store.read_range(ref.sha256, CHUNK_BYTES - 5, CHUNK_BYTES + 5) == data[CHUNK_BYTES - 5:CHUNK_BYTES + 5]
+
+
+def test_stored_chunk_digests_match_the_ref(store):
+    data = blob_bytes(3 * CHUNK_BYTES - 7)
+    ref = store.put_bytes(data)
+    _, digests = blob_ref_of_chunks([data])
+    assert store.chunk_digests(ref.sha256) == digests
+    assert store.digest_bytes(ref.sha256) == b"".join(digests)
+    ref.check_digest_list(store.chunk_digests(ref.sha256))
+
+
+def test_put_file_equals_put_bytes_and_is_idempotent(store, tmp_path):
+    data = blob_bytes(CHUNK_BYTES + 3, seed=7)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    assert store.put_file(source) == store.put_bytes(data) == store.put_file(source)
+    assert store.list() == [sha256_hex(data)]
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_an_empty_blob_is_stored_like_any_other(store):
+    ref = store.put_bytes(b"")
+    assert ref.size == 0 and store.has(ref.sha256) and store.chunk_digests(ref.sha256) == []
+
+
+def test_a_missing_blob_raises_blob_not_found(store):
+    with pytest.raises(BlobNotFound):
+        store.path("0" * 64)
+    with pytest.raises(ValueError):
+        store.has("not-a-sha")
+
+
+def test_a_range_outside_the_blob_is_refused(store):
+    ref = store.put_bytes(b"0123456789")
+    with pytest.raises(ValueError, match="outside"):
+        store.read_range(ref.sha256, 5, 11)
+
+
+def test_a_corrupted_blob_is_detected_quarantined_and_reported(store):
+    good = store.put_bytes(blob_bytes(1000, seed=1))
+    bad = store.put_bytes(blob_bytes(2 * CHUNK_BYTES, seed=2))
+    with open(store.path(bad.sha256), "r+b") as data:
+        data.seek(CHUNK_BYTES + 3)
+        data.write(b"\x00\x01")
+    with pytest.raises(CorruptBlob, match="quarantined"):
+        store.verify(bad.sha256)
+    assert not store.has(bad.sha256) and store.list() == [good.sha256]
+    assert [p.name.split(".")[0] for p in (store.root / "quarantine").iterdir()] == [bad.sha256]
+    assert store.verify_all() == []
+
+
+def test_verify_all_reports_every_corrupt_blob(store):
+    refs = [store.put_bytes(blob_bytes(500, seed=s)) for s in range(3)]
+    store.path(refs[1].sha256).write_bytes(b"truncated")
+    assert store.verify_all() == [refs[1].sha256]
+    assert store.list() == sorted(r.sha256 for r in (refs[0], refs[2]))
+
+
+def test_gc_removes_unreferenced_blobs_and_partials_and_keeps_referenced_ones(store):
+    kept = store.put_bytes(b"kept")
+    dropped = store.put_bytes(b"dropped")
+    stale = blob_ref_of(b"stale partial")
+    PartialDownload(store, stale).close()
+    report = store.gc(keep=[kept.sha256])
+    assert store.list() == [kept.sha256]
+    assert report.blobs == [dropped.sha256] and report.partials == [stale.sha256]
+    assert report.bytes_freed >= len(b"dropped")
+
+
+def test_gc_spares_a_partial_download_that_is_in_progress(store):
+    ref = blob_ref_of(b"in progress")
+    partial = PartialDownload(store, ref)
+    try:
+        assert store.gc(keep=[]).partials == []
+        assert partial.directory.exists()
+    finally:
+        partial.close()
+
+
+def test_gc_removes_a_partial_untouched_for_too_long(store):
+    ref = blob_ref_of(b"old")
+    PartialDownload(store, ref).close()
+    assert store.gc(keep=[ref.sha256]).partials == []
+    assert store.gc(keep=[ref.sha256], partial_max_age_s=-1).partials == [ref.sha256]
+
+
+def test_a_commit_interrupted_between_digests_and_data_leaves_nothing_visible(store):
+    ref = store.put_bytes(b"about to vanish")
+    store.path(ref.sha256).unlink()  # as if the crash came before the data file's rename
+    assert not store.has(ref.sha256) and store.list() == []
+    assert store.gc(keep=[ref.sha256]).leftovers == [f"blobs/{ref.sha256[:2]}/{ref.sha256}.digests"]
+
+
+def test_a_writer_killed_in_the_middle_of_a_put_leaves_no_visible_blob(store, tmp_path):
+    fifo = tmp_path / "source.fifo"
+    os.mkfifo(fifo)
+    code = f"from node.blobstore import BlobStore; BlobStore({str(store.root)!r}).put_file({str(fifo)!r})"
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
+    with open(fifo, "wb") as pipe:
+        pipe.write(blob_bytes(3 * CHUNK_BYTES))
+        pipe.flush()
+        time.sleep(0.5)  # the child has now written part of its temporary file
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert store.list() == []
+    assert list((store.root / "blobs").iterdir()) == []
+    leftovers = list((store.root / "tmp").iterdir())
+    assert leftovers and leftovers[0].stat().st_size > 0
+    assert store.gc(keep=[], leftover_age_s=0).leftovers == [f"tmp/{leftovers[0].name}"]
+
+
+def test_a_partial_download_resumes_only_chunks_that_still_verify(store):
+    data = blob_bytes(3 * CHUNK_BYTES + 10)
+    ref, digests = blob_ref_of_chunks([data])
+    partial = PartialDownload(store, ref)
+    partial.set_digests(digests)
+    for index in (0, 1, 3):
+        start, end = chunk_span(index, ref.size)
+        partial.write_chunk(index, data[start:end])
+        partial.record_verified(index)
+    partial.close()
+    with open(store.partial_dir(ref.sha256) / "data", "r+b") as file:  # chunk 1 rots on disk meanwhile
+        file.seek(CHUNK_BYTES + 1)
+        file.write(b"\xff")
+    with open(store.partial_dir(ref.sha256) / "verified", "ab") as log:
+        log.write(b"\x00\x00")  # a torn entry from a crash while appending
+    resumed = PartialDownload(store, ref)
+    assert resumed.digests == digests
+    assert resumed.logged_chunks() == [0, 1, 3]
+    assert resumed.recheck(resumed.logged_chunks()) == [0, 3]
+    resumed.close()
+
+
+def test_a_partial_download_of_another_ref_with_the_same_sha_starts_over(store):
+    data = blob_bytes(CHUNK_BYTES + 1)
+    ref, digests = blob_ref_of_chunks([data])
+    partial = PartialDownload(store, ref)
+    partial.set_digests(digests)
+    partial.write_chunk(0, data[:CHUNK_BYTES])
+    partial.record_verified(0)
+    partial.close()
+    liar = type(ref)(ref.sha256, ref.size + 1, ref.chunks_sha256)
+    other = PartialDownload(store, liar)
+    assert other.digests is None and other.logged_chunks() == []
+    other.close()
+
+
+def test_two_downloads_of_one_blob_cannot_share_a_partial(store):
+    ref = blob_ref_of(b"once")
+    first = PartialDownload(store, ref)
+    with pytest.raises(DownloadInProgress):
+        PartialDownload(store, ref)
+    first.close()
+    PartialDownload(store, ref).close()
+
+
+def test_a_completed_partial_becomes_a_stored_blob(store):
+    data = blob_bytes(2 * CHUNK_BYTES - 1)
+    ref, digests = blob_ref_of_chunks([data])
+    partial = PartialDownload(store, ref)
+    partial.set_digests(digests)
+    for index in (1, 0):
+        start, end = chunk_span(index, ref.size)
+        partial.write_chunk(index, data[start:end])
+    path = partial.complete()
+    assert path.read_bytes() == data and store.ref(ref.sha256) == ref
+    assert not store.partial_dir(ref.sha256).exists()
+
+
+def test_a_ban_names_its_reason_and_can_expire():
+    bans = BanList()
+    bans.ban("peerA", "sent bad bytes")
+    bans.ban("peerB", "sent a bad digest list", duration_s=0)
+    assert bans.reason("peerA") == "sent bad bytes"
+    assert not bans.is_banned("peerB") and [b.peer for b in bans] == ["peerA"]
+
+
+def test_chunks_given_back_by_a_failed_worker_go_to_a_waiting_one():
+    async def scenario():
+        scheduler = ChunkScheduler([0, 1])
+        first, second = scheduler.try_take(), scheduler.try_take()
+        waiting = asyncio.create_task(scheduler.take())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        scheduler.done(first)
+        scheduler.give_back([second])
+        assert await waiting == 1
+        scheduler.done(1)
+        assert scheduler.finished and await scheduler.take() is None
+
+    asyncio.run(scenario())
