@@ -43,3 +43,18 @@ def test_manifest_model_specs_become_configs():
     assert router_config_from_spec({"size": "small", "use_text": False}, 4).use_text is False
     with pytest.raises(InvalidConfig):
         expert_config_from_spec("fm", {"size": "huge"})
+
+
+def test_the_local_swarm_manifest_trains_with_the_recipe_settings():
+    from importlib import resources
+
+    import yaml
+
+    manifest = yaml.safe_load((resources.files("configs") / "local.yaml").read_text())
+    fm = next(spec for spec in manifest["experts"] if spec["objective"] == "fm")
+    assert fm["architecture"] == {"size": "tiny"}
+    recipe = EMBEDDED_RECIPE
+    assert {k: getattr(recipe.expert_training, k) for k in fm["training"]} == fm["training"]
+    assert {k: getattr(recipe.router_training, k) for k in manifest["router"]["training"]} == manifest["router"]["training"]
+    assert manifest["sampling"]["guidance"] == recipe.guidance_scale
+    assert manifest["sampling"]["steps"] == recipe.sample_steps
