@@ -222,7 +222,8 @@ class ExpertTrainer(_Trainer):
 
     dataset: images (N, C, H, W) in [-1, 1] matching `config.image_shape`, labels (N,);
     `caption_sampler(labels, generator) -> list[str]` turns labels into captions (digits by
-    default); `heldout` is the cluster's held-out images for `heldout_loss`.
+    default); `heldout` is the cluster's held-out images for `heldout_loss`; `time_sampling` is the
+    density of FM training times (DDPM experts always draw their discrete step uniformly).
     """
 
     kind = "expert"
@@ -256,7 +257,9 @@ class ExpertTrainer(_Trainer):
         x0 = self.dataset.images[index]
         text = self.text_encoder.encode(self.caption_sampler(self.dataset.labels[index], generator))
         noise = torch.randn(x0.shape, generator=generator)
-        u = _sample_times(torch.rand(self.batch_size, generator=generator), self.time_sampling)
+        u = torch.rand(self.batch_size, generator=generator)
+        if self.objective.name == "fm":  # DDPM keeps its defining uniform draw of the discrete step
+            u = _sample_times(u, self.time_sampling)
         drop = torch.rand(self.batch_size, generator=generator) < self.config.caption_dropout
         x_in, timestep, target = self.objective.training_example(x0, noise, u)
         prediction = self.trained(x_in.to(self.device), timestep.to(self.device), text.to(self.device),
