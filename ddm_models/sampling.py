@@ -130,7 +130,7 @@ class EnsembleSampler:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if device is None:
-            device = next(iter(self.experts.values())).model.pos_embed.proj.weight.device
+            device = next(next(iter(self.experts.values())).model.parameters()).device
         text = self._encode(prompts).to(device)
         batch = len(text)
         generator = torch.Generator(device=device).manual_seed(seed)
