@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ddm_models.configs import expert_config, router_config
 from ddm_models.experts import build_expert
-from ddm_models.objectives import build_objective
+from ddm_models.objectives import objective_for
 from ddm_models.router import build_router
 from ddm_models.sampling import EnsembleSampler, LoadedExpert
 from ddm_models.text import TextBatch
@@ -31,7 +31,7 @@ from ddm_models.text import TextBatch
 def make_expert(cluster: int, size: str) -> LoadedExpert:
     torch.manual_seed(cluster)
     config = expert_config(size)
-    return LoadedExpert(cluster, config, build_objective(config.objective), build_expert(config).eval())
+    return LoadedExpert(cluster, config, objective_for(config), build_expert(config).eval())
 
 
 def text_batch(batch: int, dim: int = 384, length: int = 16) -> TextBatch:

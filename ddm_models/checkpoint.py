@@ -219,7 +219,7 @@ def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu",
     """A `LoadedExpert` (eval mode) from a validated expert checkpoint; `weights` "ema" (for
     generation) or "train"."""
     from ddm_models.experts import build_expert
-    from ddm_models.objectives import build_objective
+    from ddm_models.objectives import objective_for
     from ddm_models.sampling import LoadedExpert
 
     where = "checkpoint bytes" if isinstance(path, bytes) else str(path)
@@ -232,7 +232,7 @@ def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu",
     check_training_state(model, tensors, where)
     model.load_state_dict(state)
     return LoadedExpert(cluster=metadata.cluster, config=metadata.config,
-                        objective=build_objective(metadata.config.objective),
+                        objective=objective_for(metadata.config),
                         model=model.to(device).eval().requires_grad_(False), metadata=metadata)
 
 

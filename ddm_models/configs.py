@@ -20,6 +20,7 @@ class InvalidConfig(ValueError):
 
 
 OBJECTIVES = ("fm", "ddpm")
+DDPM_SCHEDULES = ("linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,8 @@ class ExpertConfig:
     map per patch cannot draw). `pooled_text` adds a learned projection
     of the pooled text embedding (`text_pooled_dim`) to the timestep embedding feeding AdaLN-Single.
     `caption_dropout` is the probability that training replaces a caption by the learned null
-    embedding (classifier-free guidance).
+    embedding (classifier-free guidance). `ddpm_schedule` is the beta schedule of a "ddpm" expert:
+    "linear" (DDPM's 1e-4..0.02) or "cosine" (Nichol & Dhariwal).
     """
 
     name: str = "tiny"
@@ -54,9 +56,12 @@ class ExpertConfig:
     head_channels: int = 32
     stem_skip: bool = True
     caption_dropout: float = 0.1
+    ddpm_schedule: str = "linear"
 
     def __post_init__(self) -> None:
         _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _check(self.ddpm_schedule in DDPM_SCHEDULES,
+               f"ddpm_schedule must be one of {DDPM_SCHEDULES}, got {self.ddpm_schedule!r}")
         for field in ("in_channels", "sample_size", "patch_size", "width", "depth", "heads", "text_dim",
                       "text_pooled_dim"):
             _check(getattr(self, field) >= 1, f"{field} must be >= 1, got {getattr(self, field)}")

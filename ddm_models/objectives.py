@@ -76,8 +76,9 @@ class FlowMatching(Objective):
 
 
 class DDPM(Objective):
-    """DDPM epsilon prediction on a discrete schedule of `num_steps` (linear betas 1e-4..0.02,
-    from diffusers' DDPMScheduler). Training draws integer tau uniformly.
+    """DDPM epsilon prediction on a discrete schedule of `num_steps` (by default linear betas
+    1e-4..0.02; "squaredcos_cap_v2" is the cosine schedule; from diffusers' DDPMScheduler).
+    Training draws integer tau uniformly.
 
     Stabilisers for conversion near t = 1: t is limited to the schedule's range (abar clamped to
     [abar_last, abar_first]), alpha = (1-t)/s is floored at `alpha_floor` when dividing, and x0_hat
@@ -163,10 +164,18 @@ def x0_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch
     return x - _per_sample(t, x) * v
 
 
-def build_objective(name: str) -> Objective:
-    """"fm" or "ddpm" with default settings."""
+def build_objective(name: str, *, ddpm_schedule: str = "linear") -> Objective:
+    """"fm" or "ddpm" (with beta schedule "linear" or "cosine")."""
     if name == "fm":
         return FlowMatching()
     if name == "ddpm":
-        return DDPM()
+        return DDPM(beta_schedule=_DIFFUSERS_SCHEDULES[ddpm_schedule])
     raise ValueError(f"unknown objective {name!r}; use 'fm' or 'ddpm'")
+
+
+_DIFFUSERS_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def objective_for(config) -> Objective:
+    """The objective an `ExpertConfig` trains and samples with."""
+    return build_objective(config.objective, ddpm_schedule=config.ddpm_schedule)

@@ -34,7 +34,7 @@ from ddm_models.checkpoint import (CheckpointMetadata, InvalidCheckpoint, check_
 from ddm_models.configs import ExpertConfig, RouterConfig
 from ddm_models.data import ImageDataset
 from ddm_models.experts import build_expert
-from ddm_models.objectives import build_objective, fm_noised
+from ddm_models.objectives import fm_noised, objective_for
 from ddm_models.router import build_router
 from ddm_models.text import TextBatch, TextEncoder
 
@@ -246,7 +246,7 @@ class ExpertTrainer(_Trainer):
                          weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, device=device)
         self.dataset, self.heldout, self.cluster = dataset, heldout, cluster
         self.text_encoder, self.caption_sampler = text_encoder, caption_sampler
-        self.objective = build_objective(config.objective)
+        self.objective = objective_for(config)
         self.time_sampling = time_sampling
 
     def _cluster(self) -> int:

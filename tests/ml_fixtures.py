@@ -9,7 +9,7 @@ from ddm_models.captions import all_captions
 from ddm_models.configs import expert_config, router_config
 from ddm_models.data import load_small_digits
 from ddm_models.experts import build_expert
-from ddm_models.objectives import build_objective
+from ddm_models.objectives import objective_for
 from ddm_models.router import build_router
 from ddm_models.sampling import LoadedExpert
 from ddm_models.text import CachedTextEncoder, MiniLMEncoder
@@ -45,7 +45,7 @@ def random_expert(cluster, objective="fm", seed=0, **overrides) -> LoadedExpert:
     for parameter in model.parameters():
         if not parameter.abs().sum():
             torch.nn.init.normal_(parameter, std=0.05)
-    return LoadedExpert(cluster, config, build_objective(objective), model.eval())
+    return LoadedExpert(cluster, config, objective_for(config), model.eval())
 
 
 def random_router(seed=0, **overrides):

@@ -1,5 +1,6 @@
 """Objectives: DDPM and flow-matching experts agree in FM velocity; mixing spaces agree."""
 
+import pytest
 import torch
 
 from ddm_models.objectives import (DDPM, FlowMatching, build_objective, epsilon_from_velocity, fm_noised,
@@ -31,9 +32,10 @@ class GaussianData:
         return (1 - abar).sqrt() * (z - abar.sqrt() * self.mu) / var
 
 
-def test_converted_ddpm_predictor_gives_the_fm_velocity_of_the_ideal_fm_predictor():
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_converted_ddpm_predictor_gives_the_fm_velocity_of_the_ideal_fm_predictor(schedule):
     data = GaussianData((2, 4, 4))
-    ddpm, fm = DDPM(), FlowMatching()
+    ddpm, fm = build_objective("ddpm", ddpm_schedule=schedule), FlowMatching()
     g = torch.Generator().manual_seed(1)
     t = torch.linspace(0.01, 0.99, 199, dtype=torch.float64)
     x0 = data.mu + data.sigma * torch.randn((len(t), 2, 4, 4), generator=g, dtype=torch.float64)
