@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -147,15 +147,18 @@ def write_checkpoint(path: str | Path, metadata: CheckpointMetadata, tensors: di
 
 def read_checkpoint(path: str | Path | bytes) -> tuple[CheckpointMetadata, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a checkpoint file (or its bytes), validated: metadata, config hash,
-    tensor name prefixes, and that every floating tensor is finite."""
+    tensor name prefixes, and that every floating tensor is finite. A file is read tensor by tensor
+    through a memory map, so a multi-GB checkpoint is not held twice in memory."""
     where = "checkpoint bytes" if isinstance(path, bytes) else str(path)
     try:
-        data = path if isinstance(path, bytes) else Path(path).read_bytes()
+        if isinstance(path, bytes):
+            tensors, header = load_safetensors(path), _header_of(path)
+        else:
+            with safe_open(path, framework="pt") as file:
+                header = file.metadata()
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
     except OSError as error:
         raise InvalidCheckpoint(f"cannot read {where}: {error}") from error
-    try:
-        tensors = load_safetensors(data)
-        header = _header_of(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as error:
         raise InvalidCheckpoint(f"{where} is not a valid safetensors file: {error}") from error
     metadata = CheckpointMetadata.from_header(header, where)
