@@ -94,7 +94,7 @@ def _train_jobs(shared: Shared, jobs: list[tuple[str, int, float]]) -> list[dict
 
     recipe, results = shared.recipe, []
     for kind, cluster, seconds in jobs:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if kind == "expert":
             trainer = ExpertTrainer(recipe.expert_config(cluster), _cluster_part(shared.train, shared.train_clusters,
                                                                                    cluster),
@@ -117,7 +117,8 @@ def _train_jobs(shared: Shared, jobs: list[tuple[str, int, float]]) -> list[dict
                       "accuracy_by_t": [[lo, hi, acc] for lo, hi, acc in evaluation.bins]}
         results.append({"job": kind, "cluster": cluster, "budget_s": seconds, "steps": stats.step,
                         "train_s": stats.seconds, "images_per_s": stats.images_per_s, "final_loss": stats.loss,
-                        "job_s": time.perf_counter() - start, "checkpoint": str(path), **metric})
+                        "job_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
+                        "checkpoint": str(path), **metric})
     return results
 
 
@@ -198,7 +199,7 @@ def run(recipe: EnsembleRecipe, minutes: float, out: Path, per_digit: int) -> di
         train_s = time.perf_counter() - train_start
         for job in jobs:
             print(f"{job['job']:>6} {job['cluster']:>2}: {job['steps']} steps in {job['train_s']:.0f} s "
-                  f"({job['images_per_s']:.0f} img/s), loss {job['final_loss']:.4f}, "
+                  f"({job['images_per_s']:.0f} img/s, {job['cpu_s']:.0f} CPU s), loss {job['final_loss']:.4f}, "
                   + (f"held-out loss {job['heldout_loss']:.4f}" if job["job"] == "expert"
                      else f"held-out accuracy {job['accuracy']:.3f} by t "
                           + " ".join(f"{acc:.2f}" for _, _, acc in job["accuracy_by_t"])), flush=True)
@@ -212,7 +213,11 @@ def run(recipe: EnsembleRecipe, minutes: float, out: Path, per_digit: int) -> di
         write_grid(result["images"], per_digit, out / f"samples-{strategy}.png")
         print(f"{strategy:>5}: conditional accuracy {accuracy[strategy]:.3f}, {result['images_per_s']:.1f} img/s, "
               f"expert evaluations {dict(sorted(result['evaluations'].items()))}", flush=True)
-    return {"accuracy": accuracy, "train_wall_s": train_s, "budget_s": minutes * 60.0, "setup_s": setup_s,
+    cpu_s = sum(job["cpu_s"] for job in jobs)
+    print(f"training: {train_s:.0f} s wall, {cpu_s:.0f} CPU s in the workers "
+          f"({cpu_s / (train_s * len(plans)):.0%} of {len(plans)} cores)", flush=True)
+    return {"accuracy": accuracy, "train_wall_s": train_s, "train_cpu_s": cpu_s, "budget_s": minutes * 60.0,
+            "setup_s": setup_s,
             "sample_s": sample_s, "sampling_images_per_s": {s: r["images_per_s"] for s, r in samples.items()},
             "samples_per_strategy": 10 * per_digit, "jobs": jobs, "load_average_at_start": load,
             "classifier_heldout_accuracy": classifier.heldout_accuracy, "recipe": recipe.to_dict()}
@@ -232,8 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         recipe = EnsembleRecipe.from_dict(yaml.safe_load(args.recipe.read_text()))
     summary = run(recipe, args.minutes, args.out, args.per_digit)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({key: summary[key] for key in ("accuracy", "train_wall_s", "budget_s", "setup_s", "sample_s",
-                                                    "sampling_images_per_s", "load_average_at_start")}))
+    keys = ("accuracy", "train_wall_s", "train_cpu_s", "budget_s", "setup_s", "sample_s", "sampling_images_per_s",
+            "load_average_at_start")
+    print(json.dumps({key: summary[key] for key in keys}))
 
 
 if __name__ == "__main__":
