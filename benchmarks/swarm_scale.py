@@ -21,6 +21,8 @@ At each N it measures:
   lookups     a `get` (latest=True, as the node reads) of a present and of an absent key from
               up to 16 peers: find-RPCs each sends (counted inside its DHT process; a figure the
               machine's load cannot blur) and seconds;
+  idle CPU    % of a core each peer's DHT process, p2pd and controller share burn while the
+              swarm only keeps its records fresh (10 s window);
   memory      RSS and PSS (shared pages split among sharers) of each peer's DHT process and of
               its p2pd, and the controller's share per peer.
 Times are sensitive to the load of this shared 2-core machine (reported next to them); the RPC
@@ -104,6 +106,15 @@ def memory_mb(pid: int) -> Dict[str, float]:
     return values
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> List[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -112,6 +123,11 @@ def children(pid: int) -> List[int]:
         except OSError:
             pass
     return found
+
+
+def descendants(pid: int) -> List[int]:
+    found = children(pid)
+    return found + [grandchild for child in found for grandchild in descendants(child)]
 
 
 # ---- one lightweight peer ----------------------------------------------------------------------------------------
@@ -123,6 +139,7 @@ class LightPeer:
     joined_at_size: int
     join_s: float
     ready_s: float
+    load_at_join: float
     step: int = 0
 
     def announce_new_checkpoint(self) -> str:
@@ -144,6 +161,9 @@ class LightPeer:
         p2pd = [memory_mb(child) for child in children(pid)]
         return {"dht_rss": dht.get("rss", 0.0), "dht_pss": dht.get("pss", 0.0),
                 "p2pd_rss": sum(m.get("rss", 0.0) for m in p2pd), "p2pd_pss": sum(m.get("pss", 0.0) for m in p2pd)}
+
+    def pids(self) -> Dict[str, List[int]]:
+        return {"dht": [self.membership.dht.pid], "p2pd": children(self.membership.dht.pid)}
 
     def stop(self) -> None:
         self.announcer.stop(release=False)
@@ -175,7 +195,7 @@ def start_peer(manifest: SwarmManifest, initial_peers: List[str], job: str, size
     lease = Lease(membership, job, model)
     lease.renew(0)  # published and confirmed, as `claim_job` does
     ready_s = time.perf_counter() - start
-    peer = LightPeer(membership, None, job, size_before, join_s, ready_s)  # type: ignore[arg-type]
+    peer = LightPeer(membership, None, job, size_before, join_s, ready_s, os.getloadavg()[0])  # type: ignore[arg-type]
     peer.announcer = Announcer(membership, presence, lambda: peer.step)
     peer.announcer.lease = lease
     peer.announce_new_checkpoint()
@@ -240,6 +260,22 @@ def status_latency(client: SwarmMembership, repeats: int = 5) -> dict:
             "status_online_peers": snapshot["online_peers"] if snapshot else None}
 
 
+def idle_cpu(peers: List[LightPeer], bootstrap_pid: int, window_s: float) -> dict:
+    """CPU the swarm burns while nobody asks it anything (announcers renewing every lease period,
+    hivemind's own upkeep, p2pd), in % of one core per peer, over `window_s` seconds."""
+    groups: Dict[str, List[int]] = {"dht": [], "p2pd": []}
+    for peer in peers:
+        for group, pids in peer.pids().items():
+            groups[group] += pids
+    groups["controller"], groups["bootstrap"] = [os.getpid()], [bootstrap_pid, *descendants(bootstrap_pid)]
+    before = {group: sum(cpu_seconds(pid) for pid in pids) for group, pids in groups.items()}
+    time.sleep(window_s)
+    used = {group: sum(cpu_seconds(pid) for pid in pids) - before[group] for group, pids in groups.items()}
+    per_peer = {f"idle_cpu_{group}_pct_per_peer": round(100 * used[group] / window_s / len(peers), 2)
+                for group in ("dht", "p2pd", "controller")}
+    return {"idle_cpu_swarm_pct": round(100 * sum(used.values()) / window_s, 1), **per_peer}
+
+
 def memory(peers: List[LightPeer]) -> dict:
     rows = [peer.memory() for peer in peers]
     controller = memory_mb(os.getpid())
@@ -251,7 +287,7 @@ def memory(peers: List[LightPeer]) -> dict:
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
-def plot(results: Dict[int, dict], joins: List[tuple], path: Path) -> None:
+def plot(results: Dict[int, dict], peers: List[LightPeer], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +295,9 @@ def plot(results: Dict[int, dict], joins: List[tuple], path: Path) -> None:
 
     sizes = sorted(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.scatter([size for size, _ in joins], [s for _, s in joins], s=12, alpha=0.5, label="each peer")
+    dots = left.scatter([p.joined_at_size for p in peers], [p.join_s for p in peers], c=[p.load_at_join for p in peers],
+                        cmap="viridis", s=14, label="each peer (colour: load average)")
+    fig.colorbar(dots, ax=left, label="1-min load average at join (2 cores)")
     left.plot(sizes, [results[n]["join_median_s"] for n in sizes], "o-", color="C1", label="median of the joins up to N")
     left.set_xlabel("peers in the swarm when joining")
     left.set_ylabel("seconds to join (DHT + p2pd up, bootstrapped)")
@@ -270,6 +308,7 @@ def plot(results: Dict[int, dict], joins: List[tuple], path: Path) -> None:
     base = results[sizes[0]]["absent_rpcs"]
     right.plot(sizes, [base * math.log2(n) / math.log2(sizes[0]) for n in sizes], "k--", lw=1,
                label=f"log2 N (scaled at N={sizes[0]})")
+    right.axhline(20, color="grey", lw=0.8, ls=":", label="hivemind beam = bucket size k = 20")
     right.set_xlabel("peers N")
     right.set_ylabel("find RPCs per lookup")
     right.set_title("lookup cost vs. N (latest=True)")
@@ -283,6 +322,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 48])
     parser.add_argument("--swarm", default="local", help="bundled swarm or manifest the benchmark swarm derives from")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "swarm_scale.png")
+    parser.add_argument("--idle-window", type=float, default=10.0, help="seconds of idle CPU measurement per N")
     args = parser.parse_args()
     sizes = sorted(args.sizes)
     console = Console(stderr=True)
@@ -311,6 +351,7 @@ def main() -> None:
                                              host="127.0.0.1", client_mode=True)
                 measuring = progress.add_task(f"measuring at N={n}", total=None)
                 time.sleep(2.0)  # let the newest peers' first announcements land
+                idle = idle_cpu(peers, boot.proc.pid, args.idle_window)
                 publisher = peers[n // 2]
                 key = (keys.router_key(manifest.swarm_id) if publisher.job == ROUTER_JOB
                        else keys.checkpoint_key(manifest.swarm_id, int(publisher.job.split("/")[1])))
@@ -319,7 +360,7 @@ def main() -> None:
                        "join_median_s": round(statistics.median(p.join_s for p in joined), 3),
                        "join_p90_s": round(sorted(p.join_s for p in joined)[math.ceil(0.9 * len(joined)) - 1], 3),
                        "ready_median_s": round(statistics.median(p.ready_s for p in joined), 3),
-                       **checkpoint_visibility(peers, publisher), **status_latency(client),
+                       **idle, **checkpoint_visibility(peers, publisher), **status_latency(client),
                        **lookup_cost(peers, key), **memory(peers),
                        "announce_failures": sum(p.announcer.failures for p in peers)}
                 results[n] = row
@@ -335,8 +376,7 @@ def main() -> None:
             if boot is not None:
                 boot.stop()
 
-    joins = [(p.joined_at_size, p.join_s) for p in peers]
-    plot(results, joins, args.plot)
+    plot(results, peers, args.plot)
     first, last = sizes[0], sizes[-1]
     growth = {"n_ratio": round(last / first, 2), "log_n_ratio": round(math.log2(last) / math.log2(first), 3),
               "absent_rpcs_ratio": round(results[last]["absent_rpcs"] / max(results[first]["absent_rpcs"], 1e-9), 3),
