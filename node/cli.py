@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -99,10 +100,14 @@ def node(
                               mirror=mirror, threads=threads, seed=seed, device=device)
         if job is not None and job not in all_jobs_of(manifest):
             raise NodeError(f"--job {job!r} is not a job of swarm '{manifest.name}': {', '.join(all_jobs_of(manifest))}")
+        swarm_node = SwarmNode(manifest, options)
         with NodeView(manifest.name, console) as view:
-            SwarmNode(manifest, options, on_status=view.update).run()
+            swarm_node.on_status = view.update
+            swarm_node.run()
     except (ProtocolError, NodeError) as error:
         fail(error)
+    if swarm_node.summary is not None:  # one machine-readable line for scripts and benchmarks
+        print(json.dumps({"node_summary": swarm_node.summary.to_dict()}), flush=True)
 
 
 def all_jobs_of(manifest) -> List[str]:
@@ -118,8 +123,6 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Show who trains what: claims, latest checkpoints, held-out metrics, providers and peers."""
-    import json
-
     from node.membership import SwarmMembership
     from node.status import collect_status, status_tables
     from node.swarm_files import load_manifest

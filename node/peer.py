@@ -74,6 +74,27 @@ class NodeStatus:
     resumed_from: str = "-"
 
 
+@dataclass
+class TrainingSummary:
+    """What one `run` trained, wall clock over the whole training phase (checkpoints included)."""
+
+    job: str
+    steps: int
+    images: int
+    seconds: float  # from the first step to the end of the last checkpoint
+    checkpoints: int
+    checkpoint_seconds: float  # of `seconds`, spent in `checkpoint()` on the training thread
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"job": self.job, "steps": self.steps, "images": self.images, "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_s, 3), "checkpoints": self.checkpoints,
+                "checkpoint_seconds": round(self.checkpoint_seconds, 3)}
+
+
 class SwarmNode:
     def __init__(self, manifest: SwarmManifest, options: NodeOptions,
                  on_status: Optional[Callable[[NodeStatus], None]] = None):
@@ -86,6 +107,8 @@ class SwarmNode:
         self.previous_blob: Optional[str] = None
         self._last_ckpt_step = -1
         self._peers_checked = 0.0
+        self._checkpoints, self._checkpoint_seconds = 0, 0.0
+        self.summary: Optional[TrainingSummary] = None  # set when the training phase ends
 
     # --- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -221,6 +244,7 @@ class SwarmNode:
         self._set(state="training")
         every = self.manifest.timing.checkpoint_every_steps
         started, start_step = time.monotonic(), self.trainer.step
+        wall_start, checkpoints_before = time.perf_counter(), self._checkpoint_seconds
         while not self.stop_event.is_set() and self._budget_left(started, start_step):
             steps = every - (self.trainer.step % every)
             if self.options.max_steps is not None:
@@ -234,9 +258,21 @@ class SwarmNode:
                 self.checkpoint()
         if self.trainer.step != self._last_ckpt_step:
             self.checkpoint()  # nothing trained is lost on a clean stop or at the end of the budget
+        steps = self.trainer.step - start_step
+        self.summary = TrainingSummary(self.lease.job, steps, steps * self.trainer.batch_size * self.trainer.world_size,
+                                       time.perf_counter() - wall_start, self._checkpoints,
+                                       self._checkpoint_seconds - checkpoints_before)
 
     def checkpoint(self) -> None:
         """Write local state, put the publishable checkpoint in the blob store, then announce it."""
+        started = time.perf_counter()
+        try:
+            self._checkpoint()
+        finally:
+            self._checkpoints += 1
+            self._checkpoint_seconds += time.perf_counter() - started
+
+    def _checkpoint(self) -> None:
         job = self.lease.job
         state = self._state_dir(job)
         self.trainer.save_state(state)
