@@ -266,8 +266,9 @@ def check_policy_accept(entry: tuple) -> None:
     def accepted(record: SignedRecord) -> None:
         _assert(key == key_for_record(record), "a record lives only under its own key")
         _assert(subkey == record.signer, "the subkey is the signer")  # type: ignore[attr-defined]
-        _assert(isinstance(expiration, (int, float)) and not isinstance(expiration, bool) and math.isfinite(expiration)
-                and expiration <= record.expires_at + 1.0, "the entry never outlives its signed expiry")  # type: ignore[attr-defined]
+        finite = isinstance(expiration, (int, float)) and not isinstance(expiration, bool) and math.isfinite(expiration)
+        _assert(finite and expiration <= record.expires_at + 1.0,  # type: ignore[attr-defined]
+                "the entry never outlives its signed expiry")
 
     _refused_or(lambda: POLICY.accept(key, subkey, value, expiration, now), accepted)
 

@@ -127,6 +127,14 @@ def test_a_pem_key_of_an_unknown_algorithm_is_an_invalid_identity():
         Identity.from_pem(pem)
 
 
+def test_a_pem_key_that_openssl_cannot_set_up_is_an_invalid_identity():
+    # found by the fuzzer: an X448 identifier with a mangled body makes OpenSSL fail with an InternalError
+    pem = (b"-----BEGIN PRIVATE KEY-----MC4CAQAwBQYDK2VvBCIEIC67ADEEFGGKLMMOPPSZ111cdegjklmno001122suvwz"
+           b"-----END PRIVATE KEY-----")
+    with pytest.raises(InvalidIdentity):
+        Identity.from_pem(pem)
+
+
 def test_fuzz_targets_cover_every_record_kind_and_decoder():
     names = set(t.TARGETS)
     assert {f"decode_record/{kind}/mutated" for kind in t.RECORDS} <= names
