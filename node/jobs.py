@@ -131,3 +131,14 @@ def training_options(spec: ModelSpec) -> Dict[str, Any]:
         return TrainingSettings.from_dict(dict(spec.training)).trainer_kwargs()
     except InvalidConfig as error:
         raise InvalidJobSetup(f"model '{spec.name}' training options: {error}") from None
+
+
+def check_model_specs(manifest: SwarmManifest) -> None:
+    """Every model the manifest names must build into a `ddm_models` config with valid training
+    options; raise `InvalidJobSetup` naming the model and the field otherwise. Cheap: no weights."""
+    for spec in manifest.experts:
+        expert_config(spec, manifest)
+        training_options(spec)
+    if manifest.num_clusters >= 2:  # one cluster needs no router
+        router_config(manifest)
+        training_options(manifest.router)
