@@ -196,11 +196,14 @@ class BlobStore:
         data_path = self._data_path(ref.sha256)
         data_path.parent.mkdir(exist_ok=True)
         fd, tmp_digests = self.temp_file(".digests")
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(b"".join(digests))
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(tmp_digests, self._digests_path(ref.sha256))
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                sink.write(b"".join(digests))
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.replace(tmp_digests, self._digests_path(ref.sha256))
+        finally:
+            tmp_digests.unlink(missing_ok=True)  # a full disk must not leave it behind
         os.replace(complete_file, data_path)
         fsync_dir(data_path.parent)
         return data_path

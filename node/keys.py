@@ -6,6 +6,10 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+
 from node.files import atomic_write_bytes
 from protocol.errors import InvalidIdentity
 from protocol.identity import Identity
@@ -32,7 +36,8 @@ def load_identity(path: Path) -> Identity:
     try:
         return Identity.from_pem(path.read_bytes())
     except InvalidIdentity as error:
-        raise InvalidIdentity(f"identity file {path}: {error}") from None
+        raise InvalidIdentity(f"identity file {path} is unusable ({error}); restore it from a backup, or move it "
+                              "away to start as a new signer (an allow-list swarm must then allow the new one)") from None
 
 
 def load_or_create_identity(path: Path) -> Identity:
@@ -46,9 +51,21 @@ def load_or_create_identity(path: Path) -> Identity:
 
 
 def prepare_p2p_identity_path(path: Path) -> str:
-    """hivemind writes its libp2p key to `path` on first start; keep it private across restarts."""
+    """The libp2p key file hivemind starts p2pd with: created here on first start (atomically:
+    hivemind's own writer is not, so a crash during a first start could leave a torn key), checked
+    to be private and readable on every later start."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        check_private_file(path)
+    if not path.exists():
+        key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
+        atomic_write_bytes(path, key.SerializeToString(), mode=0o600)
+    check_private_file(path)
+    try:
+        key = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+        if not key.data:
+            raise ValueError("it holds no key")
+        if key.key_type == crypto_pb2.KeyType.RSA:
+            serialization.load_der_private_key(key.data, password=None)
+    except Exception as error:  # protobuf's DecodeError, cryptography's ValueError and kin: all mean "damaged"
+        raise InvalidIdentity(f"libp2p key file {path} is unusable ({type(error).__name__}: {error}); delete it and "
+                              "restart: the node gets a new peer id, its signing identity stays") from None
     return str(path)

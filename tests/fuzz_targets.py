@@ -69,7 +69,8 @@ msgpack_values = st.recursive(msgpack_scalars, lambda inner: st.one_of(
 # Anything `yaml.safe_load` can produce: also NaN, huge ints, dates, sets and non-string keys.
 yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**80, 2**80), st.floats(), st.text(max_size=24),
                          st.binary(max_size=8), st.dates(), st.datetimes())
-yaml_keys = st.one_of(st.text(max_size=12), st.integers(-5, 5), st.booleans(), st.none(), st.floats())
+yaml_keys = st.one_of(st.text(max_size=12), st.integers(-5, 5), st.booleans(), st.none(), st.floats(),
+                      st.sampled_from([math.inf, -math.inf, 1.5, "01", " 1"]))
 yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(yaml_keys, inner, max_size=4),
     st.sets(st.one_of(st.integers(), st.text(max_size=4)), max_size=3)), max_leaves=10)
@@ -106,7 +107,8 @@ def _slots(data: Any):
 
 
 @st.composite
-def mutated(draw, base: Any, values: st.SearchStrategy, max_edits: int = 3) -> Any:
+def mutated(draw, base: Any, values: st.SearchStrategy, max_edits: int = 3,
+            keys: st.SearchStrategy = st.text(max_size=12)) -> Any:
     """`base` (nested dicts and lists) with 1..max_edits values replaced, deleted or added."""
     data = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, max_edits))):
@@ -122,7 +124,7 @@ def mutated(draw, base: Any, values: st.SearchStrategy, max_edits: int = 3) -> A
         elif action == "delete":
             del container[key]
         elif isinstance(container, dict):
-            container[draw(st.text(max_size=12))] = draw(values)
+            container[draw(keys)] = draw(values)
         else:
             container.append(draw(values))
     return data
@@ -303,7 +305,8 @@ def check_manifest_round_trip(data: dict) -> None:
     _assert(again == manifest and again.swarm_id == manifest.swarm_id, "a manifest's file form reads back the same")
 
 
-manifest_inputs = st.one_of(valid_manifest_dicts().flatmap(lambda d: mutated(d, yaml_values)), yaml_values)
+manifest_inputs = st.one_of(valid_manifest_dicts().flatmap(lambda d: mutated(d, yaml_values, keys=yaml_keys)),
+                            yaml_values)
 
 
 def check_manifest_from_dict(data: Any) -> None:

@@ -119,6 +119,17 @@ def test_a_manifest_section_that_is_not_a_mapping_is_named_in_the_error(field):
         SwarmManifest.from_dict(manifest_dict(**{field: 5}))
 
 
+@pytest.mark.parametrize("key", [math.inf, 1.5, True, "01", " 1", None])
+def test_a_cluster_experts_key_that_is_not_plainly_a_cluster_number_is_refused(key):
+    with pytest.raises(InvalidManifest, match="cluster_experts"):
+        SwarmManifest.from_dict(manifest_dict(cluster_experts={key: "tiny-fm"}))
+
+
+@pytest.mark.parametrize("key", [1, "1"])
+def test_a_cluster_experts_key_may_be_written_as_yaml_or_json_writes_it(key):
+    assert SwarmManifest.from_dict(manifest_dict(cluster_experts={key: "tiny-ddpm"})).cluster_experts == ((1, "tiny-ddpm"),)
+
+
 def test_a_pem_key_of_an_unknown_algorithm_is_an_invalid_identity():
     der = bytearray(base64.b64decode(Identity.generate().to_pem().split(b"\n")[1]))
     der[9] ^= 1  # the algorithm identifier now names an algorithm cryptography does not know
