@@ -8,7 +8,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from hivemind.proto import crypto_pb2
-from hivemind.utils.crypto import RSAPrivateKey
 
 from node.files import atomic_write_bytes
 from protocol.errors import InvalidIdentity
@@ -51,14 +50,18 @@ def load_or_create_identity(path: Path) -> Identity:
 
 
 def prepare_p2p_identity_path(path: Path) -> str:
-    """The libp2p key file hivemind starts p2pd with: created here on first start (atomically:
-    hivemind's own writer is not, so a crash during a first start could leave a torn key), checked
-    to be private and readable on every later start."""
+    """hivemind writes its libp2p key to `path` on first start; keep it private across restarts."""
     path = Path(path)
-    if not path.exists():
-        key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
-        atomic_write_bytes(path, key.SerializeToString(), mode=0o600)
-    check_private_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        check_private_file(path)
+        check_p2p_key_file(path)
+    return str(path)
+
+
+def check_p2p_key_file(path: Path) -> None:
+    """Refuse a libp2p key file that p2pd could not parse (it would fail with a message that does
+    not name the file), saying what to do."""
     try:
         key = crypto_pb2.PrivateKey.FromString(path.read_bytes())
         if not key.data:
@@ -68,4 +71,3 @@ def prepare_p2p_identity_path(path: Path) -> str:
     except Exception as error:  # protobuf's DecodeError, cryptography's ValueError and kin: all mean "damaged"
         raise InvalidIdentity(f"libp2p key file {path} is unusable ({type(error).__name__}: {error}); delete it and "
                               "restart: the node gets a new peer id, its signing identity stays") from None
-    return str(path)

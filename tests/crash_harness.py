@@ -86,13 +86,20 @@ class CrashLoop:
                 process.kill()
 
     # --- the node under test -----------------------------------------------------------------
-    def start(self) -> int:
-        """Start the node; return the step it resumed at (its first "[training]" line)."""
+    def launch(self) -> None:
         self.node = NodeProcess(self.manifest_path, self.data_dir, self.boot.maddrs, "--job", self.job)
         self.started = time.monotonic()
+
+    def wait_training(self) -> int:
+        """Wait for the node's first "[training]" line; return the step it resumed at."""
         line = self.node.wait_for(lambda l: TRAINING.search(l) is not None, timeout=STARTUP_TIMEOUT_S)
         self.training_since = time.monotonic()
+        self.startup_s = self.training_since - self.started
         return int(TRAINING.search(line).group(2))
+
+    def start(self) -> int:
+        self.launch()
+        return self.wait_training()
 
     def signer(self) -> str:
         return load_identity(self.data_dir / "identity.pem").signer_id
@@ -106,13 +113,9 @@ class CrashLoop:
         claims = [c for c in self._own_records("claims") if c.job == self.job]
         return max((c.step for c in claims), default=0)
 
-    def kill_at_random(self, low_s: float, high_s: float, since: str = "training") -> KillResult:
-        """SIGKILL the node a random time in [low_s, high_s] after it started ("start") or began
-        training ("training"; `start()` waits for that), or either at random ("mixed"), then
-        inspect what it left."""
-        since = self.rng.choice(["start", "training"]) if since == "mixed" else since
-        origin = self.started if since == "start" else self.training_since
-        time.sleep(max(0.0, origin + self.rng.uniform(low_s, high_s) - time.monotonic()))
+    def kill_at(self, origin: float, delay_s: float) -> KillResult:
+        """SIGKILL the node `delay_s` after `origin` (a monotonic time), then inspect what it left."""
+        time.sleep(max(0.0, origin + delay_s - time.monotonic()))
         step = self._step_now() if (self.data_dir / "identity.pem").exists() else 0
         logged = [int(m.group(2)) for m in map(TRAINING.search, list(self.node.output)) if m]
         self.node.kill()
@@ -123,7 +126,11 @@ class CrashLoop:
 
     def restart(self, result: KillResult) -> KillResult:
         """Start the node again; check it resumed where its state file (or the swarm) left it."""
-        result.resumed_step = self.start()
+        self.launch()
+        return self.check_resume(result)
+
+    def check_resume(self, result: KillResult) -> KillResult:
+        result.resumed_step = self.wait_training()
         expected = result.state_step if result.state_step >= 0 else max(result.announced_step, 0)
         result.resume_ok = result.resumed_step == expected
         result.steps_lost = max(0, result.step_at_kill - result.resumed_step)
@@ -158,19 +165,22 @@ class CrashLoop:
 
     def _phase(self, trained: bool, announced_step: int) -> str:
         """What the kill cut off: writes leave their temporary files behind, a download its partial
-        files, an announcement a published.json newer than the node's record in the DHT."""
+        files, an announcement a published.json newer than the node's record in the DHT. Only files
+        this run of the node touched count (a run killed early has not cleared older ones yet)."""
+        since = time.time() - (time.monotonic() - self.started)
+
+        def touched(folder: Path, pattern: str) -> bool:
+            return folder.exists() and any(p.stat().st_mtime >= since for p in folder.rglob(pattern))
+
         cut = []
         jobs = self.data_dir / "jobs"
-        if jobs.exists() and any(p.name.startswith(".state.safetensors.") for p in jobs.rglob(".*")):
+        if touched(jobs, ".state.safetensors.*"):
             cut.append("state write")
-        tmp = self.data_dir / "blobs" / "tmp"
-        if tmp.exists() and any(tmp.iterdir()):
+        if touched(self.data_dir / "blobs" / "tmp", "*"):
             cut.append("blob write")
-        if jobs.exists() and any(p.name.startswith(".published.json.") for p in jobs.rglob(".*")):
+        if touched(jobs, ".published.json.*"):
             cut.append("published.json")
-        partial = self.data_dir / "blobs" / "partial"
-        if partial.exists() and any(p.stat().st_mtime >= time.time() - (time.monotonic() - self.started)
-                                    for p in partial.rglob("*")):
+        if touched(self.data_dir / "blobs" / "partial", "*"):
             cut.append("download")
         published = list(jobs.rglob("published.json")) if jobs.exists() else []
         if published and json.loads(published[0].read_text())["step"] > announced_step:
@@ -186,13 +196,26 @@ def _verifies(store: BlobStore, sha256: str) -> bool:
         return False
 
 
-def run_kills(loop: CrashLoop, kills: int, low_s: float, high_s: float, since: str = "training",
+def run_kills(loop: CrashLoop, kills: int, low_s: float, high_s: float, startup_share: float = 0.0,
               report: Callable[[KillResult], None] = lambda result: None) -> List[KillResult]:
-    """Start the node, then `kills` times: kill it at a random moment, inspect, restart."""
+    """Start the node, then until `kills` kills: kill it a random [low_s, high_s] after it began
+    training, and restart it. With probability `startup_share`, that restart is itself killed a
+    random moment into its start-up (resume, downloads, re-announcing) and the node restarted once
+    more; the kill before it then counts as resumed only if nothing it left was lost meanwhile."""
     loop.start()
-    for _ in range(kills):
-        result = loop.restart(loop.kill_at_random(low_s, high_s, since))
-        report(result)
+    while len(loop.results) < kills:
+        result = loop.kill_at(loop.training_since, loop.rng.uniform(low_s, high_s))
+        if len(loop.results) < kills and loop.rng.random() < startup_share:
+            loop.launch()
+            during = loop.kill_at(loop.started, loop.rng.uniform(0.5, loop.startup_s + 1.0))
+            loop.restart(during)
+            result.resumed_step, result.steps_lost = during.resumed_step, max(0, result.step_at_kill - during.resumed_step)
+            result.resume_ok = during.resume_ok and during.state_step >= result.state_step
+            report(result)
+            report(during)
+        else:
+            loop.restart(result)
+            report(result)
     return loop.results
 
 

@@ -61,12 +61,13 @@ def test_a_manifest_file_that_is_not_text_is_named(tmp_path):
     refused(run_cli("swarm", "show", "--swarm", str(path)), "cannot read manifest", str(path))
 
 
-@pytest.mark.parametrize("architecture, phrases", [
-    ({"size": "digits-8x8", "widht": 64}, ["model 'tiny-fm'", "widht"]),
-    ({"size": "digits-8x8", "width": 100, "heads": 3}, ["model 'tiny-fm'", "not a multiple of heads"]),
+@pytest.mark.parametrize("change, phrases", [
+    (lambda d: d["experts"][0].update(architecture={"size": "digits-8x8", "widht": 64}), ["model 'tiny-fm'", "widht"]),
+    (lambda d: d["experts"][1]["architecture"].update(width=100, heads=3), ["model 'tiny-ddpm'", "multiple of heads"]),
+    (lambda d: d.update(text_encoder="bert"), ["text_encoder", "unknown text encoder 'bert'"]),
 ])
-def test_an_architecture_ddm_models_rejects_stops_the_node_before_it_writes_anything(tmp_path, architecture, phrases):
-    path = manifest_with(tmp_path, lambda d: d["experts"][0].update(architecture=architecture))
+def test_a_model_ddm_models_cannot_build_stops_the_node_before_it_writes_anything(tmp_path, change, phrases):
+    path = manifest_with(tmp_path, change)
     data_dir = tmp_path / "node"
     refused(run_cli("node", "--swarm", str(path), "--data-dir", str(data_dir)), *phrases)
     assert not data_dir.exists()  # refused before joining: no identity, no claim, no files

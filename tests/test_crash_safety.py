@@ -1,5 +1,5 @@
-"""Crash safety of a real node process: SIGKILL at random moments of training, checkpoint writing
-and announcing, then restart (a few kills here; benchmarks/crash_loop.py does 20+ and more phases).
+"""Crash safety of a real node process: SIGKILL at random moments of training, checkpoint writing,
+announcing and start-up, then restart (a few kills here; benchmarks/crash_loop.py does 20+).
 One loop runs per module; each test checks one promise over every kill of it.
 """
 
@@ -19,7 +19,7 @@ def kills(tmp_path_factory):
                                    checkpoint_every_steps=4)
     loop = CrashLoop(manifest, tmp, seed=7)
     try:
-        yield run_kills(loop, KILLS, low_s=1.0, high_s=8.0)
+        yield run_kills(loop, KILLS, low_s=1.0, high_s=8.0, startup_share=0.5)
     finally:
         loop.close()
 
