@@ -7,7 +7,10 @@ mirrors, i.e. downloads, the companion's checkpoints) run on 127.0.0.1. The node
 expert/0 of the tiny test swarm with a checkpoint every `--every-steps` steps; each kill lands a
 random time after the node began training, and with probability `--startup-share` its restart is
 killed too, a random moment into start-up; so kills hit start-up (resume, re-announcing), training,
-checkpoint writing, announcing and mirror downloads. After
+checkpoint writing, announcing and mirror downloads. The gaps between a checkpoint's steps (blob
+stored, published.json written, announcement queued) last microseconds; the node under test pauses
+`--checkpoint-pause-s` in each (a test-only variable, DDM_SWARM_TEST_CHECKPOINT_PAUSE_S) so kills
+land there too; `--checkpoint-pause-s 0` gives pure random timing. After
 every kill the harness (tests/crash_harness.py) checks the dead node's disk and the DHT, then
 restarts it and checks where it resumed. Prints a table and, last, one JSON line: kills, resumes ok,
 corrupt blobs found, missing announced blobs, steps lost per kill (from its last lease renewal,
@@ -17,6 +20,7 @@ at most one lease period old, to the step it resumed at).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -48,7 +52,11 @@ def main() -> None:
                         help="how often a restart is itself killed during its start-up")
     parser.add_argument("--no-companion", action="store_true", help="no second trainer (no mirror downloads)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    parser.add_argument("--checkpoint-pause-s", type=float, default=0.3,
+                        help="the node under test pauses this long between a checkpoint's steps (blob stored / "
+                             "published.json written / announced), so that kills land in those gaps too; 0: none")
     args = parser.parse_args()
+    os.environ["DDM_SWARM_TEST_CHECKPOINT_PAUSE_S"] = str(args.checkpoint_pause_s)  # inherited by the nodes
 
     console = Console(stderr=True)
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="ddm-crash-"))

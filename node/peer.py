@@ -47,6 +47,9 @@ from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.node")
+# Test only (benchmarks/crash_loop.py): widen the gaps between a checkpoint's steps so that random
+# kills land in them too. Unset, as in production, it costs one comparison per checkpoint.
+CHECKPOINT_PAUSE_S = float(os.environ.get("DDM_SWARM_TEST_CHECKPOINT_PAUSE_S") or 0)
 
 
 @dataclass
@@ -310,6 +313,8 @@ class SwarmNode:
                            f"{self.trainer.step} failed ({error.strerror}). Free some space and restart the node; "
                            f"nothing written before is lost (last published checkpoint: step "
                            f"{self.published.step})") from None
+        if CHECKPOINT_PAUSE_S:
+            time.sleep(CHECKPOINT_PAUSE_S)  # published.json written, announcement not yet queued
         self.announcer.announce_checkpoint(job, record)
         self._last_ckpt_step = self.trainer.step
         removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held()})
@@ -334,6 +339,8 @@ class SwarmNode:
             ref = self.store.put_file(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        if CHECKPOINT_PAUSE_S:
+            time.sleep(CHECKPOINT_PAUSE_S)  # the blob is in the store, published.json not yet written
         parent = self.parent_blob if self.parent_blob and self.parent_blob != ref.sha256 else ""
         common = dict(model=self.lease.model, step=self.trainer.step, samples_seen=self.trainer.samples_seen,
                       blob=ref, parent=parent)

@@ -183,9 +183,28 @@ class CrashLoop:
         if touched(self.data_dir / "blobs" / "partial", "*"):
             cut.append("download")
         published = list(jobs.rglob("published.json")) if jobs.exists() else []
-        if published and json.loads(published[0].read_text())["step"] > announced_step:
+        published_step = json.loads(published[0].read_text())["step"] if published else -1
+        if published_step > announced_step:
             cut.append("announce")
+        if self._unpublished_blob(published_step):
+            cut.append("publish")
         return "+".join(cut) or ("training" if trained else "startup")
+
+    def _unpublished_blob(self, published_step: int) -> bool:
+        """Whether the store holds this node's checkpoint of a step newer than its published.json."""
+        store = BlobStore(self.data_dir / "blobs")
+        for sha in store.list():
+            header = _safetensors_header(store.path(sha))
+            if header.get("kind") == "expert" and header.get("cluster") == str(self.cluster) \
+                    and int(header.get("step", -1)) > published_step:
+                return True
+        return False
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        return json.loads(file.read(length)).get("__metadata__") or {}
 
 
 def _verifies(store: BlobStore, sha256: str) -> bool:

@@ -149,6 +149,20 @@ def test_a_full_disk_while_writing_a_checkpoint_stops_the_node_clearly_and_loses
     assert int(TRAINING.search(line).group(2)) == metadata.step
 
 
+def test_a_restart_never_announces_a_checkpoint_whose_blob_rotted_away(swarm):
+    swarm["node"].kill()
+    last = published(swarm)
+    blob = BlobStore(swarm["data_dir"] / "blobs").path(last["blob"])
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0x01
+    blob.write_bytes(bytes(data))
+    node = start_node(swarm)
+    node.wait_for(lambda l: TRAINING.search(l) is not None, timeout=300)
+    output = " ".join("".join(node.output).split())  # log lines may wrap
+    assert "quarantined 1 corrupt blob" in output
+    assert f"not announcing checkpoint step {last['step']} again" in output
+
+
 def test_a_damaged_node_json_stops_the_node_naming_it(swarm):
     swarm["node"].kill()
     (swarm["data_dir"] / "node.json").write_text('{"job": "expert/0", "mod')
