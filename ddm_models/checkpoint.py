@@ -8,12 +8,14 @@ its name, optimizer step, and a free JSON `extra`.
 
 Everything read from a file is validated: a checkpoint with bad metadata, a config that does not
 hash to its recorded hash, missing or unexpected tensors, wrong shapes or non-finite weights raises
-`InvalidCheckpoint` and is never loaded.
+`InvalidCheckpoint` and is never loaded. The header's `checksum` (sha256 of the other metadata and
+every tensor) catches bytes that rotted on disk, which would otherwise load as slightly wrong weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -121,12 +123,25 @@ def checkpoint_tensors(ema: dict[str, torch.Tensor], train: dict[str, torch.Tens
     return {name: value.detach().to("cpu").contiguous().clone() for name, value in tensors.items()}
 
 
+def content_checksum(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata (but its own `checksum` entry) and every tensor's name, dtype, shape
+    and bytes, in name order."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def write_checkpoint(path: str | Path, metadata: CheckpointMetadata, tensors: dict[str, torch.Tensor]) -> Path:
     """Write atomically: a temporary file in the same folder, fsync, rename over `path`, fsync the
     folder. A crash leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = save_safetensors(tensors, metadata=metadata.to_header())
+    header = metadata.to_header()
+    header["checksum"] = content_checksum(header, tensors)
+    data = save_safetensors(tensors, metadata=header)
     descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as file:
@@ -161,6 +176,8 @@ def read_checkpoint(path: str | Path | bytes) -> tuple[CheckpointMetadata, dict[
         raise InvalidCheckpoint(f"cannot read {where}: {error}") from error
     except (SafetensorError, ValueError, json.JSONDecodeError) as error:
         raise InvalidCheckpoint(f"{where} is not a valid safetensors file: {error}") from error
+    if header and "checksum" in header and header["checksum"] != content_checksum(header, tensors):
+        raise InvalidCheckpoint(f"{where} is corrupt: its contents do not match the checksum written with them")
     metadata = CheckpointMetadata.from_header(header, where)
     for name, tensor in tensors.items():
         if not name.startswith(("ema/", "train/", "optim/")):

@@ -82,8 +82,9 @@ class ClusterSplit:
             with np.load(path, allow_pickle=False) as stored:
                 assignments, num_clusters = stored["assignments"], int(stored["num_clusters"])
                 recorded = str(stored["sha256"])
-        except (OSError, KeyError, ValueError) as error:
-            raise ClusterSplitError(f"{path} is not a readable cluster split: {error}") from error
+        except Exception as error:  # zipfile, numpy's header parser and the OS each fail their own way
+            raise ClusterSplitError(f"{path} is not a readable cluster split: {type(error).__name__}: {error}") \
+                from error
         split = ClusterSplit.from_assignments(assignments, num_clusters)
         if split.sha256 != recorded:
             raise ClusterSplitError(f"{path}: assignments hash to {split.sha256}, the file records {recorded}; "

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddm_models.checkpoint import content_checksum
 from ddm_models.data import ImageDataset, heldout_split, load_embedded_digits, load_small_digits, subset
 from ddm_models.local_cache import default_cache_dir, exclusive, write_atomically
 
@@ -142,7 +143,10 @@ def load_or_train_classifier(cache_dir: str | Path | None = None, recipe: Classi
                 with safe_open(path, "pt") as file:
                     metadata = file.metadata()
                 model = _new_classifier(dataset, recipe)
-                model.load_state_dict(load_file(path))
+                state = load_file(path)
+                if metadata.get("checksum") != content_checksum(metadata, state):  # bytes rot on disk too
+                    raise ValueError("its contents do not match the checksum written with them")
+                model.load_state_dict(state)
                 if metadata.get("data_fingerprint") == dataset.fingerprint():
                     model.heldout_accuracy = float(metadata["heldout_accuracy"])
                     return model.eval()
@@ -152,6 +156,7 @@ def load_or_train_classifier(cache_dir: str | Path | None = None, recipe: Classi
         metadata = {"recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
                     "data_fingerprint": dataset.fingerprint(), "heldout_accuracy": repr(model.heldout_accuracy)}
         state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        metadata["checksum"] = content_checksum(metadata, state)
         write_atomically(path, lambda temporary: save_file(state, temporary, metadata=metadata))
         return model
 

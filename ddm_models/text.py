@@ -31,6 +31,10 @@ class TextEncoderUnavailable(TextEncoderError):
     """The encoder's package or weights are not installed locally; the message says what to install."""
 
 
+class UnknownTextEncoder(TextEncoderError, ValueError):
+    """A text encoder name that is neither "minilm" nor "openclip:<arch>[:<pretrained>]"."""
+
+
 class TextEncoderWeightsMismatch(TextEncoderError):
     """A weights file's sha256 differs from the pinned one: the file is corrupt or was replaced."""
 
@@ -235,12 +239,20 @@ def build_text_encoder(name: str = "minilm", *, cached: bool = True, device: tor
                        max_length: int | None = None) -> TextEncoder:
     """"minilm" (the offline default) or "openclip:<arch>[:<pretrained tag or file>]", wrapped in a
     `CachedTextEncoder` unless `cached` is False."""
-    if name == "minilm":
+    kind, arch, pretrained = text_encoder_spec(name)
+    if kind == "minilm":
         encoder = MiniLMEncoder(device=device, max_length=max_length or CAPTION_MAX_TOKENS)
-    elif name.startswith("openclip:"):
-        _, arch, *pretrained = name.split(":", 2)
-        encoder = OpenCLIPEncoder(arch, pretrained[0] if pretrained else "openai", device=device,
-                                  max_length=max_length or 77)
     else:
-        raise ValueError(f"unknown text encoder {name!r}; use 'minilm' or 'openclip:<arch>[:<pretrained>]'")
+        encoder = OpenCLIPEncoder(arch, pretrained, device=device, max_length=max_length or 77)
     return CachedTextEncoder(encoder) if cached else encoder
+
+
+def text_encoder_spec(name: str) -> tuple[str, str, str]:
+    """(kind, arch, pretrained) of a text encoder name, without loading anything; raise
+    `UnknownTextEncoder` for a name `build_text_encoder` cannot build."""
+    if name == "minilm":
+        return "minilm", "", ""
+    if name.startswith("openclip:") and name.split(":", 2)[1]:
+        _, arch, *pretrained = name.split(":", 2)
+        return "openclip", arch, pretrained[0] if pretrained else "openai"
+    raise UnknownTextEncoder(f"unknown text encoder {name!r}; use 'minilm' or 'openclip:<arch>[:<pretrained>]'")

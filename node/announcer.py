@@ -7,7 +7,6 @@ training thread and published at once; training never waits on the DHT.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -19,6 +18,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from node.claims import Lease
 from node.membership import SwarmMembership
 from node.presence import Presence
+from node.published import refreshed
 from protocol.records import CheckpointRecord, ProviderRecord, RouterRecord, SignedRecord
 
 logger = logging.getLogger("ddm_swarm.announcer")
@@ -33,6 +33,8 @@ class Announcer:
         self.failures = 0
         self._provided: Dict[str, float] = {}  # blob sha256 -> expiry of our provider record
         self._latest: Dict[str, SignedRecord] = {}  # job -> our latest checkpoint/router record
+        # job -> blob of our checkpoint record the DHT last confirmed: the node's gc must keep it
+        self.confirmed: Dict[str, str] = {}
         # signed records to publish as they are, or blob sha256s to announce as provided (signed when sent,
         # so a backlog can never publish an already-expired provider record)
         self._queue: "queue.Queue[Union[SignedRecord, str]]" = queue.Queue()
@@ -93,16 +95,18 @@ class Announcer:
             record = self._provider_record(item)
             self._publish(record, _describe(record))
             self._provided[item] = record.expires_at
-        else:
-            self._publish(item, _describe(item))
+        elif self._publish(item, _describe(item)) and isinstance(item, (CheckpointRecord, RouterRecord)):
+            self.confirmed[job_of(item)] = item.blob.sha256
 
-    def _publish(self, record: SignedRecord, what: str) -> None:
+    def _publish(self, record: SignedRecord, what: str) -> bool:
         try:
             self.membership.publish(record)
-            self.last_announcement = f"{what} at {time.strftime('%H:%M:%S')}"
         except Exception as error:  # the DHT may be briefly unreachable; the next tick retries
             self.failures += 1
             logger.warning(f"could not publish {what}: {error}")
+            return False
+        self.last_announcement = f"{what} at {time.strftime('%H:%M:%S')}"
+        return True
 
     def _tick(self) -> None:
         step = self.current_step()
@@ -123,8 +127,7 @@ class Announcer:
         ttl = self.membership.manifest.timing.record_ttl_s
         for job, record in list(self._latest.items()):
             if record.expires_at - now < max(2 * self.period, ttl / 4):  # type: ignore[attr-defined]
-                fresh = dataclasses.replace(record, expires_at=now + ttl, signature=b"")
-                self._latest[job] = fresh.signed_by(self.membership.identity)
+                self._latest[job] = refreshed(record, self.membership.identity, now + ttl)  # type: ignore[arg-type]
                 self._publish(self._latest[job], f"{record.KIND} refresh")
 
     def stop(self, release: bool = True) -> None:
@@ -138,6 +141,10 @@ class Announcer:
             if self.lease is not None:
                 self.lease.release(self.current_step())
             self.presence.leave()
+
+
+def job_of(record: Union[CheckpointRecord, RouterRecord]) -> str:
+    return "router" if isinstance(record, RouterRecord) else f"expert/{record.cluster}"
 
 
 def _describe(record: SignedRecord) -> str:

@@ -13,7 +13,7 @@ from hivemind.p2p import PeerID
 from node.banlist import BanList
 from node.blob_fetch import BlobUnavailable, fetch_blob
 from node.blob_server import BlobServer
-from node.blobstore import BlobStore
+from node.blobstore import BlobStore, CorruptBlob
 from node.membership import SwarmMembership
 from node.network import NetworkLoop
 from protocol.hashing import BlobRef
@@ -41,7 +41,11 @@ class BlobService:
               progress: Optional[Callable[[int, int], None]] = None, timeout: Optional[float] = None) -> Path:
         """The verified blob `ref`, from the local store or downloaded from its providers."""
         if self.store.has(ref.sha256):
-            return self.store.path(ref.sha256)
+            try:  # a cached file may have rotted on disk since: hash it again before anyone loads it
+                self.store.verify(ref.sha256)
+                return self.store.path(ref.sha256)
+            except CorruptBlob as error:
+                logger.warning(f"{error}; fetching it again from the swarm")
         providers = self.providers(ref.sha256, extra_providers)
         for delay in (0.5, 1.0, 2.0):  # a provider record may trail its checkpoint record by a moment
             if providers:

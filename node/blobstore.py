@@ -196,11 +196,14 @@ class BlobStore:
         data_path = self._data_path(ref.sha256)
         data_path.parent.mkdir(exist_ok=True)
         fd, tmp_digests = self.temp_file(".digests")
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(b"".join(digests))
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(tmp_digests, self._digests_path(ref.sha256))
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                sink.write(b"".join(digests))
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.replace(tmp_digests, self._digests_path(ref.sha256))
+        finally:
+            tmp_digests.unlink(missing_ok=True)  # a full disk must not leave it behind
         os.replace(complete_file, data_path)
         fsync_dir(data_path.parent)
         return data_path
@@ -268,11 +271,6 @@ class BlobStore:
             if path.name not in keep:
                 report.bytes_freed += self.delete(path.name)
                 report.blobs.append(path.name)
-        for shard in (self.root / "blobs").iterdir():
-            for path in shard.glob("*.digests"):
-                if not self._data_path(path.stem).exists():  # digests of a commit that never finished
-                    path.unlink(missing_ok=True)
-                    report.leftovers.append(str(path.relative_to(self.root)))
         now = time.time()
         for partial in (self.root / "partial").iterdir():
             sha = partial.name
@@ -281,9 +279,27 @@ class BlobStore:
                 report.bytes_freed += _tree_bytes(partial)
                 shutil.rmtree(partial, ignore_errors=True)
                 report.partials.append(sha)
+        self.remove_leftovers(older_than_s=leftover_age_s, report=report)
+        return report
+
+    def remove_leftovers(self, *, older_than_s: float = 0.0, report: Optional[GcReport] = None) -> GcReport:
+        """Delete what interrupted writes left behind: digests of a commit that never finished and
+        files under `tmp/` older than `older_than_s` (0 at start-up, when no write can be running).
+        Complete blobs and partial downloads are not touched."""
+        report = report or GcReport()
+        for shard in (self.root / "blobs").iterdir():
+            for path in shard.glob("*.digests"):
+                if not self._data_path(path.stem).exists():
+                    path.unlink(missing_ok=True)
+                    report.leftovers.append(str(path.relative_to(self.root)))
+        now = time.time()
         for leftover in (self.root / "tmp").iterdir():
-            if now - leftover.stat().st_mtime > leftover_age_s:
-                report.bytes_freed += leftover.stat().st_size
+            try:
+                stat = leftover.stat()
+            except FileNotFoundError:  # a write in progress just renamed it
+                continue
+            if now - stat.st_mtime >= older_than_s:
+                report.bytes_freed += stat.st_size
                 leftover.unlink(missing_ok=True)
                 report.leftovers.append(str(leftover.relative_to(self.root)))
         return report

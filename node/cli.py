@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from node.errors import NodeError
 from protocol.errors import ProtocolError
@@ -35,8 +36,30 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
 
 
+# Failures a user can meet and fix (bad files, bad input, a full disk, an unreachable swarm): one
+# line on stderr and exit status 1. Anything else is a bug and keeps its traceback.
+_ANTICIPATED_ELSEWHERE = {
+    "ddm_models.configs": ("InvalidConfig",), "ddm_models.checkpoint": ("InvalidCheckpoint",),
+    "ddm_models.data": ("DataSetError",), "ddm_models.clustering": ("ClusterSplitError",),
+    "ddm_models.text": ("TextEncoderError",), "ddm_models.metrics": ("MetricUnavailable",),
+    "ddm_models.image_embeddings": ("EmbedderUnavailable",),
+}
+
+
+def anticipated_errors() -> tuple:
+    kinds = [ProtocolError, NodeError, OSError]
+    for module, names in _ANTICIPATED_ELSEWHERE.items():
+        loaded = sys.modules.get(module)  # an error of a module that was never imported cannot have happened
+        if loaded is not None:
+            kinds += [getattr(loaded, name) for name in names]
+    return tuple(kinds)
+
+
 def fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    """Report an anticipated failure in one line and exit 1; re-raise anything else."""
+    if not isinstance(error, anticipated_errors()):
+        raise error
+    console.print(f"[bold red]error:[/] {escape(str(error) or type(error).__name__)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -58,7 +81,7 @@ def bootstrap(
         manifest = load_manifest(swarm)
         peer = BootstrapPeer(manifest, identity, host=host, port=port, initial_peers=initial_peers or (),
                              announce_maddrs=announce or ())
-    except (ProtocolError, NodeError) as error:
+    except Exception as error:
         fail(error)
     print(f"ddm-swarm bootstrap peer for swarm '{manifest.name}' ({manifest.swarm_id[:12]}…)", flush=True)
     print(f"peer id: {peer.membership.peer_id}", flush=True)
@@ -104,7 +127,7 @@ def node(
         with NodeView(manifest.name, console) as view:
             swarm_node.on_status = view.update
             swarm_node.run()
-    except (ProtocolError, NodeError) as error:
+    except Exception as error:
         fail(error)
     if swarm_node.summary is not None:  # one machine-readable line for scripts and benchmarks
         print(json.dumps({"node_summary": swarm_node.summary.to_dict()}), flush=True)
@@ -135,7 +158,7 @@ def status(
         if not peers:
             raise NodeError("status needs --initial-peers: the multiaddr of a bootstrap peer or any node of the swarm")
         membership = SwarmMembership(manifest, Identity.generate(), initial_peers=peers, client_mode=True)
-    except (ProtocolError, NodeError) as error:
+    except Exception as error:
         fail(error)
     try:
         snapshot = collect_status(membership)
@@ -172,7 +195,7 @@ def demo(
             raise NodeError("the demo runs on swarms with embedded digit data (like 'local')")
         result = run_demo(manifest, swarm, out, minutes=minutes, router_share=router_share, per_digit=per_digit,
                           console=console)
-    except (ProtocolError, NodeError) as error:
+    except Exception as error:
         fail(error)
     table = Table(title="conditional accuracy (the digit classifier agrees with the prompt)")
     table.add_column("routing")
@@ -205,7 +228,7 @@ def swarm_create(
         manifest = create_swarm(base, out, name=name, num_clusters=num_clusters, trust_signers=signer or (),
                                 lease_s=lease_s, bootstrap_peers=bootstrap_peer or (), pin_split=pin_split,
                                 description=description)
-    except (ProtocolError, NodeError) as error:
+    except Exception as error:
         fail(error)
     print(f"wrote {out}: swarm '{manifest.name}' id {manifest.swarm_id}")
     if manifest.clustering.assignment_sha256:
@@ -221,7 +244,7 @@ def swarm_show(swarm: str = SwarmOption) -> None:
 
     try:
         manifest = load_manifest(swarm)
-    except (ProtocolError, NodeError) as error:
+    except Exception as error:
         fail(error)
     print(f"# swarm id: {manifest.swarm_id}")
     print(yaml.safe_dump(manifest.to_file_dict(), sort_keys=False, allow_unicode=True), end="")

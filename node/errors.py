@@ -19,3 +19,7 @@ class PublishFailed(NodeError):
 
 class UnknownSwarm(NodeError):
     """--swarm names neither a bundled swarm nor a readable manifest file."""
+
+
+class DiskFull(NodeError):
+    """The disk filled up while the node wrote its files; what was written before is intact."""

@@ -109,14 +109,12 @@ def register(app: typer.Typer, console: Console, swarm_option, peers_option, fai
         scale: int = typer.Option(4, help="Magnify each image this many times in the PNG."),
     ) -> None:
         """Assemble the router and experts from the swarm and generate images locally."""
-        from protocol.errors import ProtocolError
-
         setup_logging()
         try:
             run_generate(console, prompts, swarm=swarm, initial_peers=initial_peers, routing=routing, steps=steps,
                          guidance=guidance, seed=seed, per_prompt=num, out=out, cache_dir=cache_dir, verify=verify,
                          from_dir=from_dir, scale=scale)
-        except (ProtocolError, NodeError, ValueError) as error:
+        except Exception as error:
             fail(error)
 
     @app.command()
@@ -128,13 +126,11 @@ def register(app: typer.Typer, console: Console, swarm_option, peers_option, fai
         verify: bool = typer.Option(False, help="Measure each expert's held-out loss before accepting it."),
     ) -> None:
         """Save the assembled ensemble so `generate --from DIR` works later with no network."""
-        from protocol.errors import ProtocolError
-
         setup_logging()
         try:
             ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None)
             ensemble.save(out)
-        except (ProtocolError, NodeError, ValueError, OSError) as error:
+        except Exception as error:
             fail(error)
         Console().print(ensemble_table(ensemble))
         Console().print(f"saved to [bold]{out}[/]; generate offline with `ddm-swarm generate --from {out} \"…\"`")

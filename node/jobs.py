@@ -18,6 +18,7 @@ import torch
 from ddm_models.clustering import ClusterSplit, ClusterSplitError, cluster_images
 from ddm_models.configs import EXPERT_SIZES, ROUTER_SIZES, ExpertConfig, InvalidConfig, RouterConfig
 from ddm_models.recipe import TrainingSettings
+from ddm_models.text import UnknownTextEncoder, text_encoder_spec
 from ddm_models.data import ImageDataset, heldout_split, load_embedded_digits, load_image_folder, load_small_digits, subset
 from node.errors import NodeError
 from protocol.manifest import ModelSpec, SwarmManifest
@@ -131,3 +132,18 @@ def training_options(spec: ModelSpec) -> Dict[str, Any]:
         return TrainingSettings.from_dict(dict(spec.training)).trainer_kwargs()
     except InvalidConfig as error:
         raise InvalidJobSetup(f"model '{spec.name}' training options: {error}") from None
+
+
+def check_model_specs(manifest: SwarmManifest) -> None:
+    """Every model the manifest names must build into a `ddm_models` config with valid training
+    options; raise `InvalidJobSetup` naming the model and the field otherwise. Cheap: no weights."""
+    try:
+        text_encoder_spec(manifest.text_encoder)
+    except UnknownTextEncoder as error:
+        raise InvalidJobSetup(f"manifest field 'text_encoder' of swarm '{manifest.name}': {error}") from None
+    for spec in manifest.experts:
+        expert_config(spec, manifest)
+        training_options(spec)
+    if manifest.num_clusters >= 2:  # one cluster needs no router
+        router_config(manifest)
+        training_options(manifest.router)

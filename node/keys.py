@@ -6,6 +6,9 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from hivemind.proto import crypto_pb2
+
 from node.files import atomic_write_bytes
 from protocol.errors import InvalidIdentity
 from protocol.identity import Identity
@@ -32,7 +35,8 @@ def load_identity(path: Path) -> Identity:
     try:
         return Identity.from_pem(path.read_bytes())
     except InvalidIdentity as error:
-        raise InvalidIdentity(f"identity file {path}: {error}") from None
+        raise InvalidIdentity(f"identity file {path} is unusable ({error}); restore it from a backup, or move it "
+                              "away to start as a new signer (an allow-list swarm must then allow the new one)") from None
 
 
 def load_or_create_identity(path: Path) -> Identity:
@@ -51,4 +55,19 @@ def prepare_p2p_identity_path(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         check_private_file(path)
+        check_p2p_key_file(path)
     return str(path)
+
+
+def check_p2p_key_file(path: Path) -> None:
+    """Refuse a libp2p key file that p2pd could not parse (it would fail with a message that does
+    not name the file), saying what to do."""
+    try:
+        key = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+        if not key.data:
+            raise ValueError("it holds no key")
+        if key.key_type == crypto_pb2.KeyType.RSA:
+            serialization.load_der_private_key(key.data, password=None)
+    except Exception as error:  # protobuf's DecodeError, cryptography's ValueError and kin: all mean "damaged"
+        raise InvalidIdentity(f"libp2p key file {path} is unusable ({type(error).__name__}: {error}); delete it and "
+                              "restart: the node gets a new peer id, its signing identity stays") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 from node.announcer import Announcer
 from ddm_models.checkpoint import InvalidCheckpoint
@@ -27,6 +27,9 @@ class Mirror:
         self.own_job: Optional[str] = None
         self.mirrored: Dict[str, str] = {}  # job -> blob sha256 we hold for it
         self.refused: Set[str] = set()  # blobs that failed the checks: never tried again
+        self.fetching: Optional[str] = None  # held too: the node's gc runs in another thread
+        # blobs the node needs for itself: a refused record of another signer may name one of them
+        self.protected: Callable[[], Set[str]] = set
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddm-mirror", daemon=True)
 
@@ -52,6 +55,7 @@ class Mirror:
         for best in (r for r in rank(records) if r.signer != mine and r.blob.sha256 not in self.refused):
             if self.mirrored.get(job) == best.blob.sha256:
                 return
+            self.fetching = best.blob.sha256
             try:
                 path = self.blobs.fetch(best.blob)
                 if job == ROUTER_JOB:
@@ -60,7 +64,7 @@ class Mirror:
                     check_expert(path, best, self.membership.manifest)
             except (InvalidCheckpoint, ProtocolError) as error:
                 self.refused.add(best.blob.sha256)
-                if self.blobs.store.has(best.blob.sha256):
+                if self.blobs.store.has(best.blob.sha256) and best.blob.sha256 not in self.protected():
                     self.blobs.store.delete(best.blob.sha256)
                 logger.warning(f"not mirroring {job} {best.blob.sha256[:12]} by {best.signer[:12]}: {error}")
                 continue
@@ -69,16 +73,19 @@ class Mirror:
                 continue
             break
         else:
+            self.fetching = None
             return
         self.announcer.provide(best.blob.sha256, now=True)
         previous = self.mirrored.get(job)
         self.mirrored[job] = best.blob.sha256
+        self.fetching = None
         logger.info(f"mirroring {job} step {best.step} ({best.blob.sha256[:12]})")
         if previous and previous not in self.mirrored.values():
             self.announcer.unprovide(previous)
 
     def held(self) -> List[str]:
-        return list(self.mirrored.values())
+        """Blobs the mirror holds or is fetching right now (the node's gc must not remove them)."""
+        return [*self.mirrored.values(), *([self.fetching] if self.fetching else [])]
 
     def stop(self) -> None:
         self._stop.set()

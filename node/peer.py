@@ -5,11 +5,13 @@ States: JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its l
 N steps, each written locally, added to the blob store, then announced) -> SERVING (budget spent:
 the job is released, blobs are still served) -> OFFLINE (claim released, tombstone published).
 A node killed at any moment restarts from its last local checkpoint: state files and blobs are
-written atomically before they are announced.
+written atomically before they are announced, and the blob of every record it may have in the DHT
+stays in its store (see `node.published`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,9 +20,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Set
 
 import torch
+from hivemind.utils.timed_storage import get_dht_time
 
 from ddm_models.text import build_text_encoder
 from ddm_models.training import ExpertTrainer, RouterTrainer
@@ -29,17 +32,24 @@ from node.assembly import rank
 from node.blob_service import BlobService
 from node.blobstore import BlobStore
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
-from node.files import atomic_write_bytes
-from node.jobs import SwarmData, expert_config, prepare_swarm_data, router_config, training_options
+from ddm_models.checkpoint import InvalidCheckpoint
+from node.errors import DiskFull
+from node.files import atomic_write_bytes, hold_exclusive_lock
+from node.jobs import (SwarmData, check_model_specs, expert_config, prepare_swarm_data, router_config,
+                       training_options)
 from node.keys import load_or_create_identity, prepare_p2p_identity_path
 from node.membership import SwarmMembership
 from node.mirror import Mirror
 from node.network import NetworkLoop
 from node.presence import Presence
+from node.published import PublishedCheckpoints, UnreadableNodeFile, refreshed
 from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.node")
+# Test only (benchmarks/crash_loop.py): widen the gaps between a checkpoint's steps so that random
+# kills land in them too. Unset, as in production, it costs one comparison per checkpoint.
+CHECKPOINT_PAUSE_S = float(os.environ.get("DDM_SWARM_TEST_CHECKPOINT_PAUSE_S") or 0)
 
 
 @dataclass
@@ -103,8 +113,7 @@ class SwarmNode:
         self.data_dir = Path(options.data_dir)
         self.stop_event = threading.Event()
         self.trainer = None
-        self.last_blob: Optional[str] = None
-        self.previous_blob: Optional[str] = None
+        self.published: Optional[PublishedCheckpoints] = None
         self._last_ckpt_step = -1
         self._peers_checked = 0.0
         self._checkpoints, self._checkpoint_seconds = 0, 0.0
@@ -113,10 +122,11 @@ class SwarmNode:
     # --- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
         torch.set_num_threads(self.options.threads)
+        check_model_specs(self.manifest)  # a model the swarm names but cannot build: say so before joining
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        self._join()
         try:
+            self._join()
             self._claim_and_resume()
             self._train()
             if not self.options.exit_when_done and not self.stop_event.is_set():
@@ -129,11 +139,13 @@ class SwarmNode:
         self.membership = SwarmMembership(
             self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
             port=self.options.port, p2p_identity_path=prepare_p2p_identity_path(self.data_dir / "p2p.key"))
+        self._data_dir_lock = hold_exclusive_lock(self.data_dir / "node.lock", f"data dir {self.data_dir}")
         for problem in self.membership.beacon_problems():
             logger.warning(problem)
         self.membership.announce_beacon()
         self.loop = NetworkLoop()
         self.store = BlobStore(self.data_dir / "blobs")
+        self.store.remove_leftovers()  # temp files of writes a crash cut off (we hold the data dir's lock)
         corrupt = self.store.verify_all()  # a crash or a bad disk must not leave us serving bad bytes
         if corrupt:
             logger.warning(f"quarantined {len(corrupt)} corrupt blob(s) found at start-up")
@@ -144,6 +156,7 @@ class SwarmNode:
         self.jobs = all_jobs(self.manifest)
         self.mirror = Mirror(self.membership, self.blobs, self.announcer, self.jobs,
                              period_s=self.manifest.timing.lease_s)
+        self.mirror.protected = self._own_blobs
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
                     f"(signer {identity.signer_id[:12]}…)")
 
@@ -173,8 +186,7 @@ class SwarmNode:
 
     def _claim_and_resume(self) -> None:
         self._set(state="claiming")
-        previous = json.loads(self._node_file().read_text()) if self._node_file().exists() else {}
-        forced = self.options.job or previous.get("job")
+        forced = self.options.job or self._previous_job()
         self.lease: Lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced)
         job = self.lease.job
         atomic_write_bytes(self._node_file(), json.dumps({"job": job, "model": self.lease.model}).encode())
@@ -187,6 +199,20 @@ class SwarmNode:
         self.announcer.start()
         if self.options.mirror:
             self.mirror.start()
+
+    def _previous_job(self) -> Optional[str]:
+        """The job this data dir trained before (node.json), so a restart continues it."""
+        if not self._node_file().exists():
+            return None
+        try:
+            job = json.loads(self._node_file().read_text())["job"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UnreadableNodeFile(f"{self._node_file()} is corrupt ({type(error).__name__}: {error}); delete it "
+                                     "(or pass --job) and restart: the node then claims a job afresh") from None
+        if job not in self.jobs:
+            raise UnreadableNodeFile(f"{self._node_file()} names job {job!r:.40}, which swarm '{self.manifest.name}' "
+                                     f"does not have ({', '.join(self.jobs)}); delete it or pass --job")
+        return job
 
     def _build_trainer(self, job: str):
         text = build_text_encoder(self.manifest.text_encoder)
@@ -207,16 +233,28 @@ class SwarmNode:
 
     def _resume(self, job: str) -> None:
         state = self._state_dir(job)
+        for leftover in state.glob(".*.tmp"):  # a state file or published.json a crash cut off (we hold the lock)
+            leftover.unlink(missing_ok=True)
+        self.published = PublishedCheckpoints(state)
+        self.parent_blob = self.published.blob
         if (state / "state.safetensors").exists():
-            self.trainer.load_state(state)
-            self.last_blob = json.loads((state / "published.json").read_text()).get("blob") \
-                if (state / "published.json").exists() else None
+            try:
+                self.trainer.load_state(state)
+            except InvalidCheckpoint as error:
+                raise UnreadableNodeFile(
+                    f"{state / 'state.safetensors'} cannot be loaded ({error}). Move it away and restart: the node "
+                    f"then resumes from its last published checkpoint (step {self.published.step}) or the "
+                    "swarm's latest") from None
             self._set(resumed_from=f"local step {self.trainer.step}")
             logger.info(f"resumed {job} from this node's own state at step {self.trainer.step}")
         records = self.membership.routers() if job == ROUTER_JOB else \
             self.membership.checkpoints(int(job.split("/")[1]))
         spec_hash = (self.manifest.router if job == ROUTER_JOB else self.manifest.expert_spec(self.lease.model)).spec_hash
-        for record in rank([r for r in records if r.spec_hash == spec_hash]):
+        records = [r for r in records if r.spec_hash == spec_hash]
+        mine = [r for r in records if r.signer == self.membership.identity.signer_id]
+        if mine:  # what the DHT holds for us from before a restart: its blob stays until a newer one is confirmed
+            self.announcer.confirmed[job] = rank(mine)[0].blob.sha256
+        for record in rank(records):
             if record.step <= self.trainer.step:
                 break
             try:
@@ -225,14 +263,42 @@ class SwarmNode:
             except Exception as error:  # a bad or unreachable checkpoint: try the next one
                 logger.warning(f"cannot resume from {record.blob.sha256[:12]} (step {record.step}): {error}")
                 continue
-            self.last_blob = record.blob.sha256
+            self.parent_blob = record.blob.sha256
             self.announcer.provide(record.blob.sha256)
             self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
             logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
                         f"(signer {record.signer[:12]}…)")
             break
+        self._announce_again(job)
         self._last_ckpt_step = self.trainer.step
         self._set(step=self.trainer.step)
+
+    def _announce_again(self, job: str) -> None:
+        """After a restart, announce the latest checkpoint this node published (a crash may have cut
+        its announcement off), but only while its blob is still in the store: a record must never
+        point at bytes this node cannot serve."""
+        record = self.published.record
+        if record is None or record.swarm_id != self.membership.swarm_id:
+            return
+        if not self.store.has(record.blob.sha256):
+            logger.warning(f"not announcing checkpoint step {record.step} again: its blob "
+                           f"{record.blob.sha256[:12]} is no longer in the store")
+            return
+        expires = get_dht_time() + self.manifest.timing.record_ttl_s
+        self.announcer.announce_checkpoint(job, refreshed(record, self.membership.identity, expires))
+        for sha in self.published.keep():
+            if self.store.has(sha):
+                self.announcer.provide(sha)
+
+    def _own_blobs(self) -> Set[str]:
+        """Blobs this node must keep: its published checkpoints, the one the DHT last confirmed for
+        it, and the checkpoint it resumed from."""
+        own = set(self.published.keep()) if self.published else set()
+        if hasattr(self, "lease") and self.lease.job in self.announcer.confirmed:
+            own.add(self.announcer.confirmed[self.lease.job])
+        if getattr(self, "parent_blob", None):
+            own.add(self.parent_blob)
+        return own
 
     # --- training --------------------------------------------------------------------------------
     def _budget_left(self, started: float, start_step: int) -> bool:
@@ -274,8 +340,29 @@ class SwarmNode:
 
     def _checkpoint(self) -> None:
         job = self.lease.job
-        state = self._state_dir(job)
-        self.trainer.save_state(state)
+        try:
+            record, metric = self._write_checkpoint(job)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFull(f"the disk under {self.data_dir} is full: writing the checkpoint of step "
+                           f"{self.trainer.step} failed ({error.strerror}). Free some space and restart the node; "
+                           f"nothing written before is lost (last published checkpoint: step "
+                           f"{self.published.step})") from None
+        if CHECKPOINT_PAUSE_S:
+            time.sleep(CHECKPOINT_PAUSE_S)  # published.json written, announcement not yet queued
+        self.announcer.announce_checkpoint(job, record)
+        self._last_ckpt_step = self.trainer.step
+        removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held()})
+        for sha in removed.blobs:  # stop announcing what we no longer hold
+            self.announcer.unprovide(sha)
+        self.parent_blob = record.blob.sha256
+        self._set(last_checkpoint=f"step {self.trainer.step} ({'acc' if job == ROUTER_JOB else 'loss'} {metric:.4f})")
+
+    def _write_checkpoint(self, job: str):
+        """State file, blob and published.json of the current step, each written atomically in that
+        order: a crash between two of them leaves the earlier ones complete and the later ones untouched."""
+        self.trainer.save_state(self._state_dir(job))
         is_router = job == ROUTER_JOB
         metric = self.trainer.evaluate().accuracy if is_router else self.trainer.heldout_loss()
         fd, tmp = self.store.temp_file(".safetensors")
@@ -288,8 +375,11 @@ class SwarmNode:
             ref = self.store.put_file(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        if CHECKPOINT_PAUSE_S:
+            time.sleep(CHECKPOINT_PAUSE_S)  # the blob is in the store, published.json not yet written
+        parent = self.parent_blob if self.parent_blob and self.parent_blob != ref.sha256 else ""
         common = dict(model=self.lease.model, step=self.trainer.step, samples_seen=self.trainer.samples_seen,
-                      blob=ref, parent=(self.last_blob or "") if self.last_blob != ref.sha256 else "")
+                      blob=ref, parent=parent)
         if is_router:
             record = new_checkpoint_record(self.membership, RouterRecord, spec_hash=self.manifest.router.spec_hash,
                                            num_clusters=self.manifest.num_clusters, heldout_accuracy=metric, **common)
@@ -298,16 +388,8 @@ class SwarmNode:
             record = new_checkpoint_record(self.membership, CheckpointRecord, cluster=int(job.split("/")[1]),
                                            objective=spec.objective, spec_hash=spec.spec_hash, heldout_loss=metric,
                                            **common)
-        # the previous checkpoint stays available one round longer: a client may have just picked it
-        older, previous, self.last_blob = self.previous_blob, self.last_blob, ref.sha256
-        self.previous_blob = previous if previous != ref.sha256 else older
-        atomic_write_bytes(state / "published.json", json.dumps({"blob": ref.sha256, "step": self.trainer.step}).encode())
-        self.announcer.announce_checkpoint(job, record)
-        if older and older not in (ref.sha256, self.previous_blob):
-            self.announcer.unprovide(older)
-        self._last_ckpt_step = self.trainer.step
-        self.store.gc(keep={ref.sha256, *([self.previous_blob] if self.previous_blob else []), *self.mirror.held()})
-        self._set(last_checkpoint=f"step {self.trainer.step} ({'acc' if is_router else 'loss'} {metric:.4f})")
+        self.published.add(record)
+        return record, metric
 
     def _serve(self) -> None:
         """The budget is spent: give the job back, keep serving blobs until stopped."""

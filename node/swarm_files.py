@@ -13,6 +13,22 @@ from protocol.errors import InvalidManifest
 from protocol.manifest import SwarmManifest
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys get PyYAML's own error below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def bundled_swarms() -> List[str]:
     return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".yaml")
                   and not p.name.startswith("model-"))
@@ -24,13 +40,22 @@ def read_manifest_file(path: Path) -> SwarmManifest:
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidManifest(f"cannot read manifest {path}: {error}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
-        raise InvalidManifest(f"manifest {path} is not valid YAML: {error}") from None
+        raise InvalidManifest(f"manifest {path} is not valid YAML: {_yaml_problem(error)}") from None
     try:
         return SwarmManifest.from_dict(data)
     except InvalidManifest as error:
         raise InvalidManifest(f"{path}: {error}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: where, and what it expected."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(str(getattr(error, "problem", None) or error).split())
+    context = getattr(error, "context", None)
+    return where + problem + (f" ({' '.join(str(context).split())})" if context else "")
 
 
 def load_manifest(swarm: str) -> SwarmManifest:

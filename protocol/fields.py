@@ -34,7 +34,7 @@ def text(*, max_chars: int = MAX_STRING_CHARS, pattern: Optional[str] = None,
             raise InvalidRecord(f"field '{name}' is longer than {max_chars} characters")
         if choices is not None and value not in choices:
             raise InvalidRecord(f"field '{name}' must be one of {list(choices)}, got {value!r}")
-        if compiled is not None and value and not compiled.match(value):
+        if compiled is not None and value and not compiled.fullmatch(value):
             raise InvalidRecord(f"field '{name}' has an invalid format: {value[:64]!r}")
         return value
 
@@ -77,7 +77,7 @@ def sha256_hex(*, allow_empty: bool = False) -> Checker:
 
 def peer_id() -> Checker:
     def check(name: str, value: Any, wire: bool) -> str:
-        if not isinstance(value, str) or not _PEER_ID.match(value):
+        if not isinstance(value, str) or not _PEER_ID.fullmatch(value):
             raise InvalidRecord(f"field '{name}' must be a base58 libp2p peer id")
         return value
 
@@ -89,7 +89,7 @@ def maddrs() -> Checker:
         if not isinstance(value, (list, tuple)) or len(value) > MAX_MADDRS:
             raise InvalidRecord(f"field '{name}' must be a list of at most {MAX_MADDRS} multiaddrs")
         for item in value:
-            if not isinstance(item, str) or not _MADDR.match(item):
+            if not isinstance(item, str) or not _MADDR.fullmatch(item):
                 raise InvalidRecord(f"field '{name}' holds an invalid multiaddr: {str(item)[:64]!r}")
         return tuple(value)
 

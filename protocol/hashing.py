@@ -25,7 +25,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def is_sha256_hex(value: object) -> bool:
-    return isinstance(value, str) and _SHA256_HEX.match(value) is not None
+    # fullmatch, as everywhere in protocol/: `$` alone also accepts a trailing newline
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 
 
 def chunk_count(size: int) -> int:

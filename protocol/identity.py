@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -19,7 +19,7 @@ SIGNATURE_BYTES = 64
 
 
 def is_signer_id(value: object) -> bool:
-    return isinstance(value, str) and _SIGNER_HEX.match(value) is not None
+    return isinstance(value, str) and _SIGNER_HEX.fullmatch(value) is not None
 
 
 class Identity:
@@ -38,7 +38,7 @@ class Identity:
     def from_pem(cls, pem: bytes) -> "Identity":
         try:
             key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as error:  # OpenSSL fails in many ways
             raise InvalidIdentity(f"not a PEM ed25519 private key: {error}") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise InvalidIdentity(f"identity key is {type(key).__name__}, expected ed25519")

@@ -12,7 +12,7 @@ from protocol.errors import InvalidRecord
 BEACON_PREFIX = "ddm-swarm/beacon/"
 _KEY = re.compile(
     r"^(?P<swarm>[0-9a-f]{64})/(?:(?P<simple>claims|router|peers)"
-    r"|ckpt/(?P<cluster>[0-9]{1,4})|providers/(?P<blob>[0-9a-f]{64}))$"
+    r"|ckpt/(?P<cluster>0|[1-9][0-9]{0,3})|providers/(?P<blob>[0-9a-f]{64}))$"
 )
 _BEACON = re.compile(r"^ddm-swarm/beacon/(?P<name>[A-Za-z0-9._-]{1,64})$")
 
@@ -62,10 +62,10 @@ def parse_key(key: str) -> ParsedKey:
     """Split a DHT key of this protocol into its parts; raise `InvalidRecord` for any other key."""
     if not isinstance(key, str):
         raise InvalidRecord(f"DHT key must be a string, got {type(key).__name__}")
-    beacon = _BEACON.match(key)
+    beacon = _BEACON.fullmatch(key)
     if beacon:
         return ParsedKey("beacon", swarm_name=beacon["name"])
-    match = _KEY.match(key)
+    match = _KEY.fullmatch(key)
     if not match:
         raise InvalidRecord(f"DHT key {key[:80]!r} is not a ddm-swarm key")
     if match["simple"]:

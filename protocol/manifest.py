@@ -8,8 +8,10 @@ loaded from YAML by the node) and fills defaults; errors name the offending fiel
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from protocol.encoding import canonical_encode
 from protocol.errors import InvalidManifest, SwarmVersionMismatch
@@ -20,6 +22,8 @@ from protocol.limits import PROTOCOL_VERSION
 DATASET_KINDS = ("embedded-digits", "small-digits", "image-folder", "webdataset")
 ROUTING_STRATEGIES = ("top1", "top2", "top3", "full")
 _SCALARS = (str, int, float, bool)
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+               Mapping: "a mapping"}
 
 
 class _Fields:
@@ -45,7 +49,7 @@ class _Fields:
         if isinstance(value, bool) and kind in (int, float):
             raise InvalidManifest(f"manifest field '{self._name(key)}' must be a number, got a boolean")
         if not isinstance(value, kind):
-            wanted = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            wanted = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise InvalidManifest(f"manifest field '{self._name(key)}' must be {wanted}, got {value!r:.60}")
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidManifest(f"manifest field '{self._name(key)}' must be finite")
@@ -301,10 +305,13 @@ def _model(data: Any, path: str) -> ModelSpec:
 def _cluster_experts(data: Mapping) -> Tuple[Tuple[int, str], ...]:
     pairs = []
     for key, model in data.items():
-        try:
+        # a cluster number, as YAML writes it (1) or as JSON must ("1"); never 1.5, true or "01"
+        if isinstance(key, int) and not isinstance(key, bool):
+            cluster = key
+        elif isinstance(key, str) and re.fullmatch(r"0|-?[1-9][0-9]{0,8}", key):
             cluster = int(key)
-        except (TypeError, ValueError):
-            raise InvalidManifest(f"manifest field 'cluster_experts' key {key!r} is not a cluster number") from None
+        else:
+            raise InvalidManifest(f"manifest field 'cluster_experts' key {key!r:.40} is not a cluster number")
         if not isinstance(model, str):
             raise InvalidManifest(f"manifest field 'cluster_experts.{key}' must name an expert model")
         pairs.append((cluster, model))

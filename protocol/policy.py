@@ -8,6 +8,7 @@ or foreign record is refused by all honest peers.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from protocol.errors import ExpirationTooFar, InvalidRecord, RecordExpired, SwarmVersionMismatch, UntrustedSigner
@@ -56,6 +57,9 @@ class RecordPolicy:
 
     def _check_time(self, record: SignedRecord, expiration_time: float, now: float) -> None:
         expires_at = record.expires_at  # type: ignore[attr-defined]
+        if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)) \
+                or not math.isfinite(expiration_time):
+            raise InvalidRecord(f"the DHT entry's expiration time must be a finite number, got {expiration_time!r:.40}")
         if expiration_time > expires_at + _EXPIRY_SLACK_S:
             raise InvalidRecord("the DHT entry would outlive the expiration its author signed")
         if expires_at < now - CLOCK_SKEW_S:

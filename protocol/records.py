@@ -20,7 +20,7 @@ from protocol.hashing import BlobRef
 from protocol.identity import Identity, verify_signature
 from protocol.limits import MAX_RECORD_BYTES, PROTOCOL_VERSION
 
-JOB_PATTERN = r"^(router|expert/[0-9]{1,4})$"
+JOB_PATTERN = r"^(router|expert/(0|[1-9][0-9]{0,3}))$"  # one spelling per job: no leading zeros
 OBJECTIVES = ("fm", "ddpm")
 CLAIM_STATES = ("training", "released")
 PEER_STATES = ("joining", "online", "offline")

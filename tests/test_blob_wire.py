@@ -8,29 +8,14 @@ from protocol.blob_wire import (FRAME_PREFIX_BYTES, BlobRequest, BlobResponse, d
                                 decode_response, decode_response_frame, request_body_length, response_body_length)
 from protocol.errors import InvalidBlobRequest, InvalidBlobResponse, ProtocolError
 from protocol.limits import MAX_BLOB_BYTES, MAX_BLOB_REQUEST_BYTES, MAX_RANGE_BYTES
+from tests import fuzz_targets
 
 SHA = "ab" * 32
-hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+hex64, requests, responses = fuzz_targets.hex64, fuzz_targets.blob_requests, fuzz_targets.blob_responses
 
-
-@st.composite
-def requests(draw):
-    sha = draw(hex64)
-    if draw(st.booleans()):
-        return BlobRequest.digests(sha)
-    start = draw(st.integers(0, MAX_BLOB_BYTES - 1))
-    end = draw(st.integers(start + 1, min(start + MAX_RANGE_BYTES, MAX_BLOB_BYTES)))
-    return BlobRequest.range(sha, start, end)
-
-
-responses = st.one_of(
-    st.integers(0, MAX_RANGE_BYTES).map(BlobResponse.ok),
-    st.builds(BlobResponse.refuse, st.sampled_from(["not-found", "bad-request", "busy"]), st.text(max_size=300)),
-)
 
 # Anything msgpack can carry, to build maps that look almost like requests.
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False),
-                    st.text(max_size=70), st.binary(max_size=70))
+scalars = fuzz_targets.msgpack_scalars
 near_requests = st.fixed_dictionaries(
     {},
     optional={"op": st.one_of(st.sampled_from(["digests", "range", "write"]), scalars),

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ddm_models.checkpoint import (CheckpointMetadata, InvalidCheckpoint, checkpoint_tensors, load_expert,
-                                   load_router, read_checkpoint, write_checkpoint)
+from ddm_models.checkpoint import (CheckpointMetadata, InvalidCheckpoint, checkpoint_tensors, content_checksum,
+                                   load_expert, load_router, read_checkpoint, write_checkpoint)
 from tests.ml_fixtures import random_expert, random_router, text_encoder, tiny_config
 
 
@@ -20,13 +20,17 @@ def _write_expert(path, expert, **metadata):
 
 
 def _rewrite(path, tensors=None, header=None):
-    """Re-save a checkpoint file with changed tensors or header (what a corrupt or hostile file holds)."""
+    """Re-save a checkpoint file with changed tensors or header, its checksum made to match (what a
+    hostile file holds: its author computes the checksum too)."""
     data = path.read_bytes()
     original_tensors = load_safetensors(data)
     length = int.from_bytes(data[:8], "little")
     original_header = json.loads(data[8:8 + length])["__metadata__"]
-    path.write_bytes(save_safetensors(tensors if tensors is not None else original_tensors,
-                                      metadata=header if header is not None else original_header))
+    new_tensors = tensors if tensors is not None else original_tensors
+    new_header = dict(header if header is not None else original_header)
+    if "checksum" in new_header:
+        new_header["checksum"] = content_checksum(new_header, new_tensors)
+    path.write_bytes(save_safetensors(new_tensors, metadata=new_header))
     return original_tensors, original_header
 
 
@@ -138,3 +142,19 @@ def test_a_router_file_is_not_loaded_as_an_expert(tmp_path):
 def test_a_checkpoint_reads_from_bytes_as_from_a_file(tmp_path):
     path = _write_expert(tmp_path / "e.safetensors", random_expert(cluster=1, objective="fm"))
     assert load_expert(path.read_bytes()).config == tiny_config("fm")
+
+
+def test_a_byte_that_rotted_on_disk_is_refused_as_corrupt(tmp_path):
+    path = _write_expert(tmp_path / "e.safetensors", random_expert(cluster=0))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # the low bit of a weight: still a finite number, so only the checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidCheckpoint, match="corrupt"):
+        read_checkpoint(path)
+
+
+def test_a_changed_metadata_value_is_refused_as_corrupt(tmp_path):
+    path = _write_expert(tmp_path / "e.safetensors", random_expert(cluster=0))
+    path.write_bytes(path.read_bytes().replace(b'"step":"7"', b'"step":"9"'))
+    with pytest.raises(InvalidCheckpoint, match="corrupt"):
+        read_checkpoint(path)

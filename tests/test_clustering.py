@@ -77,6 +77,22 @@ def test_tampered_split_file_is_refused(tmp_path, embedded_split):
         ClusterSplit.load(tmp_path / "split.npz")
 
 
+@pytest.mark.parametrize("damage", ["truncate", "zip directory", "array header"])
+def test_a_split_file_damaged_anywhere_is_refused_as_a_cluster_split_error(tmp_path, embedded_split, damage):
+    path = tmp_path / "split.npz"
+    embedded_split.save(path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "zip directory":
+        data[-30] ^= 0xFF
+    else:
+        data[data.index(b"{'descr'") + 3] ^= 0x20  # numpy's header dict no longer parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(ClusterSplitError, match=str(path)):
+        ClusterSplit.load(path)
+
+
 def test_memory_mapped_embeddings_split_like_in_memory_ones(tmp_path):
     points = np.random.default_rng(1).standard_normal((3000, 16)).astype(np.float32)
     points[:1000] += 4.0

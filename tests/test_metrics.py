@@ -86,6 +86,18 @@ def test_corrupt_cache_file_is_retrained_with_a_warning(small_cache, tmp_path):
     assert model.heldout_accuracy > 0.9 and corrupt.stat().st_size > 100
 
 
+def test_a_cache_file_whose_weights_rotted_on_disk_is_retrained_with_a_warning(small_cache, tmp_path):
+    cache, first = small_cache
+    (cached,) = cache.glob("digit-classifier-*.safetensors")
+    rotted = bytearray(cached.read_bytes())
+    rotted[-3] ^= 0x01  # a low bit of a weight: the file still loads, only the checksum can tell
+    (tmp_path / cached.name).write_bytes(bytes(rotted))
+    with pytest.warns(UserWarning, match="checksum"):
+        model = load_or_train_classifier(tmp_path, SMALL_RECIPE)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
 def test_training_is_deterministic_for_a_recipe(small_cache):
     _, cached = small_cache
     retrained = train_classifier(load_small_digits(), SMALL_RECIPE)

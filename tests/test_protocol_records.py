@@ -9,36 +9,16 @@ from hypothesis import given, settings, strategies as st
 
 from protocol.encoding import canonical_decode, canonical_encode
 from protocol.errors import BadSignature, InvalidRecord, ProtocolError, RecordTooLarge, SwarmVersionMismatch
-from protocol.hashing import BlobRef
 from protocol.identity import Identity
 from protocol.limits import MAX_RECORD_BYTES, PROTOCOL_VERSION
-from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord, SwarmBeacon,
-                              decode_record)
+from protocol.records import CheckpointRecord, Claim, SwarmBeacon, decode_record
+from tests import fuzz_targets
 from tests.protocol_fixtures import PEER_ID
 
 SIGNER = Identity.generate()
 OTHER = Identity.generate()
 
-hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
-peer_ids = st.text(alphabet="123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", min_size=32, max_size=60)
-counts = st.integers(min_value=0, max_value=2**62)
-times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
-names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40)
-jobs = st.one_of(st.just("router"), st.integers(0, 9999).map(lambda k: f"expert/{k}"))
-maddr_lists = st.lists(st.integers(1, 65535).map(lambda p: f"/ip4/127.0.0.1/tcp/{p}"), max_size=8)
-blobs = st.builds(BlobRef, hex64, st.integers(0, 2**36), hex64)
-
-records = st.one_of(
-    st.builds(Claim, hex64, jobs, names, peer_ids, counts, st.sampled_from(["training", "released"]), times),
-    st.builds(CheckpointRecord, hex64, st.integers(0, 9999), names, st.sampled_from(["fm", "ddpm"]), hex64,
-              counts, counts, st.floats(0, 1e6), blobs, st.one_of(st.just(""), hex64), times, times),
-    st.builds(RouterRecord, hex64, names, hex64, st.integers(1, 9999), counts, counts, st.floats(0, 1), blobs,
-              st.one_of(st.just(""), hex64), times, times),
-    st.builds(ProviderRecord, hex64, hex64, peer_ids, maddr_lists, times),
-    st.builds(PeerRecord, hex64, peer_ids, maddr_lists, st.sampled_from(["trainer", "client", "bootstrap"]),
-              st.one_of(st.just(""), jobs), st.sampled_from(["joining", "online", "offline"]), names, times),
-    st.builds(SwarmBeacon, hex64, names, st.integers(1, 100), times),
-)
+records = fuzz_targets.records  # shared with the fuzz targets
 
 
 @settings(max_examples=300, deadline=None)

@@ -15,6 +15,7 @@ from ddm_models.text import (
     MiniLMEncoder,
     OpenCLIPEncoder,
     TextBatch,
+    TextEncoderError,
     TextEncoderUnavailable,
     TextEncoderWeightsMismatch,
     build_text_encoder,
@@ -116,6 +117,8 @@ def test_build_text_encoder_defaults_to_cached_minilm():
 def test_unknown_encoder_name_is_refused():
     with pytest.raises(ValueError, match="openclip"):
         build_text_encoder("bert-large")
+    with pytest.raises(TextEncoderError, match="openclip"):  # what the command line reports in one line
+        build_text_encoder("openclip:")
 
 
 def test_openclip_without_local_weights_says_what_to_install():

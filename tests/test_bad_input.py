@@ -1,0 +1,115 @@
+"""Bad input from users and files, met through the real `ddm-swarm` command line: every anticipated
+failure is one line on stderr that names the problem (which file, which field, what to do), exit
+status 1, no traceback, and nothing written or lost."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.swarm_harness import ROOT, run_cli
+
+TINY = ROOT / "tests" / "manifests" / "tiny.yaml"
+
+
+def refused(result, *phrases: str) -> str:
+    """Assert a clean failure and return its error line."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output  # one line, even for a long message
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+    return errors[0]
+
+
+def manifest_with(tmp_path: Path, change) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    change(data)
+    path = tmp_path / "swarm.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("text, phrases", [
+    ("name: [tiny\n", ["not valid YAML", "line 2"]),
+    ("name: tiny\nname: other\n", ["not valid YAML", "'name' appears twice"]),
+    ("name: tiny\n\t- x\n", ["not valid YAML", "line 2"]),
+])
+def test_a_manifest_that_is_not_valid_yaml_is_named_with_the_line(tmp_path, text, phrases):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    refused(run_cli("swarm", "show", "--swarm", str(path)), str(path), *phrases)
+
+
+@pytest.mark.parametrize("change, phrases", [
+    (lambda d: d["clustering"].update(num_clusters="two"), ["clustering.num_clusters", "must be an integer"]),
+    (lambda d: d.update(colour="blue"), ["unknown field(s) colour"]),
+    (lambda d: d.update(router=5), ["'router' must be a mapping"]),
+    (lambda d: d.update(cluster_experts={1.5: "tiny-fm"}), ["cluster_experts", "not a cluster number"]),
+    (lambda d: d["timing"].update(lease_s=-2), ["timing.lease_s", "positive"]),
+])
+def test_a_manifest_field_of_the_wrong_type_or_unknown_is_named(tmp_path, change, phrases):
+    path = manifest_with(tmp_path, change)
+    refused(run_cli("swarm", "show", "--swarm", str(path)), str(path), *phrases)
+
+
+def test_a_manifest_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    refused(run_cli("swarm", "show", "--swarm", str(path)), "cannot read manifest", str(path))
+
+
+@pytest.mark.parametrize("change, phrases", [
+    (lambda d: d["experts"][0].update(architecture={"size": "digits-8x8", "widht": 64}), ["model 'tiny-fm'", "widht"]),
+    (lambda d: d["experts"][1]["architecture"].update(width=100, heads=3), ["model 'tiny-ddpm'", "multiple of heads"]),
+    (lambda d: d.update(text_encoder="bert"), ["text_encoder", "unknown text encoder 'bert'"]),
+])
+def test_a_model_ddm_models_cannot_build_stops_the_node_before_it_writes_anything(tmp_path, change, phrases):
+    path = manifest_with(tmp_path, change)
+    data_dir = tmp_path / "node"
+    refused(run_cli("node", "--swarm", str(path), "--data-dir", str(data_dir)), *phrases)
+    assert not data_dir.exists()  # refused before joining: no identity, no claim, no files
+
+
+@pytest.mark.parametrize("command", [["node"], ["status"], ["generate", "the digit 3"]])
+def test_an_unknown_swarm_name_lists_the_bundled_swarms(command):
+    refused(run_cli(*command, "--swarm", "no-such-swarm"), "unknown swarm 'no-such-swarm'", "local")
+
+
+def test_a_missing_manifest_file_is_named():
+    refused(run_cli("swarm", "show", "--swarm", "/nonexistent/swarm.yaml"), "/nonexistent/swarm.yaml does not exist")
+
+
+@pytest.mark.parametrize("prompts, phrase", [
+    ([""], "a prompt is empty"), (["   "], "a prompt is empty"), (["x" * 5000], "5000 characters long"),
+    (["the digit 3", "--num", "0"], "--num must be >= 1"),
+])
+def test_empty_huge_or_too_many_prompts_are_refused_before_joining_the_swarm(prompts, phrase):
+    refused(run_cli("generate", *prompts, "--swarm", str(TINY)), phrase)
+
+
+def test_a_damaged_identity_file_is_named_and_left_as_it_was(tmp_path):
+    key = tmp_path / "node" / "identity.pem"
+    key.parent.mkdir()
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    before = key.read_bytes()
+    refused(run_cli("node", "--swarm", str(TINY), "--data-dir", str(key.parent)), str(key), "restore it from a backup")
+    assert key.read_bytes() == before  # never replaced by a fresh key: that would change the node's signer
+
+
+def test_a_damaged_libp2p_key_file_is_named(tmp_path):
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / "p2p.key").write_bytes(b"\x0a\x05torn")
+    (data_dir / "p2p.key").chmod(0o600)
+    refused(run_cli("node", "--swarm", str(TINY), "--data-dir", str(data_dir)), str(data_dir / "p2p.key"), "delete it")
+
+
+def test_a_data_dir_that_cannot_be_created_is_named(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("a file where the data dir's parent should be")
+    data_dir = blocked / "node"  # nobody, not even root, can create a directory inside a file
+    refused(run_cli("node", "--swarm", str(TINY), "--data-dir", str(data_dir)), str(data_dir))
