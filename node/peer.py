@@ -31,7 +31,7 @@ from node.blobstore import BlobStore
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
 from node.files import atomic_write_bytes
 from node.jobs import SwarmData, expert_config, prepare_swarm_data, router_config, training_options
-from node.keys import load_or_create_identity, prepare_p2p_identity_path
+from node.keys import identities_for_join
 from node.membership import SwarmMembership
 from node.mirror import Mirror
 from node.network import NetworkLoop
@@ -102,10 +102,11 @@ class SwarmNode:
             self._leave()
 
     def _join(self) -> None:
-        identity = load_or_create_identity(self.data_dir / "identity.pem")
-        self.membership = SwarmMembership(
-            self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
-            port=self.options.port, p2p_identity_path=prepare_p2p_identity_path(self.data_dir / "p2p.key"))
+        # nothing is written to the data folder until the node has joined
+        with identities_for_join(self.data_dir / "identity.pem", self.data_dir / "p2p.key") as (identity, p2p_key):
+            self.membership = SwarmMembership(
+                self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
+                port=self.options.port, p2p_identity_path=p2p_key)
         for problem in self.membership.beacon_problems():
             logger.warning(problem)
         self.membership.announce_beacon()

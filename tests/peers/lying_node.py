@@ -1,10 +1,17 @@
-"""A peer that announces a checkpoint it should not: properly signed (by an allowed key or not),
-with a step far ahead of everyone, but whose bytes are garbage or are served corrupted.
+"""A peer that announces a checkpoint record and serves its blob, honestly or not.
 
     python -m tests.peers.lying_node --manifest M --initial-peers A --identity KEY --cluster 0
-        --behaviour garbage|corrupt|honest-record-unlisted
+        --behaviour garbage|corrupt|file [--file CKPT] [--step S] [--model NAME]
+        [--stall-after-bytes N] [--provide-only] --store DIR
 
-Prints one JSON line {"sha256": ..., "signer": ...} once announced, then keeps announcing.
+- garbage: the blob is random bytes (properly signed, with a step far ahead of everyone);
+- corrupt: the signed hash is of the true bytes, what is served is not;
+- file: the blob is the checkpoint file `--file` (a real one, or a wrong-architecture or NaN one).
+`--stall-after-bytes` serves that many body bytes, then stays connected and silent. `--provide-only`
+announces itself as a provider of the blob but publishes no checkpoint record (a second copy).
+
+Prints one JSON line {"sha256": ..., "signer": ..., "peer_id": ...} once announced, then keeps
+providing.
 """
 
 import argparse
@@ -23,6 +30,7 @@ from node.membership import SwarmMembership
 from node.network import NetworkLoop
 from node.swarm_files import read_manifest_file
 from protocol.records import CheckpointRecord, ProviderRecord
+from tests.peers.blob_provider import MisbehavingServer
 
 
 def main() -> None:
@@ -32,7 +40,11 @@ def main() -> None:
     parser.add_argument("--identity", required=True)
     parser.add_argument("--cluster", type=int, default=0)
     parser.add_argument("--step", type=int, default=10**6)
-    parser.add_argument("--behaviour", choices=["garbage", "corrupt"], required=True)
+    parser.add_argument("--model", default=None, help="model of the manifest (default: the cluster's)")
+    parser.add_argument("--behaviour", choices=["garbage", "corrupt", "file"], required=True)
+    parser.add_argument("--file", default=None)
+    parser.add_argument("--stall-after-bytes", type=int, default=None)
+    parser.add_argument("--provide-only", action="store_true")
     parser.add_argument("--store", required=True)
     args = parser.parse_args()
     manifest = read_manifest_file(args.manifest)
@@ -40,17 +52,21 @@ def main() -> None:
                                  initial_peers=args.initial_peers)
     store = BlobStore(args.store)
     loop = NetworkLoop()
-    BlobService(membership, store, loop)
-    ref = store.put_bytes(os.urandom(300_000))
+    service = BlobService(membership, store, loop, serve=args.stall_after_bytes is None)
+    if args.stall_after_bytes is not None:
+        server = MisbehavingServer(store, stall_after=args.stall_after_bytes, rate_mb_s=None)
+        loop.run(server.start(service.p2p), timeout=60)
+    ref = store.put_file(args.file) if args.behaviour == "file" else store.put_bytes(os.urandom(300_000))
     if args.behaviour == "corrupt":  # the signed hash is of the true bytes; what is served is not
         with open(store.path(ref.sha256), "r+b") as blob:
             blob.seek(1000)
             blob.write(b"\x00" * 64)
-    spec = manifest.expert_for_cluster(args.cluster)
-    now = get_dht_time()
-    record = CheckpointRecord(membership.swarm_id, args.cluster, spec.name, spec.objective, spec.spec_hash,
-                              args.step, args.step * 32, 0.001, ref, "", now, now + 600).signed_by(membership.identity)
-    membership.publish(record, confirm=False)
+    if not args.provide_only:
+        spec = manifest.expert_spec(args.model) if args.model else manifest.expert_for_cluster(args.cluster)
+        now = get_dht_time()
+        record = CheckpointRecord(membership.swarm_id, args.cluster, spec.name, spec.objective, spec.spec_hash,
+                                  args.step, args.step * 32, 0.001, ref, "", now, now + 600)
+        membership.publish(record.signed_by(membership.identity), confirm=False)
 
     def keep_providing() -> None:
         while True:
@@ -61,7 +77,8 @@ def main() -> None:
             time.sleep(manifest.timing.lease_s)
 
     threading.Thread(target=keep_providing, daemon=True).start()
-    print(json.dumps({"sha256": ref.sha256, "signer": membership.identity.signer_id}), flush=True)
+    print(json.dumps({"sha256": ref.sha256, "signer": membership.identity.signer_id,
+                      "peer_id": membership.peer_id}), flush=True)
     threading.Event().wait()
 
 
