@@ -25,9 +25,10 @@ import torch
 from ddm_models.text import build_text_encoder
 from ddm_models.training import ExpertTrainer, RouterTrainer
 from node.announcer import Announcer, new_checkpoint_record
-from node.assembly import rank
+from node.assembly import check_header, rank
 from node.blob_service import BlobService
 from node.blobstore import BlobStore
+from node.candidates import MAX_FAILURES, obtainable
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
 from node.files import atomic_write_bytes
 from node.jobs import SwarmData, expert_config, prepare_swarm_data, router_config, training_options
@@ -194,11 +195,14 @@ class SwarmNode:
         records = self.membership.routers() if job == ROUTER_JOB else \
             self.membership.checkpoints(int(job.split("/")[1]))
         spec_hash = (self.manifest.router if job == ROUTER_JOB else self.manifest.expert_spec(self.lease.model)).spec_hash
-        for record in rank([r for r in records if r.spec_hash == spec_hash]):
-            if record.step <= self.trainer.step:
+        newer = [r for r in rank(records) if r.spec_hash == spec_hash and r.step > self.trainer.step]
+        for failures, record in enumerate(obtainable(newer, self.membership, self.store, self.manifest)):
+            if failures >= MAX_FAILURES:
+                logger.warning(f"no usable checkpoint of {job} among the first {failures} the swarm offers")
                 break
             try:
                 path = self.blobs.fetch(record.blob)
+                check_header(path, record, self.manifest)  # what its record says: job, model, step
                 self.trainer.init_from_checkpoint(path)
             except Exception as error:  # a bad or unreachable checkpoint: try the next one
                 logger.warning(f"cannot resume from {record.blob.sha256[:12]} (step {record.step}): {error}")
