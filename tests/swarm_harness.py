@@ -145,6 +145,17 @@ class NodeProcess(LineProcess):
         self.data_dir = data_dir
 
 
+def wait_until(condition, timeout: float, what: str, every: float = 1.0):
+    """The first truthy value of `condition()`, polled every `every` s; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run one `ddm-swarm` command to completion."""
     return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,

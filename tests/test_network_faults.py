@@ -16,8 +16,8 @@ from protocol.limits import CHUNK_BYTES
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
 from tests.checkpoint_fixtures import write_expert_checkpoint
-from tests.swarm_harness import ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli
-from tests.test_swarm_e2e import wait_until
+from tests.swarm_harness import (ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli,
+                                 wait_until)
 
 pytestmark = pytest.mark.timeout(300)
 TINY = ROOT / "tests" / "manifests" / "tiny.yaml"
