@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import List, Sequence
 
-from node.keys import load_or_create_identity, prepare_p2p_identity_path
+from node.keys import identities_for_join
 from node.membership import SwarmMembership
 from node.presence import Presence
 from protocol.manifest import SwarmManifest
@@ -25,10 +25,10 @@ class BootstrapPeer:
     def __init__(self, manifest: SwarmManifest, identity_path: Path, *, host: str = "0.0.0.0", port: int = 31337,
                  initial_peers: Sequence[str] = (), announce_maddrs: Sequence[str] = ()):
         identity_path = Path(identity_path)
-        signer = load_or_create_identity(identity_path.with_name(identity_path.name + ".signer.pem"))
-        self.membership = SwarmMembership(manifest, signer, initial_peers=initial_peers, host=host, port=port,
-                                          p2p_identity_path=prepare_p2p_identity_path(identity_path),
-                                          announce_maddrs=announce_maddrs)
+        signer_path = identity_path.with_name(identity_path.name + ".signer.pem")
+        with identities_for_join(signer_path, identity_path) as (signer, p2p_key):
+            self.membership = SwarmMembership(manifest, signer, initial_peers=initial_peers, host=host, port=port,
+                                              p2p_identity_path=p2p_key, announce_maddrs=announce_maddrs)
         self.presence = Presence(self.membership, role="bootstrap")
         self._stop = threading.Event()
 

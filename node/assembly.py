@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from ddm_models.checkpoint import InvalidCheckpoint, load_expert, load_router
+from safetensors import SafetensorError, safe_open
+
+from ddm_models.checkpoint import CheckpointMetadata, InvalidCheckpoint, load_expert, load_router
 from ddm_models.router import Router
 from ddm_models.sampling import EnsembleSampler, LoadedExpert, SampleResult
 from ddm_models.text import TextEncoder, build_text_encoder
+from node.candidates import MAX_FAILURES, Passed, obtainable
 from node.errors import NodeError
 from node.files import atomic_write_bytes
 from node.jobs import expert_config, router_config
@@ -57,25 +60,41 @@ def rank(records: List[Record]) -> List[Record]:
     return sorted(records, key=lambda r: (-r.step, metric(r), -r.created_at))
 
 
+def check_header(path: Path, record: Record, manifest: SwarmManifest) -> CheckpointMetadata:
+    """Check a checkpoint file's header against its signed record before any tensor is loaded: the
+    kind, the architecture of the record's model in this swarm, the cluster and the step. A record
+    that points at another job's, another model's or an older checkpoint is refused here, so a
+    replayed or doctored record can neither poison an ensemble nor roll a job back."""
+    where = f"checkpoint {record.blob.sha256[:12]}"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = CheckpointMetadata.from_header(handle.metadata(), where)
+    except (SafetensorError, OSError, ValueError) as error:
+        if isinstance(error, InvalidCheckpoint):
+            raise
+        raise InvalidCheckpoint(f"{where} is not a readable safetensors file: {error}") from None
+    if isinstance(record, RouterRecord):
+        expected, cluster = router_config(manifest), -1
+    else:
+        expected, cluster = expert_config(manifest.expert_spec(record.model), manifest), record.cluster
+    if metadata.config_hash != expected.config_hash():
+        raise InvalidCheckpoint(f"{where} holds another architecture than model '{record.model}' of swarm "
+                                f"'{manifest.name}'")
+    if metadata.cluster != cluster or metadata.step != record.step:
+        raise InvalidCheckpoint(f"{where} is {metadata.kind} of cluster {metadata.cluster} at step {metadata.step}, "
+                                f"its record claims cluster {cluster} step {record.step}")
+    return metadata
+
+
 def check_expert(path: Path, record: CheckpointRecord, manifest: SwarmManifest) -> LoadedExpert:
     """Load an expert checkpoint and check it is what its signed record says; `InvalidCheckpoint` if not."""
-    expert = load_expert(path)
-    expected = expert_config(manifest.expert_spec(record.model), manifest)
-    if expert.config.config_hash() != expected.config_hash():
-        raise InvalidCheckpoint(f"checkpoint {record.blob.sha256[:12]} holds another architecture than model "
-                                f"'{record.model}' of swarm '{manifest.name}'")
-    if expert.metadata.cluster != record.cluster or expert.metadata.step != record.step:
-        raise InvalidCheckpoint(f"checkpoint {record.blob.sha256[:12]} is cluster {expert.metadata.cluster} step "
-                                f"{expert.metadata.step}, its record claims cluster {record.cluster} step {record.step}")
-    return expert
+    check_header(path, record, manifest)
+    return load_expert(path)
 
 
 def check_router(path: Path, record: RouterRecord, manifest: SwarmManifest) -> Router:
-    router = load_router(path)
-    if router.config.config_hash() != router_config(manifest).config_hash():
-        raise InvalidCheckpoint(f"router checkpoint {record.blob.sha256[:12]} holds another architecture than "
-                                f"swarm '{manifest.name}''s router")
-    return router
+    check_header(path, record, manifest)
+    return load_router(path)
 
 
 @dataclass
@@ -181,6 +200,7 @@ class Assembler:
         self.manifest, self.membership, self.blobs = manifest, membership, blobs
         self.verify, self.heldout, self.progress = verify, heldout, progress
         self.rejected: List[Tuple[str, str]] = []  # (sha256, reason)
+        self._failures = 0  # of the job being assembled
 
     def _fetch(self, record: Record) -> Optional[Path]:
         what = f"{record.KIND} {record.blob.sha256[:12]}"
@@ -192,21 +212,29 @@ class Assembler:
             return None
 
     def _reject(self, record: Record, reason: str) -> None:
+        self._failures += 1
         self.rejected.append((record.blob.sha256, reason))
         logger.warning(f"skipping {record.KIND} {record.blob.sha256[:12]} (step {record.step}, signer "
                        f"{record.signer[:12]}): {reason}")
 
     def _candidates(self, read: Callable[[], List[Record]]):
-        """Records best first; if every one tried was unreachable, read the DHT again once (a trainer
-        may have replaced the record we read by a newer one in the meantime)."""
-        tried = set()
+        """Obtainable records best first (see `node.candidates`); if every one tried failed, read the
+        DHT again once (a trainer may have replaced the record we read by a newer one meanwhile).
+        Gives up after `MAX_FAILURES` failed candidates, so a flood of records costs a bounded time."""
+        tried, self._failures = set(), 0
         for attempt in range(2):
-            for record in rank(read()):
-                if record.blob.sha256 not in tried:
-                    tried.add(record.blob.sha256)
-                    yield record
+            passed = Passed()
+            fresh = [record for record in rank(read()) if record.blob.sha256 not in tried]
+            for record in obtainable(fresh, self.membership, self.blobs.store, self.manifest, passed):
+                if self._failures >= MAX_FAILURES:
+                    logger.warning(f"gave up on this job after {self._failures} unusable checkpoints")
+                    return
+                tried.add(record.blob.sha256)
+                yield record
             if attempt == 0:
                 time.sleep(1.0)
+        if passed:
+            logger.info(f"passed over {passed.describe()}")
 
     def expert(self, cluster: int) -> Optional[Tuple[LoadedExpert, CheckpointRecord, Path]]:
         for record in self._candidates(lambda: self.membership.checkpoints(cluster)):

@@ -4,6 +4,10 @@ Jobs are the swarm's clusters ("expert/<k>") and the router ("router"). A joinin
 with the fewest live claims, then the least progress; several trainers per job are allowed once
 every job is covered. Claims are leases renewed every T and expiring after 3T, so a node that dies
 orphans its job within 3T and the next node resumes it from the swarm's latest checkpoint.
+
+A claim costs nothing, so a peer may claim jobs it never trains. A claimer is *proven* on a job once
+it has a live checkpoint record of that job; a job whose claimers are all unproven is taken before
+any job with a proven trainer, so squatters cannot keep honest nodes off a job by piling claims on it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -46,10 +50,16 @@ def _spread(signer: str, job: str) -> str:
     return hashlib.sha256(f"{signer}/{job}".encode()).hexdigest()
 
 
-def choose_job(jobs: List[str], claims: Iterable[Claim], progress: Dict[str, int], me: str, now: float) -> str:
-    """The job with the fewest live claims by others, then the least progress."""
-    holders = live_claimers(claims, now)
-    return min(jobs, key=lambda job: (len([s for s in holders.get(job, []) if s != me]),
+def choose_job(jobs: List[str], claims: Iterable[Claim], progress: Dict[str, int], me: str, now: float,
+               proven: Optional[Dict[str, Set[str]]] = None) -> str:
+    """The job with the fewest proven claimers other than `me`, then the fewest live claims by
+    others, then the least progress. `proven`: job -> signers with a live checkpoint record of it."""
+    holders, proven = live_claimers(claims, now), proven or {}
+
+    def others(job: str) -> List[str]:
+        return [signer for signer in holders.get(job, []) if signer != me]
+
+    return min(jobs, key=lambda job: (len([s for s in others(job) if s in proven.get(job, ())]), len(others(job)),
                                       progress.get(job, 0), _spread(me, job)))
 
 
@@ -88,16 +98,18 @@ class Lease:
             logger.warning(f"could not release the claim on {self.job}: {error}")
 
 
-def progress_by_job(membership: SwarmMembership, jobs: List[str]) -> Dict[str, int]:
-    """Latest announced step of every job, from the swarm's checkpoint and router records."""
+def progress_by_job(membership: SwarmMembership, jobs: List[str]) -> Tuple[Dict[str, int], Dict[str, Set[str]]]:
+    """Latest announced step of every job, and who announced a checkpoint of it (live records only)."""
     progress: Dict[str, int] = {}
+    proven: Dict[str, Set[str]] = {}
     for job in jobs:
         if job == ROUTER_JOB:
             records = membership.routers()
         else:
             records = membership.checkpoints(int(job.split("/")[1]))
         progress[job] = max((r.step for r in records), default=0)
-    return progress
+        proven[job] = {r.signer for r in records}
+    return progress, proven
 
 
 def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, forced: Optional[str] = None,
@@ -106,8 +118,8 @@ def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, fo
     import time
 
     me = membership.identity.signer_id
-    progress = progress_by_job(membership, jobs)
-    job = forced or choose_job(jobs, membership.claims(), progress, me, get_dht_time())
+    progress, proven = progress_by_job(membership, jobs)
+    job = forced or choose_job(jobs, membership.claims(), progress, me, get_dht_time(), proven)
     lease = Lease(membership, job, model_for_job(job))
     lease.renew(progress.get(job, 0))
     for _ in range(0 if forced else rounds):
@@ -117,7 +129,7 @@ def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, fo
             break
         lease.release(0)
         others = [c for c in claims if c.signer != me]
-        job = choose_job([j for j in jobs if j != lease.job] or jobs, others, progress, me, get_dht_time())
+        job = choose_job([j for j in jobs if j != lease.job] or jobs, others, progress, me, get_dht_time(), proven)
         logger.info(f"{lease.job} is taken by a peer that started at the same time; moving to {job}")
         lease = Lease(membership, job, model_for_job(job))
         lease.renew(progress.get(job, 0))

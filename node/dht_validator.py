@@ -22,7 +22,7 @@ from protocol.errors import InvalidRecord, ProtocolError
 from protocol.keys import parse_key
 from protocol.manifest import SwarmManifest
 from protocol.policy import RecordPolicy, key_for_record
-from protocol.records import decode_record
+from protocol.record_cache import RecordCache
 
 logger = logging.getLogger("ddm_swarm.validator")
 
@@ -38,6 +38,7 @@ class SwarmRecordValidator(RecordValidatorBase):
     def __init__(self, manifest: SwarmManifest):
         self.manifest = manifest
         self.policy = RecordPolicy(manifest)
+        self.records = RecordCache()  # hivemind validates every entry of every answer: verify each once
         self.refused: Counter = Counter()
         self.accepted = 0
 
@@ -49,7 +50,7 @@ class SwarmRecordValidator(RecordValidatorBase):
             raise InvalidRecord("swarm records must be stored under a signer subkey")
         if not isinstance(value, bytes):
             raise InvalidRecord(f"swarm record values must be bytes, got {type(value).__name__}")
-        decoded = decode_record(value)
+        decoded = self.records.decode(value)
         key = key_for_record(decoded)
         if dht_key_id(key) != record.key:
             raise InvalidRecord(f"{decoded.KIND} record stored under a key other than {key[:80]}")

@@ -1,10 +1,17 @@
-"""Identity key files: created once with 0600 permissions, refused if others can read them."""
+"""Identity key files: created once with 0600 permissions, refused if others can read them.
+
+A peer's two keys (its ed25519 signing identity and hivemind's libp2p key) are written to its data
+folder only once it has joined: a first start that cannot reach the swarm leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Tuple
 
 from cryptography.hazmat.primitives import serialization
 from hivemind.proto import crypto_pb2
@@ -49,16 +56,6 @@ def load_or_create_identity(path: Path) -> Identity:
     return identity
 
 
-def prepare_p2p_identity_path(path: Path) -> str:
-    """hivemind writes its libp2p key to `path` on first start; keep it private across restarts."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        check_private_file(path)
-        check_p2p_key_file(path)
-    return str(path)
-
-
 def check_p2p_key_file(path: Path) -> None:
     """Refuse a libp2p key file that p2pd could not parse (it would fail with a message that does
     not name the file), saying what to do."""
@@ -71,3 +68,24 @@ def check_p2p_key_file(path: Path) -> None:
     except Exception as error:  # protobuf's DecodeError, cryptography's ValueError and kin: all mean "damaged"
         raise InvalidIdentity(f"libp2p key file {path} is unusable ({type(error).__name__}: {error}); delete it and "
                               "restart: the node gets a new peer id, its signing identity stays") from None
+
+
+@contextmanager
+def identities_for_join(signer_path: Path, p2p_path: Path) -> Iterator[Tuple[Identity, str]]:
+    """(signing identity, libp2p key path) to join with; new keys are kept only if the block succeeds.
+
+    Existing key files are used in place. A new libp2p key is written by hivemind into a private
+    temporary folder (p2pd reads it once, at start); on success both new keys move to their paths.
+    """
+    signer_path, p2p_path = Path(signer_path), Path(p2p_path)
+    identity = load_identity(signer_path) if signer_path.exists() else Identity.generate()
+    if p2p_path.exists():
+        check_private_file(p2p_path)
+        check_p2p_key_file(p2p_path)
+    with tempfile.TemporaryDirectory(prefix="ddm-swarm-join-") as staging:
+        staged = Path(staging) / p2p_path.name
+        yield identity, str(p2p_path if p2p_path.exists() else staged)
+        if staged.exists():
+            atomic_write_bytes(p2p_path, staged.read_bytes(), mode=0o600)
+    if not signer_path.exists():
+        save_identity(identity, signer_path)

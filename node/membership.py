@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from functools import partial
-from typing import Iterable, List, Optional, Sequence, Type, TypeVar
+from typing import Dict, Iterable, List, Optional, Sequence, Type, TypeVar
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2PDaemonError
@@ -29,8 +29,9 @@ from protocol.identity import Identity
 from protocol.limits import MAX_EXPIRATION_AHEAD_S
 from protocol.manifest import SwarmManifest
 from protocol.policy import RecordPolicy, describe_beacon, key_for_record
+from protocol.record_cache import RecordCache
 from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord, SignedRecord,
-                              SwarmBeacon, decode_record)
+                              SwarmBeacon)
 
 logger = logging.getLogger("ddm_swarm.membership")
 R = TypeVar("R", bound=SignedRecord)
@@ -72,6 +73,7 @@ class SwarmMembership:
         self.manifest, self.identity = manifest, identity
         self.swarm_id = manifest.swarm_id
         self.policy = RecordPolicy(manifest)
+        self.records = RecordCache()  # a key is read again and again; verify each record's signature once
         self.initial_peers = check_initial_peers(initial_peers)
         self._lock = threading.Lock()  # hivemind's DHT handle is driven through one pipe: one call at a time
         options = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"], nat_port_map=nat_traversal, auto_nat=nat_traversal,
@@ -119,12 +121,16 @@ class SwarmMembership:
             return {}
         return {subkey: (item.value, item.expiration_time) for subkey, item in result.value.items()}
 
-    def read(self, key: str, kind: Type[R]) -> List[R]:
-        """Every acceptable record under `key`, of type `kind`; anything else is logged and dropped."""
+    def _get_many(self, keys: Sequence[str]) -> Dict[str, dict]:
+        """Several keys in one DHT traversal: key -> {subkey: (value, expiration)} (absent if not found)."""
+        with self._lock:
+            return self.dht.run_coroutine(partial(_get_many, list(keys)), return_future=True).result(DHT_CALL_TIMEOUT_S)
+
+    def _accept(self, key: str, entries: dict, kind: Type[R]) -> List[R]:
         records, now, parsed = [], get_dht_time(), keys.parse_key(key)
-        for subkey, (value, expiration) in self._get(key).items():
+        for subkey, (value, expiration) in entries.items():
             try:
-                record = decode_record(value, expected=kind)
+                record = self.records.decode(value, expected=kind)
                 self.policy.check(parsed, subkey, record, expiration, now)
             except ProtocolError as error:
                 logger.warning(f"dropped a {kind.KIND} entry under {key[:60]}: {error}")
@@ -132,6 +138,10 @@ class SwarmMembership:
             if record.expires_at >= now:  # type: ignore[attr-defined]
                 records.append(record)
         return records
+
+    def read(self, key: str, kind: Type[R]) -> List[R]:
+        """Every acceptable record under `key`, of type `kind`; anything else is logged and dropped."""
+        return self._accept(key, self._get(key), kind)
 
     def claims(self) -> List[Claim]:
         return self.read(keys.claims_key(self.swarm_id), Claim)
@@ -144,6 +154,16 @@ class SwarmMembership:
 
     def providers(self, blob_sha256: str) -> List[ProviderRecord]:
         return self.read(keys.providers_key(self.swarm_id, blob_sha256), ProviderRecord)
+
+    def providers_of(self, blob_sha256s: Sequence[str]) -> Dict[str, List[ProviderRecord]]:
+        """Provider records of several blobs at once (one DHT traversal); blobs nobody provides are absent."""
+        wanted = {keys.providers_key(self.swarm_id, sha): sha for sha in dict.fromkeys(blob_sha256s)}
+        found = {}
+        for key, entries in self._get_many(list(wanted)).items():
+            records = self._accept(key, entries, ProviderRecord)
+            if records:
+                found[wanted[key]] = records
+        return found
 
     def peers(self) -> List[PeerRecord]:
         return self.read(keys.peers_key(self.swarm_id), PeerRecord)
@@ -192,6 +212,12 @@ async def _exit_with_parent(parent_pid: int, _dht, node) -> None:
             os._exit(0)
 
     asyncio.get_running_loop().create_task(watch())
+
+
+async def _get_many(keys: List[str], _dht, node) -> Dict[str, dict]:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    return {key: {subkey: (item.value, item.expiration_time) for subkey, item in result.value.items()}
+            for key, result in found.items() if result is not None and isinstance(result.value, dict)}
 
 
 async def _validator_stats(_dht, node) -> dict:

@@ -11,6 +11,7 @@ from node.announcer import Announcer
 from ddm_models.checkpoint import InvalidCheckpoint
 from node.assembly import check_expert, check_router, rank
 from node.blob_service import BlobService
+from node.candidates import MAX_FAILURES, obtainable
 from node.claims import ROUTER_JOB
 from node.errors import NodeError
 from node.membership import SwarmMembership
@@ -52,9 +53,15 @@ class Mirror:
         records = (self.membership.routers() if job == ROUTER_JOB
                    else self.membership.checkpoints(int(job.split("/")[1])))
         mine = self.membership.identity.signer_id
-        for best in (r for r in rank(records) if r.signer != mine and r.blob.sha256 not in self.refused):
+        others = [r for r in rank(records) if r.signer != mine and r.blob.sha256 not in self.refused]
+        failures = 0
+        for best in obtainable(others, self.membership, self.blobs.store, self.membership.manifest):
             if self.mirrored.get(job) == best.blob.sha256:
                 return
+            if failures >= MAX_FAILURES:  # a flood of unusable records: try again next round
+                self.fetching = None
+                return
+            failures += 1
             self.fetching = best.blob.sha256
             try:
                 path = self.blobs.fetch(best.blob)

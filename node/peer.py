@@ -28,16 +28,17 @@ from hivemind.utils.timed_storage import get_dht_time
 from ddm_models.text import build_text_encoder
 from ddm_models.training import ExpertTrainer, RouterTrainer
 from node.announcer import Announcer, new_checkpoint_record
-from node.assembly import rank
+from node.assembly import check_header, rank
 from node.blob_service import BlobService
 from node.blobstore import BlobStore
+from node.candidates import MAX_FAILURES, obtainable
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
 from ddm_models.checkpoint import InvalidCheckpoint
 from node.errors import DiskFull
 from node.files import atomic_write_bytes, hold_exclusive_lock
 from node.jobs import (SwarmData, check_model_specs, expert_config, prepare_swarm_data, router_config,
                        training_options)
-from node.keys import load_or_create_identity, prepare_p2p_identity_path
+from node.keys import identities_for_join
 from node.membership import SwarmMembership
 from node.mirror import Mirror
 from node.network import NetworkLoop
@@ -135,10 +136,11 @@ class SwarmNode:
             self._leave()
 
     def _join(self) -> None:
-        identity = load_or_create_identity(self.data_dir / "identity.pem")
-        self.membership = SwarmMembership(
-            self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
-            port=self.options.port, p2p_identity_path=prepare_p2p_identity_path(self.data_dir / "p2p.key"))
+        # nothing is written to the data folder until the node has joined
+        with identities_for_join(self.data_dir / "identity.pem", self.data_dir / "p2p.key") as (identity, p2p_key):
+            self.membership = SwarmMembership(
+                self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
+                port=self.options.port, p2p_identity_path=p2p_key)
         self._data_dir_lock = hold_exclusive_lock(self.data_dir / "node.lock", f"data dir {self.data_dir}")
         for problem in self.membership.beacon_problems():
             logger.warning(problem)
@@ -254,11 +256,14 @@ class SwarmNode:
         mine = [r for r in records if r.signer == self.membership.identity.signer_id]
         if mine:  # what the DHT holds for us from before a restart: its blob stays until a newer one is confirmed
             self.announcer.confirmed[job] = rank(mine)[0].blob.sha256
-        for record in rank(records):
-            if record.step <= self.trainer.step:
+        newer = [r for r in rank(records) if r.step > self.trainer.step]
+        for failures, record in enumerate(obtainable(newer, self.membership, self.store, self.manifest)):
+            if failures >= MAX_FAILURES:
+                logger.warning(f"no usable checkpoint of {job} among the first {failures} the swarm offers")
                 break
             try:
                 path = self.blobs.fetch(record.blob)
+                check_header(path, record, self.manifest)  # what its record says: job, model, step
                 self.trainer.init_from_checkpoint(path)
             except Exception as error:  # a bad or unreachable checkpoint: try the next one
                 logger.warning(f"cannot resume from {record.blob.sha256[:12]} (step {record.step}): {error}")

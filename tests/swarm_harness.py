@@ -121,9 +121,11 @@ class DhtPeer(LineProcess):
 class BootstrapProcess(LineProcess):
     """`ddm-swarm bootstrap` as a user runs it."""
 
-    def __init__(self, manifest_path: Path, identity: Path, port: int = 0):
-        super().__init__([sys.executable, "-m", "node.cli", "bootstrap", "--swarm", str(manifest_path),
-                          "--identity", str(identity), "--host", "127.0.0.1", "--port", str(port)])
+    def __init__(self, manifest_path: Path, identity: Path, port: int = 0, initial_peers: List[str] = (),
+                 host: str = "127.0.0.1", prefix: List[str] = ()):
+        super().__init__([*prefix, sys.executable, "-m", "node.cli", "bootstrap", "--swarm", str(manifest_path),
+                          "--identity", str(identity), "--host", host, "--port", str(port),
+                          *sum([["--initial-peers", p] for p in initial_peers], [])])
         self.maddrs: List[str] = []
         while True:
             line = self.wait_for(lambda l: "--initial-peers" in l or l.startswith("ready"), timeout=60)
@@ -141,6 +143,17 @@ class NodeProcess(LineProcess):
                           str(data_dir), "--host", "127.0.0.1", *sum([["--initial-peers", p] for p in initial_peers], []),
                           *extra], env=child_env(COLUMNS="200"))
         self.data_dir = data_dir
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 1.0):
+    """The first truthy value of `condition()`, polled every `every` s; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -54,3 +54,19 @@ def test_only_the_larger_signers_of_a_shared_job_move_while_a_job_is_uncovered()
     assert not should_move("expert/0", JOBS, claims, a.signer_id, NOW)
     covered = claims + [_claim(job, Identity.generate()) for job in JOBS[1:]]
     assert not should_move("expert/0", JOBS, covered, b.signer_id, NOW)  # redundancy once all are covered
+
+
+def test_a_job_held_only_by_claimers_that_never_checkpoint_is_taken_before_a_trained_one():
+    trainer, squatters = Identity.generate(), [Identity.generate() for _ in range(3)]
+    claims = [_claim("expert/0", trainer)] + [_claim(job, who) for job in JOBS[1:] for who in squatters]
+    proven = {"expert/0": {trainer.signer_id}}
+    choice = choose_job(JOBS, claims, {"expert/0": 400}, Identity.generate().signer_id, NOW, proven)
+    assert choice != "expert/0"
+    # without the evidence of checkpoints, the squatters' piles of claims would push it onto expert/0
+    assert choose_job(JOBS, claims, {"expert/0": 400}, Identity.generate().signer_id, NOW) == "expert/0"
+
+
+def test_a_free_job_still_comes_before_a_squatted_one():
+    squatter = Identity.generate()
+    claims = [_claim(job, squatter) for job in JOBS if job != "router"]
+    assert choose_job(JOBS, claims, {}, Identity.generate().signer_id, NOW, {}) == "router"

@@ -13,8 +13,8 @@ from node.swarm_files import write_manifest_file
 from protocol.identity import Identity
 from protocol.keys import claims_key
 from protocol.limits import MAX_RECORD_BYTES
-from protocol.records import Claim, decode_record
-from tests.protocol_fixtures import manifest
+from protocol.records import CheckpointRecord, Claim, ProviderRecord, decode_record
+from tests.protocol_fixtures import checkpoint_fields, manifest
 from tests.swarm_harness import BootstrapProcess, DhtPeer, LineProcess, child_env
 
 pytestmark = pytest.mark.timeout(240)
@@ -150,3 +150,75 @@ def test_join_with_no_live_initial_peer_fails_naming_every_peer(swarm):
     output = "".join(process.output)
     assert "none of the initial peers answered" in output
     assert all(address in output for address in dead)
+
+
+# --- replays, squatters and floods ---------------------------------------------------------------
+def _checkpoints_seen(swarm, cluster=1):
+    return [[decode_record(bytes.fromhex(r)) for r in peer.call("read", family="checkpoints", cluster=cluster)["records"]]
+            for peer in swarm["peers"]]
+
+
+def _adversary_stores_record(swarm, record, expiration=None):
+    from protocol.policy import key_for_record
+
+    swarm["adversary"].call("store_raw", key=key_for_record(record), subkey=record.signer, value=record.encode().hex(),
+                            expiration=record.expires_at if expiration is None else expiration)
+
+
+@pytest.fixture(scope="module")
+def replay_victim(swarm):
+    """A trainer's old (step 40) and newer (step 80) checkpoint records; the newer one is published."""
+    trainer = Identity.generate()
+    now = time.time()
+    old = CheckpointRecord(**checkpoint_fields(swarm["manifest"], step=40, created_at=now - 30,
+                                               expires_at=now + 570)).signed_by(trainer)
+    new = CheckpointRecord(**checkpoint_fields(swarm["manifest"], step=80, created_at=now,
+                                               expires_at=now + 600)).signed_by(trainer)
+    swarm["peers"][0].call("publish", record=new.encode().hex())
+    return trainer, old, new
+
+
+def _steps_of(seen, signer):
+    return [[r.step for r in records if r.signer == signer] for records in seen]
+
+
+def test_replayed_old_checkpoint_record_does_not_roll_the_job_back(swarm, replay_victim):
+    trainer, old, new = replay_victim
+    _adversary_stores_record(swarm, old)  # the same bytes and signature, replayed
+    _adversary_stores_record(swarm, old, expiration=new.expires_at + 60)  # and made to look newer to hivemind
+    assert _steps_of(_checkpoints_seen(swarm), trainer.signer_id) == [[80], [80], [80]]
+
+
+def test_replayed_record_with_a_newer_timestamp_is_refused_for_its_broken_signature(swarm, replay_victim):
+    trainer, old, new = replay_victim
+    bumped = dataclasses.replace(old, created_at=time.time(), expires_at=new.expires_at + 60)  # keeps old's signature
+    _adversary_stores_record(swarm, bumped)
+    assert _steps_of(_checkpoints_seen(swarm), trainer.signer_id) == [[80], [80], [80]]
+    assert all(peer.call("stats")["refused"].get("BadSignature", 0) > 0 for peer in swarm["peers"])
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "provider"])
+def test_far_future_squat_of_any_record_kind_is_refused_by_every_honest_peer(swarm, kind):
+    squatter, far = Identity.generate(), time.time() + 365 * 24 * 3600
+    m = swarm["manifest"]
+    if kind == "checkpoint":
+        record = CheckpointRecord(**checkpoint_fields(m, cluster=2, expires_at=far)).signed_by(squatter)
+        seen = lambda peer: peer.call("read", family="checkpoints", cluster=2)["records"]  # noqa: E731
+    else:
+        record = ProviderRecord(m.swarm_id, "ab" * 32, swarm["adversary"].peer_id, (), far).signed_by(squatter)
+        seen = lambda peer: peer.call("read", family="providers", sha256="ab" * 32)["records"]  # noqa: E731
+    _adversary_stores_record(swarm, record)
+    assert [seen(peer) for peer in swarm["peers"]] == [[], [], []]
+
+
+def test_flood_of_valid_claims_from_fresh_identities_keeps_reads_bounded_and_honest_claims_visible(swarm):
+    flood = swarm["adversary"].call("flood", timeout=300, family="claims", count=3000)
+    assert flood["stored"] == 3000
+    honest = _claim(swarm["manifest"], swarm["peers"][0].peer_id, signer=Identity.generate())
+    swarm["peers"][0].call("publish", record=honest.encode().hex())  # confirmed by reading the flooded key back
+    for peer in swarm["peers"]:
+        reply = peer.call("read", timeout=120, family="claims")
+        assert len(reply["records"]) >= 3000
+        assert honest.encode().hex() in reply["records"]
+        again = peer.call("read", timeout=120, family="claims")  # the flood's signatures are checked once
+        assert again["seconds"] < 15.0

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 
 from hivemind.dht import DHT
 
@@ -15,6 +16,7 @@ from node.membership import SwarmMembership
 from node.swarm_files import read_manifest_file
 from protocol.identity import Identity
 from protocol.records import decode_record
+from tests.peers.flood import flood_entries
 
 FAMILIES = {"claims": "claims", "peers": "peers", "router": "routers"}
 
@@ -48,13 +50,19 @@ def main() -> None:
                                subkey=command["subkey"])
             reply = {"stored": bool(stored)}
         elif op == "read":
+            started = time.monotonic()
             if command["family"] == "checkpoints":
                 records = membership.checkpoints(command["cluster"])
             elif command["family"] == "providers":
                 records = membership.providers(command["sha256"])
             else:
                 records = getattr(membership, FAMILIES[command["family"]])()
-            reply = {"records": [r.encode().hex() for r in records]}
+            reply = {"records": [r.encode().hex() for r in records], "seconds": time.monotonic() - started}
+        elif op == "flood":  # thousands of valid records from fresh identities, made and stored in the DHT process
+            # (hivemind's pipe to its DHT process cannot carry megabytes of arguments)
+            stored = dht.run_coroutine(partial(_flood, args.manifest, command["family"], command["count"],
+                                               command.get("options", {})))
+            reply = {"stored": stored}
         elif op == "get_raw":
             found = dht.get(command["key"], latest=True)
             subkeys = list(found.value) if found is not None and isinstance(found.value, dict) else []
@@ -70,6 +78,19 @@ def main() -> None:
         membership.shutdown()
     else:
         dht.shutdown()
+
+
+FLOOD_BATCH = 1000  # entries per store request: hivemind messages are capped at 4 MiB
+
+
+async def _flood(manifest_path: str, family: str, count: int, options: dict, _dht, node) -> int:
+    entries = flood_entries(read_manifest_file(manifest_path), family, count, **options)
+    stored = 0
+    for start in range(0, len(entries), FLOOD_BATCH):
+        keys, subkeys, values, expirations = (list(column) for column in zip(*entries[start:start + FLOOD_BATCH]))
+        result = await node.store_many(keys, values, expirations, subkeys=subkeys)
+        stored += len(keys) if all(result.values()) else 0
+    return stored
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
-"""A peer that announces a checkpoint it should not: properly signed (by an allowed key or not),
-with a step far ahead of everyone, but whose bytes are garbage or are served corrupted.
+"""A peer that announces a checkpoint record and serves its blob, honestly or not.
 
     python -m tests.peers.lying_node --manifest M --initial-peers A --identity KEY --cluster 0
-        --behaviour garbage|corrupt|honest-record-unlisted
+        --behaviour garbage|corrupt|file [--file CKPT] [--step S] [--model NAME]
+        [--stall-after-bytes N] [--provide-only] --store DIR
 
-Prints one JSON line {"sha256": ..., "signer": ...} once announced, then keeps announcing.
+- garbage: the blob is random bytes (properly signed, with a step far ahead of everyone);
+- corrupt: the signed hash is of the true bytes, what is served is not;
+- file: the blob is the checkpoint file `--file` (a real one, or a wrong-architecture or NaN one);
+  with several files and steps, each record is signed by a fresh identity.
+`--stall-after-bytes` serves that many body bytes, then stays connected and silent. `--provide-only`
+announces itself as a provider of the blob but publishes no checkpoint record (a second copy).
+
+Prints one JSON line {"sha256": ..., "signer": ..., "peer_id": ...} once announced, then keeps
+providing.
 """
 
 import argparse
@@ -22,7 +30,9 @@ from node.keys import load_or_create_identity
 from node.membership import SwarmMembership
 from node.network import NetworkLoop
 from node.swarm_files import read_manifest_file
+from protocol.identity import Identity
 from protocol.records import CheckpointRecord, ProviderRecord
+from tests.peers.blob_provider import MisbehavingServer
 
 
 def main() -> None:
@@ -31,8 +41,12 @@ def main() -> None:
     parser.add_argument("--initial-peers", nargs="+", required=True)
     parser.add_argument("--identity", required=True)
     parser.add_argument("--cluster", type=int, default=0)
-    parser.add_argument("--step", type=int, default=10**6)
-    parser.add_argument("--behaviour", choices=["garbage", "corrupt"], required=True)
+    parser.add_argument("--step", type=int, nargs="+", default=[10**6])
+    parser.add_argument("--model", default=None, help="model of the manifest (default: the cluster's)")
+    parser.add_argument("--behaviour", choices=["garbage", "corrupt", "file"], required=True)
+    parser.add_argument("--file", nargs="+", default=[], help="with several, each is announced by a fresh signer")
+    parser.add_argument("--stall-after-bytes", type=int, default=None)
+    parser.add_argument("--provide-only", action="store_true")
     parser.add_argument("--store", required=True)
     args = parser.parse_args()
     manifest = read_manifest_file(args.manifest)
@@ -40,28 +54,37 @@ def main() -> None:
                                  initial_peers=args.initial_peers)
     store = BlobStore(args.store)
     loop = NetworkLoop()
-    BlobService(membership, store, loop)
-    ref = store.put_bytes(os.urandom(300_000))
+    service = BlobService(membership, store, loop, serve=args.stall_after_bytes is None)
+    if args.stall_after_bytes is not None:
+        server = MisbehavingServer(store, stall_after=args.stall_after_bytes, rate_mb_s=None)
+        loop.run(server.start(service.p2p), timeout=60)
+    blobs = [store.put_file(path) for path in args.file] if args.behaviour == "file" else \
+        [store.put_bytes(os.urandom(300_000))]
     if args.behaviour == "corrupt":  # the signed hash is of the true bytes; what is served is not
-        with open(store.path(ref.sha256), "r+b") as blob:
+        with open(store.path(blobs[0].sha256), "r+b") as blob:
             blob.seek(1000)
             blob.write(b"\x00" * 64)
-    spec = manifest.expert_for_cluster(args.cluster)
-    now = get_dht_time()
-    record = CheckpointRecord(membership.swarm_id, args.cluster, spec.name, spec.objective, spec.spec_hash,
-                              args.step, args.step * 32, 0.001, ref, "", now, now + 600).signed_by(membership.identity)
-    membership.publish(record, confirm=False)
+    signers = [membership.identity] + [Identity.generate() for _ in blobs[1:]]
+    if not args.provide_only:
+        spec = manifest.expert_spec(args.model) if args.model else manifest.expert_for_cluster(args.cluster)
+        now = get_dht_time()
+        for ref, step, signer in zip(blobs, args.step, signers):
+            record = CheckpointRecord(membership.swarm_id, args.cluster, spec.name, spec.objective, spec.spec_hash,
+                                      step, step * 32, 0.001, ref, "", now, now + 600)
+            membership.publish(record.signed_by(signer), confirm=False)
 
     def keep_providing() -> None:
         while True:
             expires = get_dht_time() + 3 * manifest.timing.lease_s
-            provider = ProviderRecord(membership.swarm_id, ref.sha256, membership.peer_id,
-                                      tuple(membership.maddrs[:8]), expires)
-            membership.publish(provider.signed_by(membership.identity), confirm=False)
+            for ref in blobs:
+                provider = ProviderRecord(membership.swarm_id, ref.sha256, membership.peer_id,
+                                          tuple(membership.maddrs[:8]), expires)
+                membership.publish(provider.signed_by(membership.identity), confirm=False)
             time.sleep(manifest.timing.lease_s)
 
     threading.Thread(target=keep_providing, daemon=True).start()
-    print(json.dumps({"sha256": ref.sha256, "signer": membership.identity.signer_id}), flush=True)
+    print(json.dumps({"sha256": blobs[0].sha256, "sha256s": [ref.sha256 for ref in blobs],
+                      "signer": membership.identity.signer_id, "peer_id": membership.peer_id}), flush=True)
     threading.Event().wait()
 
 

@@ -1,0 +1,36 @@
+"""Real expert checkpoint files without training: the right architecture of a manifest's model
+(random initial weights), or a poisoned one (another architecture, NaN weights), as a peer that
+lies would publish them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ddm_models.checkpoint import CheckpointMetadata, checkpoint_tensors, write_checkpoint
+from ddm_models.experts import build_expert
+from node.jobs import expert_config
+from protocol.manifest import SwarmManifest
+
+POISONS = ("none", "wrong-architecture", "nan")
+
+
+def write_expert_checkpoint(manifest: SwarmManifest, model: str, cluster: int, step: int, path: Path, *,
+                            poison: str = "none", seed: int = 0) -> Path:
+    """An expert checkpoint of `model` for `cluster` at `step` (EMA and training weights, no optimizer
+    state). `poison`: "wrong-architecture" holds a narrower model than the spec names; "nan" has a
+    NaN in its weights (metadata and shapes are right)."""
+    config = expert_config(manifest.expert_spec(model), manifest)
+    if poison == "wrong-architecture":
+        config = dataclasses.replace(config, width=config.width // 2)
+    torch.manual_seed(seed)
+    state = build_expert(config).state_dict()
+    if poison == "nan":
+        first = next(name for name, value in state.items() if value.is_floating_point())
+        state[first] = state[first].clone()
+        state[first].view(-1)[0] = float("nan")
+    metadata = CheckpointMetadata(kind="expert", config=config, cluster=cluster, step=step, samples_seen=32 * step,
+                                  heldout_metric=0.01)
+    return write_checkpoint(path, metadata, checkpoint_tensors(state, state))

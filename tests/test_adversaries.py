@@ -1,0 +1,134 @@
+"""Adversaries in an open swarm, with real processes on 127.0.0.1: a squatter that claims jobs it
+never trains, peers that announce poisoned checkpoints (NaN weights, another architecture, a record
+that claims a later step than its file), and a Sybil flood of valid-looking records. Honest nodes
+still take the squatted jobs and train them, a node resuming a job skips every poisoned checkpoint,
+and the honest ensemble still assembles. The tests run in order on one swarm.
+"""
+
+import json
+import sys
+import time
+
+import pytest
+import yaml
+
+from node.keys import load_identity
+from node.swarm_files import write_manifest_file
+from protocol.identity import Identity
+from protocol.manifest import SwarmManifest
+from protocol.records import Claim, decode_record
+from tests.checkpoint_fixtures import write_expert_checkpoint
+from tests.swarm_harness import ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli, wait_until
+
+pytestmark = pytest.mark.timeout(420)
+TINY = ROOT / "tests" / "manifests" / "tiny.yaml"
+SQUATTED = ("expert/1", "router")
+FLOOD = 1000
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adversaries")
+    manifest = SwarmManifest.from_dict(yaml.safe_load(TINY.read_text()))
+    path = tmp / "open.yaml"
+    write_manifest_file(manifest, path)
+    boot = BootstrapProcess(path, tmp / "boot.key")
+    peers = boot.maddrs
+    trainer = NodeProcess(path, tmp / "a", peers, "--job", "expert/0")  # trains all along
+    observer = DhtPeer(path, peers)
+    state = {"tmp": tmp, "path": path, "manifest": manifest, "peers": peers, "observer": observer,
+             "nodes": {"a": trainer}, "others": []}
+    yield state
+    for process in [*state["nodes"].values(), *state["others"], observer, boot]:
+        process.kill()
+
+
+def records(swarm, family, **extra):
+    reply = swarm["observer"].call("read", family=family, **extra)
+    return [decode_record(bytes.fromhex(hex_)) for hex_ in reply["records"]]
+
+
+def signer_of(swarm, name):
+    return wait_until(lambda: (swarm["tmp"] / name / "identity.pem").exists() and
+                      load_identity(swarm["tmp"] / name / "identity.pem").signer_id, 120, f"node {name} to join")
+
+
+def announced(swarm, cluster, signer):
+    return [r for r in records(swarm, "checkpoints", cluster=cluster) if r.signer == signer]
+
+
+def job_of(swarm, signer):
+    jobs = [c.job for c in records(swarm, "claims") if c.signer == signer and c.state == "training"]
+    return jobs[0] if jobs else None
+
+
+def test_squatted_jobs_are_taken_by_an_honest_node_that_then_trains_one(swarm):
+    now = time.time()
+    for job in SQUATTED:  # three claims each, living the longest a claim may (15 min), never trained
+        for _ in range(3):
+            claim = Claim(swarm["manifest"].swarm_id, job, "tiny-fm", swarm["observer"].peer_id, 10**6, "training",
+                          now + 800).signed_by(Identity.generate())
+            swarm["observer"].call("publish", record=claim.encode().hex())
+    a = signer_of(swarm, "a")
+    wait_until(lambda: announced(swarm, 0, a), 180, "the trainer of expert/0 to checkpoint")
+    # expert/0 has one claim (a proven trainer), the squatted jobs three each: by claim counts alone
+    # a newcomer would join expert/0
+    b_node = NodeProcess(swarm["path"], swarm["tmp"] / "b", swarm["peers"], "--max-steps", "40")
+    swarm["nodes"]["b"] = b_node
+    b = signer_of(swarm, "b")
+    job = wait_until(lambda: job_of(swarm, b), 120, "the newcomer's claim")
+    assert job in SQUATTED
+    cluster = 1 if job == "expert/1" else None
+    wait_until(lambda: (announced(swarm, cluster, b) if cluster is not None else
+                        [r for r in records(swarm, "router") if r.signer == b]), 180, f"a checkpoint of {job}")
+    swarm["b_job"] = job
+
+
+def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swarm):
+    tmp, manifest = swarm["tmp"], swarm["manifest"]
+    poisoned = [write_expert_checkpoint(manifest, "tiny-fm", 0, 10**6 + 2, tmp / "nan.safetensors", poison="nan"),
+                write_expert_checkpoint(manifest, "tiny-fm", 0, 10**6 + 1, tmp / "narrow.safetensors",
+                                        poison="wrong-architecture"),
+                write_expert_checkpoint(manifest, "tiny-fm", 0, 5, tmp / "old.safetensors")]  # claims 10**6 below
+    liar = LineProcess([sys.executable, "-m", "tests.peers.lying_node", "--manifest", str(swarm["path"]),
+                        "--initial-peers", *swarm["peers"], "--identity", str(tmp / "liar" / "identity.pem"),
+                        "--cluster", "0", "--behaviour", "file", "--file", *map(str, poisoned),
+                        "--step", str(10**6 + 2), str(10**6 + 1), str(10**6), "--store", str(tmp / "liar-store")],
+                       env=child_env())
+    swarm["others"].append(liar)
+    swarm["liar_shas"] = json.loads(liar.wait_for(lambda line: line.startswith("{"), timeout=90))["sha256s"]
+    adversary = DhtPeer(swarm["path"], swarm["peers"], adversary=True)
+    swarm["others"].append(adversary)
+    assert adversary.call("flood", timeout=300, family="checkpoints", count=FLOOD, options={"cluster": 0})["stored"]
+    assert adversary.call("flood", timeout=300, family="claims", count=FLOOD)["stored"]
+    wait_until(lambda: len(records(swarm, "checkpoints", cluster=0)) > FLOOD + 3, 60, "the poison and the flood")
+
+    a = signer_of(swarm, "a")
+    d = NodeProcess(swarm["path"], tmp / "d", swarm["peers"], "--job", "expert/0")
+    swarm["nodes"]["d"] = d
+    line = d.wait_for(lambda text: "resumed orphaned expert/0" in text, timeout=180)
+    step = int(line.split("at step")[1].split()[0])
+    every = swarm["manifest"].timing.checkpoint_every_steps
+    assert 40 <= step <= announced(swarm, 0, a)[0].step and step % every == 0  # one of the trainer's own
+    output = "".join(d.output)
+    assert output.count("cannot resume from") >= 3  # NaN weights, another architecture, an older file
+    first = wait_until(lambda: announced(swarm, 0, signer_of(swarm, "d")), 180, "the resumed node's checkpoint")
+    assert first[0].step > step
+
+
+def test_honest_ensemble_assembles_despite_every_adversary(swarm):
+    started = time.monotonic()
+    out = swarm["tmp"] / "ensemble"
+    result = run_cli("fetch", "--swarm", str(swarm["path"]), "--out", str(out), "--cache-dir",
+                     str(swarm["tmp"] / "fetch-cache"), *sum([["--initial-peers", p] for p in swarm["peers"]], []))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 150
+    index = json.loads((out / "ensemble.json").read_text())
+    used = [decode_record(bytes.fromhex(entry["record"])) for entry in index["checkpoints"]]
+    honest = {signer_of(swarm, name) for name in ("a", "b", "d")}
+    assert {r.signer for r in used} <= honest
+    assert not {r.blob.sha256 for r in used} & set(swarm["liar_shas"])
+    jobs = {"router" if r.KIND == "router" else f"expert/{r.cluster}" for r in used}
+    assert jobs == {"expert/0", swarm["b_job"]}
+    for process in [*swarm["nodes"].values(), swarm["observer"]]:
+        assert process.alive()
