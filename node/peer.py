@@ -34,7 +34,7 @@ from node.blobstore import BlobStore
 from node.candidates import MAX_FAILURES, obtainable
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
 from ddm_models.checkpoint import InvalidCheckpoint
-from node.errors import DiskFull
+from node.errors import DiskFull, NodeError
 from node.files import atomic_write_bytes, hold_exclusive_lock
 from node.jobs import (SwarmData, check_model_specs, expert_config, prepare_swarm_data, router_config,
                        training_options)
@@ -50,6 +50,7 @@ from protocol.records import CheckpointRecord, RouterRecord
 logger = logging.getLogger("ddm_swarm.node")
 # Test only (benchmarks/crash_loop.py): widen the gaps between a checkpoint's steps so that random
 # kills land in them too. Unset, as in production, it costs one comparison per checkpoint.
+RESUME_ROUNDS = 3  # reads of the swarm's checkpoint records when resuming (see _resume_from_swarm)
 CHECKPOINT_PAUSE_S = float(os.environ.get("DDM_SWARM_TEST_CHECKPOINT_PAUSE_S") or 0)
 
 
@@ -249,34 +250,54 @@ class SwarmNode:
                     "swarm's latest") from None
             self._set(resumed_from=f"local step {self.trainer.step}")
             logger.info(f"resumed {job} from this node's own state at step {self.trainer.step}")
-        records = self.membership.routers() if job == ROUTER_JOB else \
-            self.membership.checkpoints(int(job.split("/")[1]))
-        spec_hash = (self.manifest.router if job == ROUTER_JOB else self.manifest.expert_spec(self.lease.model)).spec_hash
-        records = [r for r in records if r.spec_hash == spec_hash]
-        mine = [r for r in records if r.signer == self.membership.identity.signer_id]
-        if mine:  # what the DHT holds for us from before a restart: its blob stays until a newer one is confirmed
-            self.announcer.confirmed[job] = rank(mine)[0].blob.sha256
-        newer = [r for r in rank(records) if r.step > self.trainer.step]
-        for failures, record in enumerate(obtainable(newer, self.membership, self.store, self.manifest)):
-            if failures >= MAX_FAILURES:
-                logger.warning(f"no usable checkpoint of {job} among the first {failures} the swarm offers")
-                break
-            try:
-                path = self.blobs.fetch(record.blob)
-                check_header(path, record, self.manifest)  # what its record says: job, model, step
-                self.trainer.init_from_checkpoint(path)
-            except Exception as error:  # a bad or unreachable checkpoint: try the next one
-                logger.warning(f"cannot resume from {record.blob.sha256[:12]} (step {record.step}): {error}")
-                continue
-            self.parent_blob = record.blob.sha256
-            self.announcer.provide(record.blob.sha256)
-            self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
-            logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
-                        f"(signer {record.signer[:12]}…)")
-            break
+        self._resume_from_swarm(job)
         self._announce_again(job)
         self._last_ckpt_step = self.trainer.step
         self._set(step=self.trainer.step)
+
+    def _resume_from_swarm(self, job: str) -> None:
+        """Continue from the best usable checkpoint of `job` in the swarm that is newer than ours.
+
+        The swarm's latest moves while we fetch: a live trainer keeps only its last two checkpoints,
+        so a record read a few seconds ago may name a blob its provider has already dropped. When
+        every candidate of a round was unreachable, records are read again (at most RESUME_ROUNDS
+        times); a candidate refused for its content is never tried twice.
+        """
+        spec_hash = (self.manifest.router if job == ROUTER_JOB else self.manifest.expert_spec(self.lease.model)).spec_hash
+        refused: Set[str] = set()
+        for round_ in range(RESUME_ROUNDS):
+            records = self.membership.routers() if job == ROUTER_JOB else \
+                self.membership.checkpoints(int(job.split("/")[1]))
+            records = [r for r in records if r.spec_hash == spec_hash]
+            mine = [r for r in records if r.signer == self.membership.identity.signer_id]
+            if mine and round_ == 0:  # the DHT's record of ours from before a restart: its blob stays until a newer one is confirmed
+                self.announcer.confirmed[job] = rank(mine)[0].blob.sha256
+            newer = [r for r in rank(records) if r.step > self.trainer.step and r.blob.sha256 not in refused]
+            unreachable = 0
+            for failures, record in enumerate(obtainable(newer, self.membership, self.store, self.manifest)):
+                if failures >= MAX_FAILURES:
+                    logger.warning(f"no usable checkpoint of {job} among the first {failures} the swarm offers")
+                    return
+                try:
+                    path = self.blobs.fetch(record.blob)
+                    check_header(path, record, self.manifest)  # what its record says: job, model, step
+                    self.trainer.init_from_checkpoint(path)
+                except Exception as error:  # a bad or unreachable checkpoint: try the next one
+                    if isinstance(error, NodeError):
+                        unreachable += 1
+                    else:
+                        refused.add(record.blob.sha256)
+                    logger.warning(f"cannot resume from {record.blob.sha256[:12]} (step {record.step}): {error}")
+                    continue
+                self.parent_blob = record.blob.sha256
+                self.announcer.provide(record.blob.sha256)
+                self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
+                logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
+                            f"(signer {record.signer[:12]}…)")
+                return
+            if not unreachable:
+                return
+            logger.info(f"reading {job}'s checkpoints again: {unreachable} were unreachable")
 
     def _announce_again(self, job: str) -> None:
         """After a restart, announce the latest checkpoint this node published (a crash may have cut
