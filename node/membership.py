@@ -64,6 +64,10 @@ class _NodeDHT(DHT):
         super().run()
 
 
+# A killed node's daemon stops within ~6 s (1 s poll + 5 s shutdown); wait a little longer than that.
+IDENTITY_RELEASE_S = 20.0
+
+
 class SwarmMembership:
     """Joins the swarm's DHT and publishes/reads its signed records."""
 
@@ -82,16 +86,31 @@ class SwarmMembership:
             options["identity_path"] = p2p_identity_path
         if announce_maddrs:
             options["announce_maddrs"] = list(announce_maddrs)
-        try:
-            self.dht = _NodeDHT(initial_peers=self.initial_peers or None, start=True, **options)
-        except P2PDaemonError as error:
-            if self.initial_peers and "bootstrap" in str(error):
-                raise JoinFailed("none of the initial peers answered: " + ", ".join(self.initial_peers)
-                                 + ". Check that at least one of them is running and reachable.") from None
-            raise JoinFailed(f"could not start the local p2p daemon: {error}") from None
+        self.dht = self._start_dht(options, p2p_identity_path)
         self.dht.run_coroutine(partial(_exit_with_parent, os.getpid()))
         self.peer_id = str(self.dht.peer_id)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def _start_dht(self, options: dict, p2p_identity_path: Optional[str]) -> "_NodeDHT":
+        """Start the DHT process and p2pd. A node restarted right after a kill may find its previous
+        daemon still answering for its peer id (it stops within seconds of its node's death, see
+        `_exit_with_parent`): that case is retried for IDENTITY_RELEASE_S before it is an error."""
+        deadline = time.monotonic() + IDENTITY_RELEASE_S
+        while True:
+            try:
+                return _NodeDHT(initial_peers=self.initial_peers or None, start=True, **options)
+            except P2PDaemonError as error:
+                if self.initial_peers and "bootstrap" in str(error):
+                    raise JoinFailed("none of the initial peers answered: " + ", ".join(self.initial_peers)
+                                     + ". Check that at least one of them is running and reachable.") from None
+                if "already taken" not in str(error):
+                    raise JoinFailed(f"could not start the local p2p daemon: {error}") from None
+                if time.monotonic() > deadline:
+                    raise JoinFailed(f"another running peer uses this node's libp2p identity {p2p_identity_path}: "
+                                     "is the same --data-dir in use by another node? Stop it, or give this node "
+                                     "another --data-dir") from None
+                logger.info("this node's peer id still answers elsewhere (a previous run stopping?); retrying")
+                time.sleep(2.0)
 
     # --- writing ---------------------------------------------------------------------------------
     def publish(self, record: SignedRecord, *, confirm: bool = True, attempts: int = 5) -> None:

@@ -26,12 +26,12 @@ NOBODY = [f"/ip4/127.0.0.1/tcp/{port}/p2p/12D3KooWPMGeYauVRuNQLfQFUzhUUDMG1bjoY8
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    """The tiny swarm plus a wide expert model (its checkpoints span ~10 blob chunks); two bootstrap
+    """The tiny swarm plus a wide expert model (its checkpoints span ~9 blob chunks); two bootstrap
     peers, the second joined through the first; an observer joined through the second."""
     tmp = tmp_path_factory.mktemp("faults")
     data = yaml.safe_load(TINY.read_text())
     data["experts"].append({"name": "wide-fm", "objective": "fm",
-                            "architecture": {"size": "digits-8x8", "width": 256, "depth": 4, "heads": 4}})
+                            "architecture": {"size": "digits-8x8", "width": 256, "depth": 5, "heads": 4}})
     manifest = SwarmManifest.from_dict(data)
     path = tmp / "faults.yaml"
     write_manifest_file(manifest, path)
