@@ -98,7 +98,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
             budget = minutes * (router_share if job == "router" else 1.0)
             processes.start(f"node-{index}", ["node", "--swarm", swarm, "--initial-peers", peer, "--host", "127.0.0.1",
                                               "--data-dir", str(out / f"node-{index}"), "--max-minutes", f"{budget:.3f}",
-                                              "--threads", "1"])
+                                              "--threads", "1", "--job", job])  # its budget is its job's
             time.sleep(0.5)  # staggered starts: each node sees the claims of the ones before
         console.print(f"{len(jobs)} nodes started ({', '.join(jobs)}); logs in {out / 'logs'}")
         watcher = SwarmMembership(manifest, Identity.generate(), initial_peers=[peer], client_mode=True)
@@ -125,6 +125,8 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
                               f"see {out / 'logs'}")
         console.print("assembling the ensemble from the swarm …")
         ensemble = assemble_ensemble(manifest, initial_peers=[peer], cache_dir=out / "client-cache")
+        console.print("ensemble assembled; stopping the swarm so that sampling has the cores")
+        processes.stop_all()
         grid, accuracy = _evaluate(ensemble, out, per_digit, console)
     finally:
         processes.stop_all()
