@@ -49,7 +49,8 @@ class Processes:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
         log = open(self.log_dir / f"{name}.log", "w")
         child = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                 preexec_fn=_stop_with_parent)
         self.children.append(child)
         return child
 
@@ -64,6 +65,20 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: on Linux, receive SIGTERM when the demo dies, even by SIGKILL, so
+    that no node outlives it. Elsewhere the demo's own signal handling has to do."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_demo's `finally`, which stops the children
 
 
 def _bootstrap_maddr(log: Path, child: subprocess.Popen, timeout: float = 120) -> str:
@@ -85,10 +100,12 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
     from node.status import collect_status, status_tables
 
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     processes = Processes(out / "logs")
     jobs = all_jobs(manifest)
+    watcher: Optional[SwarmMembership] = None
     try:
         boot = processes.start("bootstrap", ["bootstrap", "--swarm", swarm, "--host", "127.0.0.1", "--port", "0",
                                              "--identity", str(out / "bootstrap.key")])
@@ -119,6 +136,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
                     break
                 time.sleep(3)
         watcher.shutdown()
+        watcher = None
         for child, job in zip(processes.children[1:], jobs):
             if child.poll() not in (None, 0):
                 console.print(f"[yellow]warning:[/] the node of {job} exited with {child.returncode}; "
@@ -129,6 +147,8 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
         processes.stop_all()
         grid, accuracy = _evaluate(ensemble, out, per_digit, console)
     finally:
+        if watcher is not None:  # its DHT process would keep this one from exiting
+            watcher.shutdown()
         processes.stop_all()
     return DemoResult(grid, accuracy, time.monotonic() - started, snapshot.get("jobs", []))
 
