@@ -9,7 +9,9 @@ new checkpoint of the measured node from it). Then, in alternating order within 
 
   swarm  `ddm-swarm node --job expert/0 --max-steps N --exit-when-done`: joins, claims, trains N
          steps and every `checkpoint_every_steps` writes its state, measures its held-out loss,
-         exports, stores, announces and serves the checkpoint. Its exit summary gives images/s by
+         exports, stores, announces and serves the checkpoint (on a thread of its own, from a
+         frozen copy of the trainer: `checkpoint_share` is what the training thread itself spent
+         on checkpoints, `checkpoint_work_share` the checkpoints' whole work). Its exit summary gives images/s by
          the wall clock over the whole training, checkpoints included (not the best slice);
   bare   `ExpertTrainer` alone in a fresh process: the same data, model, batch, seed and threads,
          N steps, nothing else.
@@ -189,6 +191,8 @@ def main() -> None:
     ratios = [s["images_per_s"] / b["images_per_s"] for s, b in zip(runs["swarm"], runs["bare"])]
     median = {kind: statistics.median(r["images_per_s"] for r in results) for kind, results in runs.items()}
     checkpoint_share = statistics.median(s["checkpoint_seconds"] / s["seconds"] for s in runs["swarm"])
+    # the checkpoints' own work (evaluation, writes, announcement), mostly off the training thread
+    work_share = statistics.median(s.get("checkpoint_work_seconds", 0.0) / s["seconds"] for s in runs["swarm"])
     table = Table(title=f"node in a swarm vs. bare ExpertTrainer: {args.steps} steps, {args.threads} thread(s), "
                         f"load {load_before[0]:.2f} -> {load_after[0]:.2f}")
     for column in ("repeat", "swarm img/s", "bare img/s", "ratio", "checkpoints", "ckpt s", "mirrored"):
@@ -202,7 +206,7 @@ def main() -> None:
                       "batch": runs["swarm"][0]["images"] // max(1, runs["swarm"][0]["steps"]),
                       "images_per_s": {k: round(v, 2) for k, v in median.items()},
                       "ratio": round(statistics.median(ratios), 4), "ratios": [round(r, 4) for r in ratios],
-                      "checkpoint_share": round(checkpoint_share, 4),
+                      "checkpoint_share": round(checkpoint_share, 4), "checkpoint_work_share": round(work_share, 4),
                       "checkpoints_per_run": runs["swarm"][0]["checkpoints"], "mirrored_per_run": mirrored,
                       "load_avg": [round(load_before[0], 2), round(load_after[0], 2)], "target": 0.97}))
 

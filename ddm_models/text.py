@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -156,7 +157,8 @@ class MiniLMEncoder(TextEncoder):
 class CachedTextEncoder(TextEncoder):
     """Memoises another encoder per prompt. Training captions are a small finite set, so after
     `precompute(all captions)` (or the first time each caption is seen) encoding a batch is one
-    table lookup. Holds at most `max_entries` prompts; when full, the table starts afresh."""
+    table lookup. Holds at most `max_entries` prompts; when full, the table starts afresh. Safe to
+    share between threads (a node evaluates checkpoints on one while it trains on another)."""
 
     def __init__(self, encoder: TextEncoder, max_entries: int = 65536):
         self.encoder = encoder
@@ -165,12 +167,17 @@ class CachedTextEncoder(TextEncoder):
         self.max_entries = max_entries
         self._row: dict[str, int] = {}
         self._table: TextBatch | None = None
+        self._lock = threading.RLock()  # table and row numbers change together
 
     def __len__(self) -> int:
         return len(self._row)
 
     def precompute(self, prompts: list[str], batch_size: int = 256) -> None:
         """Encode every prompt not yet in the table, `batch_size` at a time."""
+        with self._lock:
+            self._precompute(prompts, batch_size)
+
+    def _precompute(self, prompts: list[str], batch_size: int) -> None:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._row))
         if len(self._row) + len(missing) > self.max_entries:
             self._row, self._table = {}, None
@@ -184,9 +191,10 @@ class CachedTextEncoder(TextEncoder):
     def encode(self, prompts: list[str]) -> TextBatch:
         if len(set(prompts)) > self.max_entries:
             return self.encoder.encode(prompts)
-        if any(p not in self._row for p in prompts):
-            self.precompute(prompts)
-        return self._table.select(torch.tensor([self._row[p] for p in prompts]))
+        with self._lock:
+            if any(p not in self._row for p in prompts):
+                self._precompute(prompts, 256)
+            return self._table.select(torch.tensor([self._row[p] for p in prompts]))
 
 
 class OpenCLIPEncoder(TextEncoder):

@@ -154,6 +154,17 @@ class _Trainer:
                           images / seconds if seconds > 0 else 0.0, seconds)
 
     # --- state ----------------------------------------------------------------------------------
+    def frozen_copy(self) -> "_Trainer":
+        """This trainer as it is now, for writing and evaluating this step's checkpoint on another
+        thread while training goes on: its own copies of the weights, EMA and AdamW moments (on the
+        same device; about 4x the parameters' bytes) and counters; data and text encoder shared.
+        It is never trained: `save_state`, `export`, `heldout_loss`/`evaluate` are what it is for."""
+        twin = copy.copy(self)
+        # one deepcopy of the three keeps the optimizer's state keyed by the copied parameters
+        twin.model, twin.ema, twin.optimizer = copy.deepcopy((self.model, self.ema, self.optimizer))
+        twin.trained = twin.model
+        return twin
+
     def _metadata(self, heldout_metric: float | None, cluster: int, metric_name: str) -> CheckpointMetadata:
         adam_step = [s["step"] for s in self.optimizer.state.values() if "step" in s]
         return CheckpointMetadata(kind=self.kind, config=self.config, cluster=cluster, step=self.step,

@@ -185,6 +185,14 @@ class BlobStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def put_own_file(self, path: str | os.PathLike) -> BlobRef:
+        """Move a complete, fsynced file from this store's `temp_file()` into the store, hashing it
+        first (one read, no second copy as `put_file` makes); return its `BlobRef`."""
+        ref, digests = hash_file(Path(path))
+        if not self.has(ref.sha256):
+            self.commit(Path(path), ref, digests)
+        return ref
+
     def commit(self, complete_file: Path, ref: BlobRef, digests: list[bytes]) -> Path:
         """Make a complete, fsynced file under this store's root visible as blob `ref` (moves it).
 

@@ -32,6 +32,7 @@ from node.assembly import check_header, rank
 from node.blob_service import BlobService
 from node.blobstore import BlobStore
 from node.candidates import MAX_FAILURES, obtainable
+from node.checkpoint_pipeline import CheckpointPipeline
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
 from ddm_models.checkpoint import InvalidCheckpoint
 from node.errors import DiskFull, NodeError
@@ -96,6 +97,7 @@ class TrainingSummary:
     seconds: float  # from the first step to the end of the last checkpoint
     checkpoints: int
     checkpoint_seconds: float  # of `seconds`, spent in `checkpoint()` on the training thread
+    checkpoint_work_seconds: float = 0.0  # evaluating, writing and announcing them (mostly on their own thread)
 
     @property
     def images_per_s(self) -> float:
@@ -104,7 +106,8 @@ class TrainingSummary:
     def to_dict(self) -> dict:
         return {"job": self.job, "steps": self.steps, "images": self.images, "seconds": round(self.seconds, 3),
                 "images_per_s": round(self.images_per_s, 3), "checkpoints": self.checkpoints,
-                "checkpoint_seconds": round(self.checkpoint_seconds, 3)}
+                "checkpoint_seconds": round(self.checkpoint_seconds, 3),
+                "checkpoint_work_seconds": round(self.checkpoint_work_seconds, 3)}
 
 
 class SwarmNode:
@@ -119,6 +122,9 @@ class SwarmNode:
         self._last_ckpt_step = -1
         self._peers_checked = 0.0
         self._checkpoints, self._checkpoint_seconds = 0, 0.0
+        # on a CPU, checkpoints are evaluated and written while training goes on; on a GPU a frozen
+        # copy would double the memory of weights and moments, and its evaluation is cheap there
+        self.checkpoints = CheckpointPipeline(background=torch.device(options.device).type == "cpu")
         self.summary: Optional[TrainingSummary] = None  # set when the training phase ends
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -165,6 +171,7 @@ class SwarmNode:
 
     def _leave(self) -> None:
         self._set(state="offline")
+        self.checkpoints.close()  # a checkpoint in flight is finished before its announcer stops
         if hasattr(self, "mirror"):
             self.mirror.stop()
         if hasattr(self, "announcer"):
@@ -337,6 +344,7 @@ class SwarmNode:
         every = self.manifest.timing.checkpoint_every_steps
         started, start_step = time.monotonic(), self.trainer.step
         wall_start, checkpoints_before = time.perf_counter(), self._checkpoint_seconds
+        work_before = self.checkpoints.busy_seconds
         while not self.stop_event.is_set() and self._budget_left(started, start_step):
             steps = every - (self.trainer.step % every)
             if self.options.max_steps is not None:
@@ -346,65 +354,71 @@ class SwarmNode:
             stats = self.trainer.train_for(min(self.options.slice_s, minutes_left or self.options.slice_s),
                                            max_steps=steps)
             self._set(step=stats.step, loss=stats.loss, images_per_s=stats.images_per_s)
+            self.checkpoints.check()  # a checkpoint that failed (a full disk) stops the node here
             if self.trainer.step % every == 0 and self.trainer.step != self._last_ckpt_step:
                 self.checkpoint()
         if self.trainer.step != self._last_ckpt_step:
             self.checkpoint()  # nothing trained is lost on a clean stop or at the end of the budget
+        self.checkpoints.wait()
         steps = self.trainer.step - start_step
         self.summary = TrainingSummary(self.lease.job, steps, steps * self.trainer.batch_size * self.trainer.world_size,
                                        time.perf_counter() - wall_start, self._checkpoints,
-                                       self._checkpoint_seconds - checkpoints_before)
+                                       self._checkpoint_seconds - checkpoints_before,
+                                       self.checkpoints.busy_seconds - work_before)
 
     def checkpoint(self) -> None:
-        """Write local state, put the publishable checkpoint in the blob store, then announce it."""
+        """Freeze this step's weights; then (on the checkpoint thread, while training goes on) write
+        the local state, put the publishable checkpoint in the blob store and announce it."""
         started = time.perf_counter()
         try:
-            self._checkpoint()
+            frozen = self.trainer.frozen_copy() if self.checkpoints.background else self.trainer
+            self.checkpoints.submit(lambda: self._checkpoint(frozen))
+            self._last_ckpt_step = frozen.step
         finally:
             self._checkpoints += 1
             self._checkpoint_seconds += time.perf_counter() - started
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, trainer) -> None:
         job = self.lease.job
         try:
-            record, metric = self._write_checkpoint(job)
+            record, metric = self._write_checkpoint(job, trainer)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise DiskFull(f"the disk under {self.data_dir} is full: writing the checkpoint of step "
-                           f"{self.trainer.step} failed ({error.strerror}). Free some space and restart the node; "
+                           f"{trainer.step} failed ({error.strerror}). Free some space and restart the node; "
                            f"nothing written before is lost (last published checkpoint: step "
                            f"{self.published.step})") from None
         if CHECKPOINT_PAUSE_S:
             time.sleep(CHECKPOINT_PAUSE_S)  # published.json written, announcement not yet queued
         self.announcer.announce_checkpoint(job, record)
-        self._last_ckpt_step = self.trainer.step
         removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held()})
         for sha in removed.blobs:  # stop announcing what we no longer hold
             self.announcer.unprovide(sha)
         self.parent_blob = record.blob.sha256
-        self._set(last_checkpoint=f"step {self.trainer.step} ({'acc' if job == ROUTER_JOB else 'loss'} {metric:.4f})")
+        # shown at the training thread's next status update
+        self.status.last_checkpoint = f"step {trainer.step} ({'acc' if job == ROUTER_JOB else 'loss'} {metric:.4f})"
 
-    def _write_checkpoint(self, job: str):
-        """State file, blob and published.json of the current step, each written atomically in that
+    def _write_checkpoint(self, job: str, trainer):
+        """State file, blob and published.json of `trainer`'s step, each written atomically in that
         order: a crash between two of them leaves the earlier ones complete and the later ones untouched."""
-        self.trainer.save_state(self._state_dir(job))
+        trainer.save_state(self._state_dir(job))
         is_router = job == ROUTER_JOB
-        metric = self.trainer.evaluate().accuracy if is_router else self.trainer.heldout_loss()
+        metric = trainer.evaluate().accuracy if is_router else trainer.heldout_loss()
         fd, tmp = self.store.temp_file(".safetensors")
         os.close(fd)
         try:
             if is_router:
-                self.trainer.export(tmp, accuracy=metric)
+                trainer.export(tmp, accuracy=metric)
             else:
-                self.trainer.export(tmp, heldout_loss=metric)
-            ref = self.store.put_file(tmp)
+                trainer.export(tmp, heldout_loss=metric)
+            ref = self.store.put_own_file(tmp)  # export wrote and fsynced it inside the store
         finally:
             Path(tmp).unlink(missing_ok=True)
         if CHECKPOINT_PAUSE_S:
             time.sleep(CHECKPOINT_PAUSE_S)  # the blob is in the store, published.json not yet written
         parent = self.parent_blob if self.parent_blob and self.parent_blob != ref.sha256 else ""
-        common = dict(model=self.lease.model, step=self.trainer.step, samples_seen=self.trainer.samples_seen,
+        common = dict(model=self.lease.model, step=trainer.step, samples_seen=trainer.samples_seen,
                       blob=ref, parent=parent)
         if is_router:
             record = new_checkpoint_record(self.membership, RouterRecord, spec_hash=self.manifest.router.spec_hash,

@@ -57,6 +57,18 @@ def test_put_file_equals_put_bytes_and_is_idempotent(store, tmp_path):
     assert list((store.root / "tmp").iterdir()) == []
 
 
+def test_put_own_file_moves_a_temp_file_into_the_store_without_a_copy(store):
+    data = blob_bytes(CHUNK_BYTES + 5, seed=3)
+    fd, tmp = store.temp_file()
+    with os.fdopen(fd, "wb") as sink:
+        sink.write(data)
+    inode = os.stat(tmp).st_ino
+    ref = store.put_own_file(tmp)
+    assert ref == store.put_bytes(data) and store.verify(ref.sha256) == ref
+    assert os.stat(store.path(ref.sha256)).st_ino == inode  # moved, not copied
+    assert not tmp.exists() and list((store.root / "tmp").iterdir()) == []
+
+
 def test_an_empty_blob_is_stored_like_any_other(store):
     ref = store.put_bytes(b"")
     assert ref.size == 0 and store.has(ref.sha256) and store.chunk_digests(ref.sha256) == []

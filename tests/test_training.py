@@ -61,6 +61,24 @@ def test_resumed_router_training_replays_the_uninterrupted_run_bit_for_bit(tmp_p
     _assert_same_state(second, straight)
 
 
+def test_a_frozen_copy_keeps_the_step_it_was_taken_at_while_training_goes_on(tmp_path):
+    trainer = _expert_trainer()
+    trainer.train_steps(3)
+    frozen = trainer.frozen_copy()
+    trainer.save_state(tmp_path / "live")  # what a checkpoint at step 3 writes
+    loss_at_three = trainer.heldout_loss()
+    trainer.train_steps(2)
+    assert frozen.heldout_loss() == loss_at_three
+    frozen.save_state(tmp_path / "frozen")
+    later = _expert_trainer()
+    later.load_state(tmp_path / "frozen")
+    at_three = _expert_trainer()
+    at_three.load_state(tmp_path / "live")
+    assert (frozen.step, later.step, trainer.step) == (3, 3, 5)
+    _assert_same_state(later, at_three)
+    assert later.train_steps(2).losses == at_three.train_steps(2).losses
+
+
 def test_resume_with_another_seed_is_refused(tmp_path):
     trainer = _expert_trainer(seed=0)
     trainer.train_steps(1)
