@@ -3,7 +3,9 @@
 States: JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its lease) -> RESUMING
 (local state, or the swarm's latest checkpoint of an orphaned job) -> TRAINING (checkpoints every
 N steps, each written locally, added to the blob store, then announced) -> SERVING (budget spent:
-the job is released, blobs are still served) -> OFFLINE (claim released, tombstone published).
+the job is released, blobs are still served) or, when stopped, HANDING OVER (the job is released;
+the last checkpoint is served until another peer holds it, see `node.handover`) -> OFFLINE (claim
+released, tombstone published).
 A node killed at any moment restarts from its last local checkpoint: state files and blobs are
 written atomically before they are announced, and the blob of every record it may have in the DHT
 stays in its store (see `node.published`).
@@ -32,7 +34,8 @@ from node.assembly import check_header, rank
 from node.blob_service import BlobService
 from node.blobstore import BlobStore
 from node.candidates import MAX_FAILURES, obtainable
-from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
+from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job, keep_previous_job
+from node.handover import hand_over, someone_to_hand_over_to
 from ddm_models.checkpoint import InvalidCheckpoint
 from node.errors import DiskFull
 from node.files import atomic_write_bytes, hold_exclusive_lock
@@ -48,6 +51,7 @@ from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.node")
+HANDOVER_MAX_S = 60.0  # the longest a stopping node waits for a peer to copy its last checkpoint
 # Test only (benchmarks/crash_loop.py): widen the gaps between a checkpoint's steps so that random
 # kills land in them too. Unset, as in production, it costs one comparison per checkpoint.
 CHECKPOINT_PAUSE_S = float(os.environ.get("DDM_SWARM_TEST_CHECKPOINT_PAUSE_S") or 0)
@@ -113,6 +117,7 @@ class SwarmNode:
         self.status = NodeStatus()
         self.data_dir = Path(options.data_dir)
         self.stop_event = threading.Event()
+        self.leave_now = threading.Event()
         self.trainer = None
         self.published: Optional[PublishedCheckpoints] = None
         self._last_ckpt_step = -1
@@ -125,15 +130,22 @@ class SwarmNode:
         torch.set_num_threads(self.options.threads)
         check_model_specs(self.manifest)  # a model the swarm names but cannot build: say so before joining
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop_event.set())
+            signal.signal(sig, self._on_signal)
         try:
             self._join()
             self._claim_and_resume()
             self._train()
             if not self.options.exit_when_done and not self.stop_event.is_set():
                 self._serve()
+            else:
+                self._hand_over()
         finally:
             self._leave()
+
+    def _on_signal(self, *_) -> None:
+        if self.stop_event.is_set():
+            self.leave_now.set()  # a second Ctrl-C: leave without waiting for the hand-over
+        self.stop_event.set()
 
     def _join(self) -> None:
         # nothing is written to the data folder until the node has joined
@@ -189,6 +201,10 @@ class SwarmNode:
     def _claim_and_resume(self) -> None:
         self._set(state="claiming")
         forced = self.options.job or self._previous_job()
+        if forced and not self.options.job and not keep_previous_job(
+                forced, self.jobs, self.membership.claims(), self.membership.identity.signer_id, get_dht_time()):
+            logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
+            forced = None
         self.lease: Lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced)
         job = self.lease.job
         atomic_write_bytes(self._node_file(), json.dumps({"job": job, "model": self.lease.model}).encode())
@@ -395,6 +411,21 @@ class SwarmNode:
                                            **common)
         self.published.add(record)
         return record, metric
+
+    def _hand_over(self) -> None:
+        """Give the job back, then serve the last checkpoint until another peer holds it (bounded)."""
+        self.announcer.lease = None  # first: the announcer must not renew what is released
+        self.lease.release(self.trainer.step)
+        record = self.published.record if self.published else None
+        if record is None or not someone_to_hand_over_to(self.membership):
+            return
+        timeout = min(4 * self.manifest.timing.lease_s, HANDOVER_MAX_S)
+        self._set(state="handing over")
+        logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most "
+                    f"{timeout:.0f} s; Ctrl-C again to leave now)")
+        if not hand_over(self.membership, record.blob.sha256, timeout, self.leave_now):
+            logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back "
+                           "when this node is")
 
     def _serve(self) -> None:
         """The budget is spent: give the job back, keep serving blobs until stopped."""
