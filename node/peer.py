@@ -2,10 +2,11 @@
 
 States: JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its lease) -> RESUMING
 (local state, or the swarm's latest checkpoint of an orphaned job) -> TRAINING (checkpoints every
-N steps, each written locally, added to the blob store, then announced) -> SERVING (budget spent:
-the job is released, blobs are still served) or, when stopped, HANDING OVER (the job is released;
-the last checkpoint is served until another peer holds it, see `node.handover`) -> OFFLINE (claim
-released, tombstone published).
+N steps, each written locally, added to the blob store, then announced; a node whose job has
+other trainers while some job has none checkpoints, releases its job and goes back to CLAIMING)
+-> SERVING (budget spent: the job is released, blobs are still served) or, when stopped, HANDING
+OVER (the job is released; the last checkpoint is served until another peer holds it, see
+`node.handover`) -> OFFLINE (claim released, tombstone published).
 A node killed at any moment restarts from its last local checkpoint: state files and blobs are
 written atomically before they are announced, and the blob of every record it may have in the DHT
 stays in its store (see `node.published`).
@@ -34,7 +35,7 @@ from node.assembly import check_header, rank
 from node.blob_service import BlobService
 from node.blobstore import BlobStore
 from node.candidates import MAX_FAILURES, obtainable
-from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job, keep_previous_job
+from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job, keep_previous_job, should_move
 from node.handover import hand_over, someone_to_hand_over_to
 from ddm_models.checkpoint import InvalidCheckpoint
 from node.errors import DiskFull
@@ -123,6 +124,9 @@ class SwarmNode:
         self._last_ckpt_step = -1
         self._peers_checked = 0.0
         self._checkpoints, self._checkpoint_seconds = 0, 0.0
+        self._moving, self._uncovered_seen, self._coverage_checked = False, 0, 0.0
+        self._left_behind: Set[str] = set()  # checkpoints of jobs this node moved away from: still served
+        self._budget_started: Optional[float] = None
         self.summary: Optional[TrainingSummary] = None  # set when the training phase ends
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -135,12 +139,26 @@ class SwarmNode:
             self._join()
             self._claim_and_resume()
             self._train()
+            while self._moving and not self.stop_event.is_set():  # a job had no trainer: take it over
+                self._leave_job()
+                self._claim_and_resume()
+                self._train()
             if not self.options.exit_when_done and not self.stop_event.is_set():
                 self._serve()
             else:
                 self._hand_over()
         finally:
             self._leave()
+
+    def _leave_job(self) -> None:
+        """Give the current job back to move to another; keep serving its checkpoints, since our
+        records of it name them."""
+        left = self.lease.job
+        self._left_behind |= set(self.published.keep())
+        if left in self.announcer.confirmed:
+            self._left_behind.add(self.announcer.confirmed[left])
+        self.announcer.lease = None
+        self.lease.release(self.trainer.step)
 
     def _on_signal(self, *_) -> None:
         if self.stop_event.is_set():
@@ -214,9 +232,11 @@ class SwarmNode:
         self.data = prepare_swarm_data(self.manifest, self.data_dir / "cache")
         self.trainer = self._build_trainer(job)
         self._resume(job)
-        self.announcer.start()
-        if self.options.mirror:
-            self.mirror.start()
+        if not self._moving:  # the first job; a node that moves keeps its announcer and mirror
+            self.announcer.start()
+            if self.options.mirror:
+                self.mirror.start()
+        self._moving, self._uncovered_seen = False, 0
 
     def _previous_job(self) -> Optional[str]:
         """The job this data dir trained before (node.json), so a restart continues it."""
@@ -313,8 +333,9 @@ class SwarmNode:
 
     def _own_blobs(self) -> Set[str]:
         """Blobs this node must keep: its published checkpoints, the one the DHT last confirmed for
-        it, and the checkpoint it resumed from."""
+        it, the checkpoint it resumed from, and those of jobs it moved away from."""
         own = set(self.published.keep()) if self.published else set()
+        own |= self._left_behind
         if hasattr(self, "lease") and self.lease.job in self.announcer.confirmed:
             own.add(self.announcer.confirmed[self.lease.job])
         if getattr(self, "parent_blob", None):
@@ -330,7 +351,8 @@ class SwarmNode:
     def _train(self) -> None:
         self._set(state="training")
         every = self.manifest.timing.checkpoint_every_steps
-        started, start_step = time.monotonic(), self.trainer.step
+        self._budget_started = self._budget_started or time.monotonic()  # --max-minutes spans every job
+        started, start_step = self._budget_started, self.trainer.step
         wall_start, checkpoints_before = time.perf_counter(), self._checkpoint_seconds
         while not self.stop_event.is_set() and self._budget_left(started, start_step):
             steps = every - (self.trainer.step % every)
@@ -343,12 +365,31 @@ class SwarmNode:
             self._set(step=stats.step, loss=stats.loss, images_per_s=stats.images_per_s)
             if self.trainer.step % every == 0 and self.trainer.step != self._last_ckpt_step:
                 self.checkpoint()
+            if self._job_needs_me_elsewhere():
+                self._moving = True
+                logger.info(f"a job has had no trainer for a while and {self.lease.job} has others: moving")
+                break
         if self.trainer.step != self._last_ckpt_step:
             self.checkpoint()  # nothing trained is lost on a clean stop or at the end of the budget
         steps = self.trainer.step - start_step
         self.summary = TrainingSummary(self.lease.job, steps, steps * self.trainer.batch_size * self.trainer.world_size,
                                        time.perf_counter() - wall_start, self._checkpoints,
                                        self._checkpoint_seconds - checkpoints_before)
+
+    def _job_needs_me_elsewhere(self) -> bool:
+        """Checked once a lease period: whether some job has had no live claim in two checks in a row
+        while this node is not the one that stays on its own, shared job (`should_move`)."""
+        if self.options.job is not None or self.options.max_steps is not None or \
+                time.monotonic() - self._coverage_checked < self.manifest.timing.lease_s:
+            return False  # a job or a step budget chosen by the user stays
+        self._coverage_checked = time.monotonic()
+        try:
+            claims = self.membership.claims()
+        except Exception:  # the DHT is slow or away: look again next period
+            return False
+        move = should_move(self.lease.job, self.jobs, claims, self.membership.identity.signer_id, get_dht_time())
+        self._uncovered_seen = self._uncovered_seen + 1 if move else 0
+        return self._uncovered_seen >= 2
 
     def checkpoint(self) -> None:
         """Write local state, put the publishable checkpoint in the blob store, then announce it."""
@@ -423,7 +464,9 @@ class SwarmNode:
         self._set(state="handing over")
         logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most "
                     f"{timeout:.0f} s; Ctrl-C again to leave now)")
-        if not hand_over(self.membership, record.blob.sha256, timeout, self.leave_now):
+        if hand_over(self.membership, record.blob.sha256, timeout, self.leave_now):
+            logger.info(f"another peer holds checkpoint step {record.step} now: leaving")
+        else:
             logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back "
                            "when this node is")
 
