@@ -60,13 +60,25 @@ class ChurnSlot:
         self.index, self.args, self.manifest, self.peers, self.workdir = index, args, manifest, peers, workdir
         self.rng = random.Random(args.seed * 1000 + index)
         self.identity, self.node = 0, None
-        self.counts = {"joins": 0, "sigterm": 0, "sigkill": 0, "newcomers": 0, "unexpected_exits": 0}
+        self.counts = {"joins": 0, "sigterm": 0, "sigkill": 0, "newcomers": 0, "unexpected_exits": 0,
+                       "moves": 0, "handed_over": 0, "left_unhanded": 0}
         self.exits: list = []  # (slot, return code, last lines) of nodes that ended on their own
         self.state = "down"
 
     @property
     def data_dir(self) -> Path:
         return self.workdir / f"node{self.index}-id{self.identity}"
+
+    def tally(self) -> None:
+        """Count what the node that just ended said: job moves, hand-overs on leaving."""
+        output = "".join(self.node.output)
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        (logs / f"node{self.index}-join{self.counts['joins']}.log").write_text(output)
+        text = " ".join(output.split())
+        for key, phrase in (("moves", "has others: moving"), ("handed_over", "now: leaving"),
+                            ("left_unhanded", "leaving while no other peer holds")):
+            self.counts[key] += text.count(phrase)
 
     def start(self) -> None:
         self.node = NodeProcess(self.manifest, self.data_dir, self.peers, "--seed", str(self.index))
@@ -82,10 +94,12 @@ class ChurnSlot:
                 self.state = "killed"
                 self.node.kill()
                 self.counts["sigkill"] += 1
+                self.tally()
             else:
                 self.state = "leaving"
                 self.node.stop(timeout=60)
                 self.counts["sigterm"] += 1
+                self.tally()
             self.state = "down"
             if stop.wait(self.rng.uniform(*self.args.down_s)) or time.monotonic() >= until:
                 return
@@ -103,6 +117,7 @@ class ChurnSlot:
             if not self.node.alive():
                 self.counts["unexpected_exits"] += 1
                 self.exits.append((self.index, self.node.proc.returncode, "".join(self.node.output)[-600:]))
+                self.tally()
                 self.start()
         return False
 
@@ -337,6 +352,8 @@ def main() -> None:
         for slot in slots:
             if slot.node is not None:
                 slot.node.kill()
+                if slot.state == "up":  # the nodes that were still up at the end
+                    slot.tally()
         observer.kill()
         boot.kill()
 
