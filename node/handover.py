@@ -1,10 +1,11 @@
 """Handing the last checkpoint over before leaving.
 
 A node that stops writes a final checkpoint and announces it; if it left at once, that checkpoint
-would live in the DHT as the job's best while nobody could serve its blob (mirrors copy a job's
-best only every lease period), so the next trainer of the job would lose those steps. A leaving
-node therefore serves on until another peer provides the blob (a mirror copied it), for a bounded
-time, and only while another trainer is online to copy it.
+could live in the DHT as the job's best while nobody could serve its blob (mirrors copy a job's best
+only every lease period), so the next trainer of the job would lose those steps. A leaving node
+therefore serves on until another peer provides the blob (a mirror copied it): for a bounded time,
+only while another trainer is online to copy it, and only if it is the job's best (mirrors copy
+only that one; a better checkpoint of another trainer carries the job on).
 """
 
 from __future__ import annotations
@@ -12,15 +13,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Union
 
 from node.membership import SwarmMembership
+from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.handover")
 POLL_S = 1.0
+# the wait is 4 lease periods (a mirror looks once a period), within these bounds (seconds)
+MIN_WAIT_S, MAX_WAIT_S = 30.0, 60.0
 
 
-def someone_to_hand_over_to(membership: SwarmMembership) -> bool:
-    """Whether another trainer of the swarm is online (trainers mirror other jobs' checkpoints)."""
+def handover_wait_s(lease_s: float) -> float:
+    return min(max(4 * lease_s, MIN_WAIT_S), MAX_WAIT_S)
+
+
+def needs_hand_over(membership: SwarmMembership, record: Union[CheckpointRecord, RouterRecord]) -> bool:
+    """Whether `record` is its job's best checkpoint and another trainer of the swarm is online
+    (trainers mirror other jobs' best checkpoints)."""
+    records = membership.routers() if isinstance(record, RouterRecord) else membership.checkpoints(record.cluster)
+    if any(r.step > record.step for r in records if r.signer != record.signer):
+        return False
     return any(p.peer_id != membership.peer_id and p.role == "trainer" and p.state == "online"
                for p in membership.peers())
 

@@ -36,7 +36,7 @@ from node.blob_service import BlobService
 from node.blobstore import BlobStore
 from node.candidates import MAX_FAILURES, obtainable
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job, keep_previous_job, should_move
-from node.handover import hand_over, someone_to_hand_over_to
+from node.handover import hand_over, handover_wait_s, needs_hand_over
 from ddm_models.checkpoint import InvalidCheckpoint
 from node.errors import DiskFull
 from node.files import atomic_write_bytes, hold_exclusive_lock
@@ -52,7 +52,6 @@ from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.node")
-HANDOVER_MAX_S = 60.0  # the longest a stopping node waits for a peer to copy its last checkpoint
 # Test only (benchmarks/crash_loop.py): widen the gaps between a checkpoint's steps so that random
 # kills land in them too. Unset, as in production, it costs one comparison per checkpoint.
 CHECKPOINT_PAUSE_S = float(os.environ.get("DDM_SWARM_TEST_CHECKPOINT_PAUSE_S") or 0)
@@ -458,13 +457,13 @@ class SwarmNode:
         self.announcer.lease = None  # first: the announcer must not renew what is released
         self.lease.release(self.trainer.step)
         record = self.published.record if self.published else None
-        if record is None or not someone_to_hand_over_to(self.membership):
+        if record is None or not needs_hand_over(self.membership, record):
             return
-        timeout = min(4 * self.manifest.timing.lease_s, HANDOVER_MAX_S)
+        wait_s = handover_wait_s(self.manifest.timing.lease_s)
         self._set(state="handing over")
         logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most "
-                    f"{timeout:.0f} s; Ctrl-C again to leave now)")
-        if hand_over(self.membership, record.blob.sha256, timeout, self.leave_now):
+                    f"{wait_s:.0f} s; Ctrl-C again to leave now)")
+        if hand_over(self.membership, record.blob.sha256, wait_s, self.leave_now):
             logger.info(f"another peer holds checkpoint step {record.step} now: leaving")
         else:
             logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back "
