@@ -4,8 +4,8 @@ A node that stops writes a final checkpoint and announces it; if it left at once
 could live in the DHT as the job's best while nobody could serve its blob (mirrors copy a job's best
 only every lease period), so the next trainer of the job would lose those steps. A leaving node
 therefore serves on until another peer provides the blob (a mirror copied it): for a bounded time,
-only while another trainer is online to copy it, and only if it is the job's best (mirrors copy
-only that one; a better checkpoint of another trainer carries the job on).
+and only while another trainer is online to copy it. Mirrors copy only a job's best checkpoint, so
+the wait runs out when another trainer's checkpoint of the job is better (nothing is lost then).
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Union
 
 from node.membership import SwarmMembership
-from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.handover")
 POLL_S = 1.0
@@ -28,12 +26,10 @@ def handover_wait_s(lease_s: float) -> float:
     return min(max(4 * lease_s, MIN_WAIT_S), MAX_WAIT_S)
 
 
-def needs_hand_over(membership: SwarmMembership, record: Union[CheckpointRecord, RouterRecord]) -> bool:
-    """Whether `record` is its job's best checkpoint and another trainer of the swarm is online
-    (trainers mirror other jobs' best checkpoints)."""
-    records = membership.routers() if isinstance(record, RouterRecord) else membership.checkpoints(record.cluster)
-    if any(r.step > record.step for r in records if r.signer != record.signer):
-        return False
+def needs_hand_over(membership: SwarmMembership) -> bool:
+    """Whether another trainer of the swarm is online (trainers mirror other jobs' best checkpoints).
+    Whether our checkpoint is its job's best is not asked: any peer can announce a record of a higher
+    step (a liar would then keep every honest node from handing over)."""
     return any(p.peer_id != membership.peer_id and p.role == "trainer" and p.state == "online"
                for p in membership.peers())
 

@@ -457,7 +457,7 @@ class SwarmNode:
         self.announcer.lease = None  # first: the announcer must not renew what is released
         self.lease.release(self.trainer.step)
         record = self.published.record if self.published else None
-        if record is None or not needs_hand_over(self.membership, record):
+        if record is None or not needs_hand_over(self.membership):
             return
         wait_s = handover_wait_s(self.manifest.timing.lease_s)
         self._set(state="handing over")
