@@ -49,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--round-examples", type=int, default=2000)
+    parser.add_argument("--first-round-examples", type=int, default=200,
+                        help="the first round of every decoder is this short, so that even a short run fuzzes them all")
     parser.add_argument("--target", default="", help="run only targets whose name contains this")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
@@ -65,7 +67,8 @@ def main() -> None:
             if time.monotonic() >= deadline:
                 break
             counter, started = [0], time.monotonic()
-            failure = run_round(target, args.round_examples, rng.getrandbits(64), counter)
+            size = args.round_examples if rounds[name] else min(args.first_round_examples, args.round_examples)
+            failure = run_round(target, size, rng.getrandbits(64), counter)
             examples[name] += counter[0]
             seconds[name] += time.monotonic() - started
             rounds[name] += 1

@@ -282,11 +282,14 @@ class BlobStore:
         now = time.time()
         for partial in (self.root / "partial").iterdir():
             sha = partial.name
-            stale = sha not in keep or now - _newest_mtime(partial) > partial_max_age_s
-            if stale and sha not in in_use and not partial_is_locked(partial):
-                report.bytes_freed += _tree_bytes(partial)
-                shutil.rmtree(partial, ignore_errors=True)
-                report.partials.append(sha)
+            try:
+                stale = sha not in keep or now - _newest_mtime(partial) > partial_max_age_s
+                if stale and sha not in in_use and not partial_is_locked(partial):
+                    report.bytes_freed += _tree_bytes(partial)
+                    shutil.rmtree(partial, ignore_errors=True)
+                    report.partials.append(sha)
+            except FileNotFoundError:  # a download in another thread completed (and removed it) meanwhile
+                continue
         self.remove_leftovers(older_than_s=leftover_age_s, report=report)
         return report
 

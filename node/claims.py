@@ -63,6 +63,15 @@ def choose_job(jobs: List[str], claims: Iterable[Claim], progress: Dict[str, int
                                       progress.get(job, 0), _spread(me, job)))
 
 
+def keep_previous_job(previous: str, jobs: List[str], claims: Iterable[Claim], me: str, now: float) -> bool:
+    """Whether a restarting node continues `previous`, the job it trained before: yes, unless other
+    peers train it while some job has no trainer at all (then the restart covers that job instead;
+    the state of `previous` stays on disk for later)."""
+    holders = live_claimers(claims, now)
+    others = lambda job: [signer for signer in holders.get(job, []) if signer != me]  # noqa: E731
+    return not (others(previous) and any(not others(job) for job in jobs if job != previous))
+
+
 def should_move(job: str, jobs: List[str], claims: Iterable[Claim], me: str, now: float) -> bool:
     """True if `me` lost a race for `job`: others hold it too, some job has no holder, and `me` is
     not the claimer with the smallest signer id (a rule every node applies identically)."""

@@ -7,7 +7,6 @@ peer holds locally was validated when stored, but its expiration may have passed
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -56,11 +55,17 @@ def check_initial_peers(initial_peers: Iterable[str]) -> List[str]:
 class _NodeDHT(DHT):
     """hivemind's DHT process, detached from the terminal's process group: Ctrl-C and a group-wide
     SIGTERM reach only the node, which then shuts the DHT (and its p2pd) down in order, after
-    releasing its claim. If the node dies instead, `_exit_with_parent` ends this process."""
+    releasing its claim. If the node dies instead, `_end_with_parent` ends this process and p2pd."""
+
+    def __init__(self, *args, **kwargs):
+        self._node_pid = os.getpid()  # before DHT.__init__, which forks the DHT process when start=True
+        super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # watch from the first moment: the node may be killed while this process is still starting
+        threading.Thread(target=_end_with_parent, args=(self._node_pid,), name="end-with-node", daemon=True).start()
         super().run()
 
 
@@ -87,7 +92,6 @@ class SwarmMembership:
         if announce_maddrs:
             options["announce_maddrs"] = list(announce_maddrs)
         self.dht = self._start_dht(options, p2p_identity_path)
-        self.dht.run_coroutine(partial(_exit_with_parent, os.getpid()))
         self.peer_id = str(self.dht.peer_id)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
 
@@ -218,19 +222,17 @@ class SwarmMembership:
                 self.dht.shutdown()
 
 
-async def _exit_with_parent(parent_pid: int, _dht, node) -> None:
-    """Runs in hivemind's DHT process: if our process dies (even by SIGKILL), stop p2pd and exit,
-    instead of lingering as an orphan that still answers for a dead node."""
-
-    async def watch() -> None:
-        while os.getppid() == parent_pid:
-            await asyncio.sleep(1.0)
-        try:
-            await asyncio.wait_for(node.shutdown(), timeout=5)
-        finally:
-            os._exit(0)
-
-    asyncio.get_running_loop().create_task(watch())
+def _end_with_parent(node_pid: int) -> None:
+    """Runs in hivemind's DHT process, in a thread started before anything else: once the node that
+    started it is gone (even by SIGKILL, even in the middle of this process's start-up), kill this
+    process's group (itself and its p2pd) instead of lingering as an orphan that still answers for a
+    dead node and holds its libp2p identity, which would make the node's restart be refused."""
+    while os.getppid() == node_pid:
+        time.sleep(0.5)
+    group = os.getpgid(0)
+    os.killpg(group, signal.SIGTERM)  # p2pd exits cleanly (removes its socket); this process ignores SIGTERM
+    time.sleep(1.0)
+    os.killpg(group, signal.SIGKILL)
 
 
 async def _get_many(keys: List[str], _dht, node) -> Dict[str, dict]:

@@ -2,8 +2,11 @@
 
 States: JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its lease) -> RESUMING
 (local state, or the swarm's latest checkpoint of an orphaned job) -> TRAINING (checkpoints every
-N steps, each written locally, added to the blob store, then announced) -> SERVING (budget spent:
-the job is released, blobs are still served) -> OFFLINE (claim released, tombstone published).
+N steps, each written locally, added to the blob store, then announced; a node whose job has
+other trainers while some job has none checkpoints, releases its job and goes back to CLAIMING)
+-> SERVING (budget spent: the job is released, blobs are still served) or, when stopped, HANDING
+OVER (the job is released; the last checkpoint is served until another peer holds it, see
+`node.handover`) -> OFFLINE (claim released, tombstone published).
 A node killed at any moment restarts from its last local checkpoint: state files and blobs are
 written atomically before they are announced, and the blob of every record it may have in the DHT
 stays in its store (see `node.published`).
@@ -33,7 +36,8 @@ from node.blob_service import BlobService
 from node.blobstore import BlobStore
 from node.candidates import MAX_FAILURES, obtainable
 from node.checkpoint_pipeline import CheckpointPipeline
-from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job
+from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job, keep_previous_job, should_move
+from node.handover import hand_over, handover_wait_s, needs_hand_over
 from ddm_models.checkpoint import InvalidCheckpoint
 from node.errors import DiskFull, NodeError
 from node.files import atomic_write_bytes, hold_exclusive_lock
@@ -117,6 +121,7 @@ class SwarmNode:
         self.status = NodeStatus()
         self.data_dir = Path(options.data_dir)
         self.stop_event = threading.Event()
+        self.leave_now = threading.Event()
         self.trainer = None
         self.published: Optional[PublishedCheckpoints] = None
         self._last_ckpt_step = -1
@@ -125,6 +130,9 @@ class SwarmNode:
         # on a CPU, checkpoints are evaluated and written while training goes on; on a GPU a frozen
         # copy would double the memory of weights and moments, and its evaluation is cheap there
         self.checkpoints = CheckpointPipeline(background=torch.device(options.device).type == "cpu")
+        self._moving, self._uncovered_seen, self._coverage_checked = False, 0, 0.0
+        self._left_behind: Set[str] = set()  # checkpoints of jobs this node moved away from: still served
+        self._budget_started: Optional[float] = None
         self.summary: Optional[TrainingSummary] = None  # set when the training phase ends
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -132,15 +140,36 @@ class SwarmNode:
         torch.set_num_threads(self.options.threads)
         check_model_specs(self.manifest)  # a model the swarm names but cannot build: say so before joining
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop_event.set())
+            signal.signal(sig, self._on_signal)
         try:
             self._join()
             self._claim_and_resume()
             self._train()
+            while self._moving and not self.stop_event.is_set():  # a job had no trainer: take it over
+                self._leave_job()
+                self._claim_and_resume()
+                self._train()
             if not self.options.exit_when_done and not self.stop_event.is_set():
                 self._serve()
+            else:
+                self._hand_over()
         finally:
             self._leave()
+
+    def _leave_job(self) -> None:
+        """Give the current job back to move to another; keep serving its checkpoints, since our
+        records of it name them."""
+        left = self.lease.job
+        self._left_behind |= set(self.published.keep())
+        if left in self.announcer.confirmed:
+            self._left_behind.add(self.announcer.confirmed[left])
+        self.announcer.lease = None
+        self.lease.release(self.trainer.step)
+
+    def _on_signal(self, *_) -> None:
+        if self.stop_event.is_set():
+            self.leave_now.set()  # a second Ctrl-C: leave without waiting for the hand-over
+        self.stop_event.set()
 
     def _join(self) -> None:
         # nothing is written to the data folder until the node has joined
@@ -197,6 +226,10 @@ class SwarmNode:
     def _claim_and_resume(self) -> None:
         self._set(state="claiming")
         forced = self.options.job or self._previous_job()
+        if forced and not self.options.job and not keep_previous_job(
+                forced, self.jobs, self.membership.claims(), self.membership.identity.signer_id, get_dht_time()):
+            logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
+            forced = None
         self.lease: Lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced)
         job = self.lease.job
         atomic_write_bytes(self._node_file(), json.dumps({"job": job, "model": self.lease.model}).encode())
@@ -206,9 +239,11 @@ class SwarmNode:
         self.data = prepare_swarm_data(self.manifest, self.data_dir / "cache")
         self.trainer = self._build_trainer(job)
         self._resume(job)
-        self.announcer.start()
-        if self.options.mirror:
-            self.mirror.start()
+        if not self._moving:  # the first job; a node that moves keeps its announcer and mirror
+            self.announcer.start()
+            if self.options.mirror:
+                self.mirror.start()
+        self._moving, self._uncovered_seen = False, 0
 
     def _previous_job(self) -> Optional[str]:
         """The job this data dir trained before (node.json), so a restart continues it."""
@@ -325,8 +360,9 @@ class SwarmNode:
 
     def _own_blobs(self) -> Set[str]:
         """Blobs this node must keep: its published checkpoints, the one the DHT last confirmed for
-        it, and the checkpoint it resumed from."""
+        it, the checkpoint it resumed from, and those of jobs it moved away from."""
         own = set(self.published.keep()) if self.published else set()
+        own |= self._left_behind
         if hasattr(self, "lease") and self.lease.job in self.announcer.confirmed:
             own.add(self.announcer.confirmed[self.lease.job])
         if getattr(self, "parent_blob", None):
@@ -342,7 +378,8 @@ class SwarmNode:
     def _train(self) -> None:
         self._set(state="training")
         every = self.manifest.timing.checkpoint_every_steps
-        started, start_step = time.monotonic(), self.trainer.step
+        self._budget_started = self._budget_started or time.monotonic()  # --max-minutes spans every job
+        started, start_step = self._budget_started, self.trainer.step
         wall_start, checkpoints_before = time.perf_counter(), self._checkpoint_seconds
         work_before = self.checkpoints.busy_seconds
         while not self.stop_event.is_set() and self._budget_left(started, start_step):
@@ -357,6 +394,10 @@ class SwarmNode:
             self.checkpoints.check()  # a checkpoint that failed (a full disk) stops the node here
             if self.trainer.step % every == 0 and self.trainer.step != self._last_ckpt_step:
                 self.checkpoint()
+            if self._job_needs_me_elsewhere():
+                self._moving = True
+                logger.info(f"a job has had no trainer for a while and {self.lease.job} has others: moving")
+                break
         if self.trainer.step != self._last_ckpt_step:
             self.checkpoint()  # nothing trained is lost on a clean stop or at the end of the budget
         self.checkpoints.wait()
@@ -365,6 +406,21 @@ class SwarmNode:
                                        time.perf_counter() - wall_start, self._checkpoints,
                                        self._checkpoint_seconds - checkpoints_before,
                                        self.checkpoints.busy_seconds - work_before)
+
+    def _job_needs_me_elsewhere(self) -> bool:
+        """Checked once a lease period: whether some job has had no live claim in two checks in a row
+        while this node is not the one that stays on its own, shared job (`should_move`)."""
+        if self.options.job is not None or self.options.max_steps is not None or \
+                time.monotonic() - self._coverage_checked < self.manifest.timing.lease_s:
+            return False  # a job or a step budget chosen by the user stays
+        self._coverage_checked = time.monotonic()
+        try:
+            claims = self.membership.claims()
+        except Exception:  # the DHT is slow or away: look again next period
+            return False
+        move = should_move(self.lease.job, self.jobs, claims, self.membership.identity.signer_id, get_dht_time())
+        self._uncovered_seen = self._uncovered_seen + 1 if move else 0
+        return self._uncovered_seen >= 2
 
     def checkpoint(self) -> None:
         """Freeze this step's weights; then (on the checkpoint thread, while training goes on) write
@@ -430,6 +486,23 @@ class SwarmNode:
                                            **common)
         self.published.add(record)
         return record, metric
+
+    def _hand_over(self) -> None:
+        """Give the job back, then serve the last checkpoint until another peer holds it (bounded)."""
+        self.announcer.lease = None  # first: the announcer must not renew what is released
+        self.lease.release(self.trainer.step)
+        record = self.published.record if self.published else None
+        if record is None or not needs_hand_over(self.membership):
+            return
+        wait_s = handover_wait_s(self.manifest.timing.lease_s)
+        self._set(state="handing over")
+        logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most "
+                    f"{wait_s:.0f} s; Ctrl-C again to leave now)")
+        if hand_over(self.membership, record.blob.sha256, wait_s, self.leave_now):
+            logger.info(f"another peer holds checkpoint step {record.step} now: leaving")
+        else:
+            logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back "
+                           "when this node is")
 
     def _serve(self) -> None:
         """The budget is spent: give the job back, keep serving blobs until stopped."""

@@ -138,10 +138,11 @@ class BootstrapProcess(LineProcess):
 class NodeProcess(LineProcess):
     """`ddm-swarm node` as a user runs it (its log lines are what we read)."""
 
-    def __init__(self, manifest_path: Path, data_dir: Path, initial_peers: List[str], *extra: str):
-        super().__init__([sys.executable, "-m", "node.cli", "node", "--swarm", str(manifest_path), "--data-dir",
-                          str(data_dir), "--host", "127.0.0.1", *sum([["--initial-peers", p] for p in initial_peers], []),
-                          *extra], env=child_env(COLUMNS="200"))
+    def __init__(self, manifest_path: Path, data_dir: Path, initial_peers: List[str], *extra: str,
+                 host: str = "127.0.0.1", prefix: List[str] = ()):
+        super().__init__([*prefix, sys.executable, "-m", "node.cli", "node", "--swarm", str(manifest_path),
+                          "--data-dir", str(data_dir), "--host", host,
+                          *sum([["--initial-peers", p] for p in initial_peers], []), *extra], env=child_env(COLUMNS="200"))
         self.data_dir = data_dir
 
 
@@ -156,7 +157,7 @@ def wait_until(condition, timeout: float, what: str, every: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run one `ddm-swarm` command to completion."""
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+def run_cli(*args: str, timeout: float = 240, prefix: List[str] = ()) -> subprocess.CompletedProcess:
+    """Run one `ddm-swarm` command to completion (`prefix`: e.g. `ip netns exec NAME`)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=child_env(COLUMNS="200"))

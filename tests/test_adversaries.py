@@ -128,6 +128,12 @@ def test_honest_ensemble_assembles_despite_every_adversary(swarm):
     honest = {signer_of(swarm, name) for name in ("a", "b", "d")}
     assert {r.signer for r in used} <= honest
     assert not {r.blob.sha256 for r in used} & set(swarm["liar_shas"])
+    # the generator too downloaded the poisoned checkpoints (the highest steps) and refused each for what it is
+    output = " ".join((result.stdout + result.stderr).split())
+    nan_sha, narrow_sha, _ = swarm["liar_shas"]
+    for sha, reason in ((nan_sha, "NaN"), (narrow_sha, "another architecture")):
+        said = output.find(f"not used {sha[:16]}")
+        assert said >= 0 and reason in output[said:said + 400], output[-3000:]
     jobs = {"router" if r.KIND == "router" else f"expert/{r.cluster}" for r in used}
     assert jobs == {"expert/0", swarm["b_job"]}
     for process in [*swarm["nodes"].values(), swarm["observer"]]:

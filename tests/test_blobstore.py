@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from node.banlist import BanList
 from node.blob_partial import DownloadInProgress, PartialDownload
 from node.blob_schedule import ChunkScheduler
+import node.blobstore as blobstore_module
 from node.blobstore import BlobNotFound, BlobStore, CorruptBlob
 from protocol.hashing import blob_ref_of, blob_ref_of_chunks, chunk_span, sha256_hex
 from protocol.limits import CHUNK_BYTES
@@ -126,6 +128,19 @@ def test_gc_spares_a_partial_download_that_is_in_progress(store):
         assert partial.directory.exists()
     finally:
         partial.close()
+
+
+def test_gc_tolerates_a_partial_that_a_finishing_download_removes_while_gc_looks_at_it(store, monkeypatch):
+    ref = blob_ref_of(b"finishing")
+    PartialDownload(store, ref).close()
+    looked_at = blobstore_module._newest_mtime
+
+    def download_finishes_first(path):  # the mirror's download commits between iterdir() and stat()
+        shutil.rmtree(path)
+        return looked_at(path)
+
+    monkeypatch.setattr(blobstore_module, "_newest_mtime", download_finishes_first)
+    assert store.gc(keep=[ref.sha256]).partials == []
 
 
 def test_gc_removes_a_partial_untouched_for_too_long(store):

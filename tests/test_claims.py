@@ -2,7 +2,7 @@
 
 import time
 
-from node.claims import choose_job, should_move
+from node.claims import choose_job, keep_previous_job, should_move
 from protocol.identity import Identity
 from protocol.records import Claim
 from tests.protocol_fixtures import PEER_ID
@@ -70,3 +70,13 @@ def test_a_free_job_still_comes_before_a_squatted_one():
     squatter = Identity.generate()
     claims = [_claim(job, squatter) for job in JOBS if job != "router"]
     assert choose_job(JOBS, claims, {}, Identity.generate().signer_id, NOW, {}) == "router"
+
+
+def test_a_restart_continues_its_previous_job_unless_it_is_shared_while_another_has_no_trainer():
+    me, other = Identity.generate(), Identity.generate()
+    alone = [_claim("expert/0", me)]  # its own claim from before the restart does not count
+    assert keep_previous_job("expert/0", JOBS, alone, me.signer_id, NOW)  # nobody else trains it
+    shared = alone + [_claim("expert/0", other)]
+    assert not keep_previous_job("expert/0", JOBS, shared, me.signer_id, NOW)  # expert/1… have no trainer
+    covered = shared + [_claim(job, Identity.generate()) for job in JOBS[1:]]
+    assert keep_previous_job("expert/0", JOBS, covered, me.signer_id, NOW)  # every job has a trainer

@@ -150,3 +150,16 @@ def test_killed_nodes_job_is_taken_over_from_its_last_checkpoint_after_the_lease
     first = wait_until(lambda: latest_by(swarm, 0, signer), 180, "the new node's first checkpoint of expert/0")
     assert first.step > killed_step
     assert f"resumed orphaned expert/0 from the swarm's checkpoint at step {killed_step}" in "".join(c.output)
+
+
+def test_a_stopped_node_serves_its_last_checkpoint_until_a_mirror_holds_it(swarm):
+    b = swarm["nodes"]["b"]
+    b.proc.terminate()  # SIGTERM, as `kill` or a service manager stops a node
+    assert b.proc.wait(90) == 0, "".join(b.output)[-3000:]
+    output = " ".join("".join(b.output).split())
+    step = int(output.split("handing checkpoint step ")[1].split()[0])
+    assert f"another peer holds checkpoint step {step} now: leaving" in output
+    last = latest_by(swarm, 1, swarm["signers"]["b"])
+    assert last.step == step  # the checkpoint written on stopping, after the last periodic one
+    providers = swarm["observer"].call("read", family="providers", sha256=last.blob.sha256)["records"]
+    assert len({decode_record(bytes.fromhex(h)).peer_id for h in providers}) >= 2

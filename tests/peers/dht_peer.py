@@ -12,8 +12,12 @@ from functools import partial
 
 from hivemind.dht import DHT
 
+from node.blob_service import BlobService
+from node.blobstore import BlobStore
 from node.membership import SwarmMembership
+from node.network import NetworkLoop
 from node.swarm_files import read_manifest_file
+from protocol.hashing import BlobRef
 from protocol.identity import Identity
 from protocol.records import decode_record
 from tests.peers.flood import flood_entries
@@ -37,6 +41,7 @@ def main() -> None:
         dht, peer_id = membership.dht, membership.peer_id
     print(json.dumps({"peer_id": peer_id, "maddrs": [str(m) for m in dht.get_visible_maddrs()]}), flush=True)
 
+    blobs = None
     for line in sys.stdin:
         command = json.loads(line)
         op = command["op"]
@@ -67,6 +72,18 @@ def main() -> None:
             found = dht.get(command["key"], latest=True)
             subkeys = list(found.value) if found is not None and isinstance(found.value, dict) else []
             reply = {"subkeys": subkeys}
+        elif op == "fetch":  # download a blob from its providers in the swarm and verify it, then forget it
+            if blobs is None:
+                blobs = BlobService(membership, BlobStore(command["store"]), NetworkLoop(), serve=False)
+            ref = BlobRef(command["sha256"], command["size"], command["chunks_sha256"])
+            started = time.monotonic()
+            try:
+                blobs.fetch(ref, timeout=command.get("timeout_s", 120))
+                blobs.store.verify(ref.sha256)
+                blobs.store.delete(ref.sha256)  # the next check must download it again
+                reply = {"ok": True, "seconds": time.monotonic() - started}
+            except Exception as error:  # noqa: BLE001 - the caller counts failures and reports why
+                reply = {"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
         elif op == "stats":
             reply = membership.validator_stats()
         elif op == "time":
@@ -74,6 +91,9 @@ def main() -> None:
         else:
             reply = {"error": f"unknown op {op}"}
         print(json.dumps(reply), flush=True)
+    if blobs is not None:
+        blobs.stop()
+        blobs.loop.stop()
     if membership is not None:
         membership.shutdown()
     else:

@@ -1,0 +1,49 @@
+"""Handing the last checkpoint over before leaving.
+
+A node that stops writes a final checkpoint and announces it; if it left at once, that checkpoint
+could live in the DHT as the job's best while nobody could serve its blob (mirrors copy a job's best
+only every lease period), so the next trainer of the job would lose those steps. A leaving node
+therefore serves on until another peer provides the blob (a mirror copied it): for a bounded time,
+and only while another trainer is online to copy it. Mirrors copy only a job's best checkpoint, so
+the wait runs out when another trainer's checkpoint of the job is better (nothing is lost then).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from node.membership import SwarmMembership
+
+logger = logging.getLogger("ddm_swarm.handover")
+POLL_S = 1.0
+# the wait is 4 lease periods (a mirror looks once a period), within these bounds (seconds)
+MIN_WAIT_S, MAX_WAIT_S = 30.0, 60.0
+
+
+def handover_wait_s(lease_s: float) -> float:
+    return min(max(4 * lease_s, MIN_WAIT_S), MAX_WAIT_S)
+
+
+def needs_hand_over(membership: SwarmMembership) -> bool:
+    """Whether another trainer of the swarm is online (trainers mirror other jobs' best checkpoints).
+    Whether our checkpoint is its job's best is not asked: any peer can announce a record of a higher
+    step (a liar would then keep every honest node from handing over)."""
+    return any(p.peer_id != membership.peer_id and p.role == "trainer" and p.state == "online"
+               for p in membership.peers())
+
+
+def hand_over(membership: SwarmMembership, sha256: str, timeout_s: float, leave_now: threading.Event) -> bool:
+    """Wait until a peer other than this one provides blob `sha256`, at most `timeout_s` seconds or
+    until `leave_now` is set. True if someone else holds it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if any(p.peer_id != membership.peer_id for p in membership.providers(sha256)):
+                return True
+        except Exception as error:  # the swarm is unreachable: nobody to hand over to
+            logger.info(f"hand-over of {sha256[:12]} stopped: {error}")
+            return False
+        if leave_now.wait(POLL_S) or time.monotonic() >= deadline:
+            return False

@@ -1,0 +1,98 @@
+"""A small LAN of Linux network namespaces for multi-host tests: one namespace per host, each with
+its own interface `eth0` and address, joined by veth pairs to a bridge that lives in a namespace of
+its own (so nothing is added to the machine's own network, and deleting the namespaces removes
+every interface). Needs root and `ip netns`; `unavailable_reason()` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from typing import Dict, List, Optional, Sequence
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+def unavailable_reason() -> Optional[str]:
+    """None if network namespaces can be made here, else why not (for pytest.skip)."""
+    if shutil.which("ip") is None:
+        return "the `ip` command (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "creating network namespaces (`ip netns add`) needs root"
+    probe = f"ddm{os.getpid()}-probe"
+    made = _ip("netns", "add", probe)
+    if made.returncode != 0:
+        return f"`ip netns add` is not permitted here: {made.stderr.strip()}"
+    bridge = _ip("-n", probe, "link", "add", "probe-br", "type", "bridge")
+    _ip("netns", "del", probe)
+    if bridge.returncode != 0:
+        return f"no bridge interfaces in network namespaces: {bridge.stderr.strip()}"
+    return None
+
+
+class NamespaceLan:
+    """Hosts `names` on 10.77.0.0/24 (addresses .1, .2, … in order), each in namespace
+    `ddm<pid>-<name>`. Use as a context manager: the namespaces are deleted on exit, even after a
+    failure (kill the processes started in them first: a namespace lives while a process uses it)."""
+
+    SUBNET = "10.77.0"
+
+    def __init__(self, names: Sequence[str]):
+        self.tag = f"ddm{os.getpid()}"
+        self.switch = f"{self.tag}-switch"
+        self.addresses: Dict[str, str] = {name: f"{self.SUBNET}.{i}" for i, name in enumerate(names, start=1)}
+        self.created: List[str] = []
+
+    def namespace(self, name: str) -> str:
+        return f"{self.tag}-{name}"
+
+    def prefix(self, name: str) -> List[str]:
+        """Command prefix that runs a program on host `name`."""
+        return ["ip", "netns", "exec", self.namespace(name)]
+
+    def __enter__(self) -> "NamespaceLan":
+        try:
+            self._add_namespace(self.switch)
+            self._run("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            self._run("-n", self.switch, "link", "set", "br0", "up")
+            for i, (name, address) in enumerate(self.addresses.items(), start=1):
+                host = self.namespace(name)
+                self._add_namespace(host)
+                self._run("-n", self.switch, "link", "add", f"port{i}", "type", "veth", "peer", "name", "eth0",
+                          "netns", host)
+                self._run("-n", self.switch, "link", "set", f"port{i}", "master", "br0", "up")
+                self._run("-n", host, "addr", "add", f"{address}/24", "dev", "eth0")
+                self._run("-n", host, "link", "set", "eth0", "up")
+                self._run("-n", host, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for namespace in reversed(self.created):
+            _ip("netns", "del", namespace)
+        self.created.clear()
+
+    def received_bytes(self, name: str) -> int:
+        """Bytes host `name` has received on its eth0 so far."""
+        out = self._run("-n", self.namespace(name), "-s", "-j", "link", "show", "eth0").stdout
+        return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
+
+    def _add_namespace(self, namespace: str) -> None:
+        self._run("netns", "add", namespace)
+        self.created.append(namespace)
+
+    @staticmethod
+    def _run(*args: str) -> subprocess.CompletedProcess:
+        done = _ip(*args)
+        if done.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+        return done
