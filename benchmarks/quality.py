@@ -1,6 +1,6 @@
 """Ensemble vs. monolithic at equal training compute on the embedded digits.
 
-    python benchmarks/quality.py [--seeds 0 1 2] [--budget-images 64000] [--out DIR] [--plot PNG]
+    python benchmarks/quality.py [--seeds 0 1 2] [--budget-images 32000] [--out DIR] [--plot PNG]
 
 For each seed, two arms train side by side (one process of one thread each), with the embedded
 recipe's expert architecture, batch size, learning rate, warm-up and EMA:
@@ -157,9 +157,16 @@ def _init_worker() -> None:
 
 
 def run_arm(shared: Shared, arm: str, seed: int, budget: int, router_images: int, per_digit: int) -> dict:
-    """Train, sample and score one arm ("monolithic" or "ensemble") of run `seed`."""
+    """Train, sample and score one arm ("monolithic" or "ensemble") of run `seed`; its result is
+    kept in `arm.json` beside its checkpoints and reused by a later run with the same settings."""
     recipe, out = shared.recipe, shared.out / f"seed-{seed}" / arm
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"budget": budget, "router_images": router_images, "per_digit": per_digit,
+                "recipe": recipe.to_dict()}
+    saved = out / "arm.json"
+    if saved.exists() and json.loads(saved.read_text()).get("settings") == json.loads(json.dumps(settings)):
+        log(f"seed {seed} {arm}: reusing {saved}")
+        return json.loads(saved.read_text())["result"]
     classifier = load_or_train_classifier()
     batch, k = recipe.expert_training.batch_size, recipe.num_clusters
     expert_steps = round(budget / (k * batch))
@@ -178,7 +185,7 @@ def run_arm(shared: Shared, arm: str, seed: int, budget: int, router_images: int
             experts.append(expert), curves.append(curve), stats.append(stat)
         router, router_stats = train_router(shared, seed, router_images, out / "router.safetensors")
         own_cluster = []  # each held-out image scored by its own cluster's expert, at each fraction
-        for i in range(len(CURVE_FRACTIONS)):
+        for i in range(len(curves[0])):  # fractions that rounded to one step were skipped
             losses = torch.zeros(len(shared.heldout))
             for cluster in range(k):
                 losses[heldout_rows(shared, cluster)] = torch.tensor(curves[cluster][i]["losses"])
@@ -201,6 +208,7 @@ def run_arm(shared: Shared, arm: str, seed: int, budget: int, router_images: int
     result["wall_s"] = time.perf_counter() - start
     log(f"seed {seed} {arm}: FID {result['samples']['fid']:.2f}, accuracy {result['samples']['accuracy']:.3f} "
         f"({result['wall_s']:.0f} s)")
+    saved.write_text(json.dumps({"settings": settings, "result": result}))
     return result
 
 
@@ -266,13 +274,14 @@ def plot(results: dict, seeds: list[int], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget-images", type=int, default=64_000,
+    parser.add_argument("--budget-images", type=int, default=32_000,
                         help="training images per arm (the ensemble's experts together)")
     parser.add_argument("--router-images", type=int, help="router training images (default budget / 4)")
     parser.add_argument("--per-digit", type=int, default=50, help="evaluation samples per digit and arm")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ddm-quality"),
-                        help="checkpoints, sample grids and quality.json (benchmarks/routing.py --from reads it)")
+                        help="checkpoints, sample grids, per-arm results (reused when the settings match: "
+                             "add seeds to a finished run cheaply) and quality.json (routing.py --from reads it)")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "quality_loss.png")
     args = parser.parse_args()
     torch.set_num_threads(1)
