@@ -179,9 +179,9 @@ def main() -> None:
            "wall_s": time.time() - started}
     (args.source / "routing.json").write_text(json.dumps({**out, "full_results": results, "trained": trained}))
     for name, r in compact.items():
+        timed = "single" if name == "monolithic" else name.removeprefix("text_router_")
         log(f"{name:>22}: FID {r['fid']:7.2f}, accuracy {r['accuracy']:.3f}, top weight "
-            f"{r['mean_top_weight_used']:.3f}, time x single "
-            f"{timing['ratio_vs_single'].get('single' if name == 'monolithic' else name.removeprefix('text_router_'), float('nan')):.2f}")
+            f"{r['mean_top_weight_used']:.3f}, time x single {timing['ratio_vs_single'].get(timed, float('nan')):.2f}")
     print(json.dumps(out))
 
 
