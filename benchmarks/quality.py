@@ -47,7 +47,8 @@ from ddm_models.captions import prompt_for_digit  # noqa: E402
 from ddm_models.configs import ExpertConfig  # noqa: E402
 from ddm_models.data import ImageDataset, heldout_split  # noqa: E402
 from ddm_models.evaluation import velocity_losses  # noqa: E402
-from ddm_models.metrics import DEFAULT_RECIPE, classifier_fid, conditional_accuracy, load_or_train_classifier  # noqa: E402
+from ddm_models.metrics import (DEFAULT_RECIPE, classifier_fid, conditional_accuracy,  # noqa: E402
+                                load_or_train_classifier)
 from ddm_models.recipe import EMBEDDED_RECIPE, EnsembleRecipe  # noqa: E402
 from ddm_models.sampling import EnsembleSampler, LoadedExpert  # noqa: E402
 from ddm_models.train_ensemble import Shared, _cluster_part, prepare, write_grid  # noqa: E402

@@ -77,7 +77,8 @@ def train_job(shared: Shared, job: str, seed: int, steps_or_images: int, directo
     cluster = int(job.split("-")[1])
     config = shared.recipe.expert_config(cluster).replace(objective="ddpm")
     _, curve, stats = train_expert(shared, config, cluster, seed, steps_or_images,
-                                   directory / f"expert-{cluster}-ddpm.safetensors", f"seed {seed} DDPM expert {cluster}")
+                                   directory / f"expert-{cluster}-ddpm.safetensors",
+                                   f"seed {seed} DDPM expert {cluster}")
     return job, {**stats, "heldout_velocity_loss": sum(curve[-1]["losses"]) / len(curve[-1]["losses"])}
 
 
