@@ -5,8 +5,8 @@
 On the ensemble that `benchmarks/quality.py --out DIR` trained for `--seed` (K = 4 FM experts and a
 text-conditioned router; trained here with quality.py's code if DIR lacks it), with the same
 sampler, steps, guidance and initial noise for every case:
-  routing: top-1, top-2, top-3 and full mixing with the text router, and the same with an
-           image-only router (sees x_t and t, as Paris's; same seed, batches and images as the text
+  routing: top-1, top-2, top-3 and full mixing with the text router, and (by default top-1,
+           top-2 and full) with an image-only router (sees x_t and t, as Paris's; same seed, batches and images as the text
            router), trained here;
   objectives: the all-FM ensemble vs. a heterogeneous one whose clusters 1 and 3 get DDPM (epsilon)
            experts instead, trained here with the FM experts' seeds, batches and image counts (so
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--timing-batch", type=int, default=50)
+    parser.add_argument("--image-router-strategies", nargs="+", choices=list(STRATEGIES),
+                        default=["top1", "top2", "full"])
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -147,7 +149,8 @@ def main() -> None:
         for router_file, prefix in (("router.safetensors", "text_router"), ("router-image-only.safetensors",
                                                                             "image_router")):
             experts, router = ensemble_files(ensemble_dir, router_file, ddpm=False)
-            cases.update({f"{prefix}_{s}": (experts, router, s) for s in STRATEGIES})
+            strategies = STRATEGIES if prefix == "text_router" else args.image_router_strategies
+            cases.update({f"{prefix}_{s}": (experts, router, s) for s in strategies})
         experts, router = ensemble_files(ensemble_dir, "router.safetensors", ddpm=True)
         cases.update({f"heterogeneous_{s}": (experts, router, s) for s in ("top2", "full")})
         futures = [pool.submit(sample_case, shared, name, *case, args.seed, args.per_digit)
@@ -165,7 +168,7 @@ def main() -> None:
                      for k in DDPM_CLUSTERS}
     compact = {name: {"fid": r["fid"], "accuracy": r["accuracy"], "mean_top_weight_used": r["mean_top_weight_used"],
                       "top_expert_switches": r["top_expert_switches"]} for name, r in results.items()}
-    for prefix in ("text_router", "image_router"):
+    for prefix in ("text_router", "image_router")[:1 + ("full" in args.image_router_strategies)]:
         compact[f"{prefix}_full"]["router_top_weight_by_step"] = results[f"{prefix}_full"]["top_weight_by_step"]
     out = {"benchmark": "routing", "seed": args.seed, "budget_images": budget, "router_images": router_images,
            "samples_per_case": 10 * args.per_digit, "fid_reference": "500 held-out digits",
