@@ -6,11 +6,12 @@ On the ensemble that `benchmarks/quality.py --out DIR` trained for `--seed` (K =
 text-conditioned router; trained here with quality.py's code if DIR lacks it), with the same
 sampler, steps, guidance and initial noise for every case:
   routing: top-1, top-2, top-3 and full mixing with the text router, and (by default top-1,
-           top-2 and full) with an image-only router (sees x_t and t, as Paris's; same seed, batches and images as the text
-           router), trained here;
+           top-2 and full) with an image-only router (sees x_t and t, as Paris's; same seed,
+           batches and images as the text router), trained here;
   objectives: the all-FM ensemble vs. a heterogeneous one whose clusters 1 and 3 get DDPM (epsilon)
            experts instead, trained here with the FM experts' seeds, batches and image counts (so
-           both ensembles cost the same compute; clusters 0 and 2 keep their FM experts), top-2 and full;
+           both ensembles cost the same compute; clusters 0 and 2 keep their FM experts), top-2
+           and full;
   reference: the monolithic model of the same run (quality.py's other arm).
 Each case: classifier FID against the 500 held-out digits and conditional accuracy for "the digit
 d" x `--per-digit`, d = 0..9; the router's confidence (mean largest weight per sampling step, full
