@@ -1,4 +1,5 @@
-"""Measuring a loaded expert on data it did not train on (used to check what a checkpoint claims)."""
+"""Measuring a loaded expert or a whole ensemble on data it did not train on (checking what a checkpoint
+claims; comparing an ensemble with a monolithic model image by image)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from ddm_models.captions import sample_captions
 from ddm_models.data import ImageDataset
 from ddm_models.sampling import LoadedExpert
-from ddm_models.text import TextEncoder
+from ddm_models.text import TextBatch, TextEncoder
 
 
 @torch.no_grad()
@@ -35,3 +36,34 @@ def expert_loss(expert: LoadedExpert, data: ImageDataset, text_encoder: TextEnco
         prediction = expert.model(x_in.to(device), timestep.to(device), text_encoder.encode(captions[part]).to(device))
         total += float(F.mse_loss(prediction.float(), target.to(device).float(), reduction="sum"))
     return total / noise.numel()
+
+
+@torch.no_grad()
+def velocity_losses(velocity: Callable[[torch.Tensor, torch.Tensor, TextBatch], torch.Tensor], data: ImageDataset,
+                    text_encoder: TextEncoder, *, seed: int = 0, rows: torch.Tensor | None = None,
+                    batch_size: int = 256,
+                    caption_sampler: Callable[[torch.Tensor, torch.Generator], List[str]] = sample_captions
+                    ) -> torch.Tensor:
+    """Per-image squared error (N,) of a flow-matching velocity on `data`, in FM velocity space, so
+    experts of any objective and whole ensembles are measured on one scale.
+
+    velocity(x_t (B, C, H, W), t (B,), text) -> v (B, C, H, W), e.g. `LoadedExpert.velocity` or
+    `EnsembleSampler.velocity(...)[0]`; target v = eps - x0 at x_t = (1 - t) x0 + t eps. Noise,
+    captions and t (stratified over (0, 1), in a seeded order) are fixed per image by `seed` and
+    the image's position in `data`, so `rows` (indices into `data`) selects a subset with exactly
+    the noise the full set gets: an expert on its own cluster and a model on all the data are
+    compared image by image. Returns the mean over pixels of each selected image's error."""
+    n = len(data)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *data.image_shape), generator=generator)
+    t = ((torch.arange(n) + torch.rand(n, generator=generator).clamp(1e-3, 1 - 1e-3)) / n)
+    t = t[torch.randperm(n, generator=generator)]
+    captions = caption_sampler(data.labels, generator)
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.int64)
+    losses = []
+    for part in rows.split(batch_size):
+        x0, eps, t_part = data.images[part], noise[part], t[part]
+        x_t = (1 - t_part.view(-1, 1, 1, 1)) * x0 + t_part.view(-1, 1, 1, 1) * eps
+        v = velocity(x_t, t_part, text_encoder.encode([captions[i] for i in part.tolist()]))
+        losses.append((v.float() - (eps - x0)).pow(2).flatten(1).mean(1))
+    return torch.cat(losses) if losses else torch.zeros(0)
