@@ -69,7 +69,7 @@ class _NodeDHT(DHT):
         super().run()
 
 
-# A killed node's daemon stops within ~6 s (1 s poll + 5 s shutdown); wait a little longer than that.
+# A killed node's DHT process and p2pd end within ~2 s (see _end_with_parent); a loaded machine may take longer.
 IDENTITY_RELEASE_S = 20.0
 
 
@@ -98,7 +98,7 @@ class SwarmMembership:
     def _start_dht(self, options: dict, p2p_identity_path: Optional[str]) -> "_NodeDHT":
         """Start the DHT process and p2pd. A node restarted right after a kill may find its previous
         daemon still answering for its peer id (it stops within seconds of its node's death, see
-        `_exit_with_parent`): that case is retried for IDENTITY_RELEASE_S before it is an error."""
+        `_end_with_parent`): that case is retried for IDENTITY_RELEASE_S before it is an error."""
         deadline = time.monotonic() + IDENTITY_RELEASE_S
         while True:
             try:
