@@ -16,20 +16,11 @@ from node.keys import load_or_create_identity
 from node.swarm_files import write_manifest_file
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
-from tests.swarm_harness import ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli
+from tests.swarm_harness import (ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli,
+                                 wait_until)
 
 pytestmark = pytest.mark.timeout(420)
 TINY = ROOT / "tests" / "manifests" / "tiny.yaml"
-
-
-def wait_until(condition, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
