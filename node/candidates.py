@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Tuple, Union
+from typing import Dict, Iterable, Iterator, Tuple, Union
 
 import torch
 

@@ -111,7 +111,8 @@ def node(
 ) -> None:
     """Join a swarm, claim the job that most needs work, train it, announce and serve checkpoints."""
     from node.node_view import NodeView
-    from node.peer import NodeOptions, SwarmNode
+    from node.node_state import NodeOptions
+    from node.peer import SwarmNode
     from node.swarm_files import load_manifest
 
     setup_logging()

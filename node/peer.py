@@ -17,101 +17,39 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Set
+from typing import Callable, Optional, Set
 
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
+from ddm_models.checkpoint import InvalidCheckpoint
 from ddm_models.text import build_text_encoder
 from ddm_models.training import ExpertTrainer, RouterTrainer
-from node.announcer import Announcer, new_checkpoint_record
-from node.assembly import check_header, rank
+from node.announcer import Announcer
 from node.blob_service import BlobService
 from node.blobstore import BlobStore
-from node.candidates import MAX_FAILURES, obtainable
 from node.checkpoint_pipeline import CheckpointPipeline
+from node.checkpoint_writer import CHECKPOINT_PAUSE_S, write_checkpoint
 from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job, keep_previous_job, should_move
-from node.handover import hand_over, handover_wait_s, needs_hand_over
-from ddm_models.checkpoint import InvalidCheckpoint
-from node.errors import DiskFull, NodeError
+from node.errors import DiskFull
 from node.files import atomic_write_bytes, hold_exclusive_lock
-from node.jobs import (SwarmData, check_model_specs, expert_config, prepare_swarm_data, router_config,
-                       training_options)
+from node.handover import hand_over, handover_wait_s, needs_hand_over
+from node.jobs import check_model_specs, expert_config, prepare_swarm_data, router_config, training_options
 from node.keys import identities_for_join
 from node.membership import SwarmMembership
 from node.mirror import Mirror
 from node.network import NetworkLoop
+from node.node_state import NodeOptions, NodeStatus, TrainingSummary
 from node.presence import Presence
-from node.published import PublishedCheckpoints, UnreadableNodeFile, refreshed
+from node.published import PublishedCheckpoints, UnreadableNodeFile
+from node.resume import announce_again, resume_from_swarm
 from protocol.manifest import SwarmManifest
-from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.node")
-# Test only (benchmarks/crash_loop.py): widen the gaps between a checkpoint's steps so that random
-# kills land in them too. Unset, as in production, it costs one comparison per checkpoint.
-RESUME_ROUNDS = 3  # reads of the swarm's checkpoint records when resuming (see _resume_from_swarm)
-CHECKPOINT_PAUSE_S = float(os.environ.get("DDM_SWARM_TEST_CHECKPOINT_PAUSE_S") or 0)
-
-
-@dataclass
-class NodeOptions:
-    data_dir: Path
-    initial_peers: List[str] = field(default_factory=list)
-    host: str = "0.0.0.0"
-    port: int = 0
-    job: Optional[str] = None  # force a job ("expert/<k>" or "router") instead of choosing one
-    model: Optional[str] = None  # expert model of the manifest, instead of the cluster's default
-    max_steps: Optional[int] = None
-    max_minutes: Optional[float] = None
-    exit_when_done: bool = False  # else keep serving blobs after the budget is spent
-    mirror: bool = True
-    threads: int = 1
-    seed: int = 0
-    device: str = "cpu"
-    slice_s: float = 2.0  # train this long between looks at the outside world
-
-
-@dataclass
-class NodeStatus:
-    state: str = "joining"
-    job: str = "-"
-    model: str = "-"
-    step: int = 0
-    loss: float = float("nan")
-    images_per_s: float = 0.0
-    peers: int = 0
-    last_checkpoint: str = "-"
-    last_announcement: str = "-"
-    resumed_from: str = "-"
-
-
-@dataclass
-class TrainingSummary:
-    """What one `run` trained, wall clock over the whole training phase (checkpoints included)."""
-
-    job: str
-    steps: int
-    images: int
-    seconds: float  # from the first step to the end of the last checkpoint
-    checkpoints: int
-    checkpoint_seconds: float  # of `seconds`, spent in `checkpoint()` on the training thread
-    checkpoint_work_seconds: float = 0.0  # evaluating, writing and announcing them (mostly on their own thread)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {"job": self.job, "steps": self.steps, "images": self.images, "seconds": round(self.seconds, 3),
-                "images_per_s": round(self.images_per_s, 3), "checkpoints": self.checkpoints,
-                "checkpoint_seconds": round(self.checkpoint_seconds, 3),
-                "checkpoint_work_seconds": round(self.checkpoint_work_seconds, 3)}
 
 
 class SwarmNode:
@@ -293,70 +231,22 @@ class SwarmNode:
             self._set(resumed_from=f"local step {self.trainer.step}")
             logger.info(f"resumed {job} from this node's own state at step {self.trainer.step}")
         self._resume_from_swarm(job)
-        self._announce_again(job)
+        announce_again(job, self.published, self.store, self.membership, self.announcer,
+                       self.manifest.timing.record_ttl_s)
         self._last_ckpt_step = self.trainer.step
         self._set(step=self.trainer.step)
 
     def _resume_from_swarm(self, job: str) -> None:
-        """Continue from the best usable checkpoint of `job` in the swarm that is newer than ours.
-
-        The swarm's latest moves while we fetch: a live trainer keeps only its last two checkpoints,
-        so a record read a few seconds ago may name a blob its provider has already dropped. When
-        every candidate of a round was unreachable, records are read again (at most RESUME_ROUNDS
-        times); a candidate refused for its content is never tried twice.
-        """
         spec_hash = (self.manifest.router if job == ROUTER_JOB else self.manifest.expert_spec(self.lease.model)).spec_hash
-        refused: Set[str] = set()
-        for round_ in range(RESUME_ROUNDS):
-            records = self.membership.routers() if job == ROUTER_JOB else \
-                self.membership.checkpoints(int(job.split("/")[1]))
-            records = [r for r in records if r.spec_hash == spec_hash]
-            mine = [r for r in records if r.signer == self.membership.identity.signer_id]
-            if mine and round_ == 0:  # the DHT's record of ours from before a restart: its blob stays until a newer one is confirmed
-                self.announcer.confirmed[job] = rank(mine)[0].blob.sha256
-            newer = [r for r in rank(records) if r.step > self.trainer.step and r.blob.sha256 not in refused]
-            unreachable = 0
-            for failures, record in enumerate(obtainable(newer, self.membership, self.store, self.manifest)):
-                if failures >= MAX_FAILURES:
-                    logger.warning(f"no usable checkpoint of {job} among the first {failures} the swarm offers")
-                    return
-                try:
-                    path = self.blobs.fetch(record.blob)
-                    check_header(path, record, self.manifest)  # what its record says: job, model, step
-                    self.trainer.init_from_checkpoint(path)
-                except Exception as error:  # a bad or unreachable checkpoint: try the next one
-                    if isinstance(error, NodeError):
-                        unreachable += 1
-                    else:
-                        refused.add(record.blob.sha256)
-                    logger.warning(f"cannot resume from {record.blob.sha256[:12]} (step {record.step}): {error}")
-                    continue
-                self.parent_blob = record.blob.sha256
-                self.announcer.provide(record.blob.sha256)
-                self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
-                logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
-                            f"(signer {record.signer[:12]}…)")
-                return
-            if not unreachable:
-                return
-            logger.info(f"reading {job}'s checkpoints again: {unreachable} were unreachable")
-
-    def _announce_again(self, job: str) -> None:
-        """After a restart, announce the latest checkpoint this node published (a crash may have cut
-        its announcement off), but only while its blob is still in the store: a record must never
-        point at bytes this node cannot serve."""
-        record = self.published.record
-        if record is None or record.swarm_id != self.membership.swarm_id:
+        record = resume_from_swarm(job, spec_hash, self.trainer, self.membership, self.blobs, self.store, self.manifest,
+                                   self.announcer)
+        if record is None:
             return
-        if not self.store.has(record.blob.sha256):
-            logger.warning(f"not announcing checkpoint step {record.step} again: its blob "
-                           f"{record.blob.sha256[:12]} is no longer in the store")
-            return
-        expires = get_dht_time() + self.manifest.timing.record_ttl_s
-        self.announcer.announce_checkpoint(job, refreshed(record, self.membership.identity, expires))
-        for sha in self.published.keep():
-            if self.store.has(sha):
-                self.announcer.provide(sha)
+        self.parent_blob = record.blob.sha256
+        self.announcer.provide(record.blob.sha256)
+        self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
+        logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
+                    f"(signer {record.signer[:12]}…)")
 
     def _own_blobs(self) -> Set[str]:
         """Blobs this node must keep: its published checkpoints, the one the DHT last confirmed for
@@ -437,7 +327,8 @@ class SwarmNode:
     def _checkpoint(self, trainer) -> None:
         job = self.lease.job
         try:
-            record, metric = self._write_checkpoint(job, trainer)
+            record, metric = write_checkpoint(trainer, job, self.lease.model, self._state_dir(job), self.store,
+                                              self.published, self.membership, self.manifest, self.parent_blob or "")
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -454,38 +345,6 @@ class SwarmNode:
         self.parent_blob = record.blob.sha256
         # shown at the training thread's next status update
         self.status.last_checkpoint = f"step {trainer.step} ({'acc' if job == ROUTER_JOB else 'loss'} {metric:.4f})"
-
-    def _write_checkpoint(self, job: str, trainer):
-        """State file, blob and published.json of `trainer`'s step, each written atomically in that
-        order: a crash between two of them leaves the earlier ones complete and the later ones untouched."""
-        trainer.save_state(self._state_dir(job))
-        is_router = job == ROUTER_JOB
-        metric = trainer.evaluate().accuracy if is_router else trainer.heldout_loss()
-        fd, tmp = self.store.temp_file(".safetensors")
-        os.close(fd)
-        try:
-            if is_router:
-                trainer.export(tmp, accuracy=metric)
-            else:
-                trainer.export(tmp, heldout_loss=metric)
-            ref = self.store.put_own_file(tmp)  # export wrote and fsynced it inside the store
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        if CHECKPOINT_PAUSE_S:
-            time.sleep(CHECKPOINT_PAUSE_S)  # the blob is in the store, published.json not yet written
-        parent = self.parent_blob if self.parent_blob and self.parent_blob != ref.sha256 else ""
-        common = dict(model=self.lease.model, step=trainer.step, samples_seen=trainer.samples_seen,
-                      blob=ref, parent=parent)
-        if is_router:
-            record = new_checkpoint_record(self.membership, RouterRecord, spec_hash=self.manifest.router.spec_hash,
-                                           num_clusters=self.manifest.num_clusters, heldout_accuracy=metric, **common)
-        else:
-            spec = self.manifest.expert_spec(self.lease.model)
-            record = new_checkpoint_record(self.membership, CheckpointRecord, cluster=int(job.split("/")[1]),
-                                           objective=spec.objective, spec_hash=spec.spec_hash, heldout_loss=metric,
-                                           **common)
-        self.published.add(record)
-        return record, metric
 
     def _hand_over(self) -> None:
         """Give the job back, then serve the last checkpoint until another peer holds it (bounded)."""

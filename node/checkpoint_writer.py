@@ -1,0 +1,57 @@
+"""Writing one checkpoint of a node's job: the local state file, the publishable checkpoint in the
+blob store, and published.json, each atomically and in that order, so that a crash between two of
+them leaves the earlier ones complete and the later ones untouched (see `node.published`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Tuple, Union
+
+from node.announcer import new_checkpoint_record
+from node.blobstore import BlobStore
+from node.claims import ROUTER_JOB
+from node.membership import SwarmMembership
+from node.published import PublishedCheckpoints
+from protocol.manifest import SwarmManifest
+from protocol.records import CheckpointRecord, RouterRecord
+
+# Test only (benchmarks/crash_loop.py): widen the gaps between a checkpoint's steps so that random
+# kills land in them too. Unset, as in production, it costs one comparison per checkpoint.
+CHECKPOINT_PAUSE_S = float(os.environ.get("DDM_SWARM_TEST_CHECKPOINT_PAUSE_S") or 0)
+
+
+def write_checkpoint(trainer, job: str, model: str, state_dir: Path, store: BlobStore,
+                     published: PublishedCheckpoints, membership: SwarmMembership, manifest: SwarmManifest,
+                     parent: str) -> Tuple[Union[CheckpointRecord, RouterRecord], float]:
+    """Write `trainer`'s step of `job` (model `model`) and sign its record (not yet announced): the
+    record and the held-out metric (accuracy for the router, loss for an expert). `parent` is the
+    blob this training continued from ("" for none)."""
+    trainer.save_state(state_dir)
+    is_router = job == ROUTER_JOB
+    metric = trainer.evaluate().accuracy if is_router else trainer.heldout_loss()
+    fd, tmp = store.temp_file(".safetensors")
+    os.close(fd)
+    try:
+        if is_router:
+            trainer.export(tmp, accuracy=metric)
+        else:
+            trainer.export(tmp, heldout_loss=metric)
+        ref = store.put_own_file(tmp)  # export wrote and fsynced it inside the store
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if CHECKPOINT_PAUSE_S:
+        time.sleep(CHECKPOINT_PAUSE_S)  # the blob is in the store, published.json not yet written
+    common = dict(model=model, step=trainer.step, samples_seen=trainer.samples_seen, blob=ref,
+                  parent=parent if parent != ref.sha256 else "")
+    if is_router:
+        record = new_checkpoint_record(membership, RouterRecord, spec_hash=manifest.router.spec_hash,
+                                       num_clusters=manifest.num_clusters, heldout_accuracy=metric, **common)
+    else:
+        spec = manifest.expert_spec(model)
+        record = new_checkpoint_record(membership, CheckpointRecord, cluster=int(job.split("/")[1]),
+                                       objective=spec.objective, spec_hash=spec.spec_hash, heldout_loss=metric,
+                                       **common)
+    published.add(record)
+    return record, metric

@@ -1,0 +1,63 @@
+"""What a node is told (`NodeOptions`), what it shows while it runs (`NodeStatus`) and what one run
+trained (`TrainingSummary`, the command's last line for scripts and benchmarks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+
+@dataclass
+class NodeOptions:
+    data_dir: Path
+    initial_peers: List[str] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    port: int = 0
+    job: Optional[str] = None  # force a job ("expert/<k>" or "router") instead of choosing one
+    model: Optional[str] = None  # expert model of the manifest, instead of the cluster's default
+    max_steps: Optional[int] = None
+    max_minutes: Optional[float] = None
+    exit_when_done: bool = False  # else keep serving blobs after the budget is spent
+    mirror: bool = True
+    threads: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    slice_s: float = 2.0  # train this long between looks at the outside world
+
+
+@dataclass
+class NodeStatus:
+    state: str = "joining"
+    job: str = "-"
+    model: str = "-"
+    step: int = 0
+    loss: float = float("nan")
+    images_per_s: float = 0.0
+    peers: int = 0
+    last_checkpoint: str = "-"
+    last_announcement: str = "-"
+    resumed_from: str = "-"
+
+
+@dataclass
+class TrainingSummary:
+    """What one `run` trained, wall clock over the whole training phase (checkpoints included)."""
+
+    job: str
+    steps: int
+    images: int
+    seconds: float  # from the first step to the end of the last checkpoint
+    checkpoints: int
+    checkpoint_seconds: float  # of `seconds`, spent in `checkpoint()` on the training thread
+    checkpoint_work_seconds: float = 0.0  # evaluating, writing and announcing them (mostly on their own thread)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"job": self.job, "steps": self.steps, "images": self.images, "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_s, 3), "checkpoints": self.checkpoints,
+                "checkpoint_seconds": round(self.checkpoint_seconds, 3),
+                "checkpoint_work_seconds": round(self.checkpoint_work_seconds, 3)}
