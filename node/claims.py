@@ -122,14 +122,19 @@ def progress_by_job(membership: SwarmMembership, jobs: List[str]) -> Tuple[Dict[
 
 
 def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, forced: Optional[str] = None,
-              settle_s: float = 1.0, rounds: int = 5) -> Lease:
-    """Pick a job, claim it, and move if a simultaneous starter won the same job."""
+              settle_s: float = 1.0, rounds: int = 5, after: float = 0.0) -> Lease:
+    """Pick a job, claim it, and move if a simultaneous starter won the same job.
+
+    `after` is the expiration of the last claim record this node published (the tombstone of the
+    lease it just released, when it moves): a node has one claim entry in the DHT, where the latest
+    expiration wins, so a new claim must outlive the tombstone or the DHT keeps the tombstone.
+    """
     import time
 
     me = membership.identity.signer_id
     progress, proven = progress_by_job(membership, jobs)
     job = forced or choose_job(jobs, membership.claims(), progress, me, get_dht_time(), proven)
-    lease = Lease(membership, job, model_for_job(job))
+    lease = Lease(membership, job, model_for_job(job), last_expiry=after)
     lease.renew(progress.get(job, 0))
     for _ in range(0 if forced else rounds):
         time.sleep(settle_s)
@@ -140,6 +145,6 @@ def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, fo
         others = [c for c in claims if c.signer != me]
         job = choose_job([j for j in jobs if j != lease.job] or jobs, others, progress, me, get_dht_time(), proven)
         logger.info(f"{lease.job} is taken by a peer that started at the same time; moving to {job}")
-        lease = Lease(membership, job, model_for_job(job))
+        lease = Lease(membership, job, model_for_job(job), last_expiry=lease.last_expiry)
         lease.renew(progress.get(job, 0))
     return lease

@@ -168,7 +168,8 @@ class SwarmNode:
                 forced, self.jobs, self.membership.claims(), self.membership.identity.signer_id, get_dht_time()):
             logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
             forced = None
-        self.lease: Lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced)
+        self.lease: Lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced,
+                                      after=self.lease.last_expiry if hasattr(self, "lease") else 0.0)
         job = self.lease.job
         atomic_write_bytes(self._node_file(), json.dumps({"job": job, "model": self.lease.model}).encode())
         self.announcer.lease = self.lease
