@@ -8,7 +8,7 @@ was orphaned), it continues from that one instead.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Set, Union
+from typing import Optional, Set
 
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -20,13 +20,11 @@ from node.candidates import MAX_FAILURES, obtainable
 from node.claims import ROUTER_JOB
 from node.errors import NodeError
 from node.membership import SwarmMembership
-from node.published import PublishedCheckpoints, refreshed
+from node.published import PublishedCheckpoints, Record, refreshed
 from protocol.manifest import SwarmManifest
-from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.node")
 RESUME_ROUNDS = 3  # reads of the swarm's checkpoint records when resuming (see resume_from_swarm)
-Record = Union[CheckpointRecord, RouterRecord]
 
 
 def resume_from_swarm(job: str, spec_hash: str, trainer, membership: SwarmMembership, blobs: BlobService,
