@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,10 @@ import pytest
 from ddm_models.checkpoint import read_checkpoint
 from node.blobstore import BlobStore
 from tests.crash_harness import TRAINING, tiny_crash_manifest
-from tests.swarm_harness import ROOT, BootstrapProcess, NodeProcess, run_cli
+from tests.swarm_harness import ROOT, BootstrapProcess, NodeProcess, run_cli, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 TMPFS_BYTES = 48 * 2**20
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def mount_tmpfs(path: Path) -> bool:
@@ -163,7 +152,7 @@ def test_a_full_disk_while_writing_a_checkpoint_stops_the_node_clearly_and_loses
     if not swarm["tmpfs"]:
         pytest.skip("mounting a small tmpfs is not permitted here (needs root): no disk to fill")
     node = swarm["node"]
-    wait_until(lambda: published(swarm)["step"] >= 12, 240, "a checkpoint after the resume")
+    wait_until(lambda: published(swarm)["step"] >= 12, 240, "a checkpoint after the resume", every=0.5)
     filler = DiskFiller(swarm["data_dir"] / "filler")
     filler.start()
     try:
