@@ -44,8 +44,8 @@ from rich.console import Console  # noqa: E402
 from rich.live import Live  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from node.claims import all_jobs, live_claimers  # noqa: E402
-from node.swarm_files import write_manifest_file  # noqa: E402
+from node.swarm.leases import live_claimers  # noqa: E402
+from node.swarm.manifest_files import write_manifest_file  # noqa: E402
 from protocol.manifest import SwarmManifest  # noqa: E402
 from protocol.records import decode_record  # noqa: E402
 from tests.swarm_harness import BootstrapProcess, DhtPeer, NodeProcess  # noqa: E402
@@ -127,7 +127,7 @@ class SwarmWatch:
 
     def __init__(self, observer: DhtPeer, manifest: SwarmManifest, store: Path):
         self.observer, self.store = observer, store
-        self.jobs = all_jobs(manifest)
+        self.jobs = manifest.jobs
         self.samples = 0
         self.covered = {job: 0 for job in self.jobs}
         self.claimers = {job: 0 for job in self.jobs}
@@ -150,8 +150,8 @@ class SwarmWatch:
             holders = live_claimers(self._records("claims"), time.time())
             best = {}
             for job in self.jobs:
-                records = (self._records("router") if job == "router"
-                           else self._records("checkpoints", cluster=int(job.split("/")[1])))
+                records = (self._records("router") if job.is_router
+                           else self._records("checkpoints", cluster=job.cluster))
                 best[job] = max(records, key=lambda r: (r.step, -r.created_at), default=None)
         except Exception:  # noqa: BLE001 - a timed-out read is counted, not fatal
             self.read_errors += 1

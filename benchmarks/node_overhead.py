@@ -54,8 +54,9 @@ def bare_worker(manifest_path: str, cache: str, steps: int, threads: int, seed: 
 
     from ddm_models.text import build_text_encoder
     from ddm_models.training import ExpertTrainer
-    from node.jobs import expert_config, prepare_swarm_data, training_options
-    from node.swarm_files import load_manifest
+    from node.checkpoints.specs import expert_config, training_options
+    from node.data.swarm_data import prepare_swarm_data
+    from node.swarm.manifest_files import load_manifest
 
     torch.set_num_threads(threads)
     manifest = load_manifest(manifest_path)
@@ -137,8 +138,8 @@ def run_bare(swarm: Swarm, steps: int, threads: int, seed: int, on_step) -> dict
 
 
 def prepare_cache(base: str, cache: Path) -> None:
-    from node.jobs import prepare_swarm_data
-    from node.swarm_files import load_manifest
+    from node.data.swarm_data import prepare_swarm_data
+    from node.swarm.manifest_files import load_manifest
 
     prepare_swarm_data(load_manifest(base), cache)
 

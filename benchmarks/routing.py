@@ -43,10 +43,10 @@ from ddm_models.checkpoint import load_expert, load_router  # noqa: E402
 from ddm_models.evaluation import velocity_losses  # noqa: E402
 from ddm_models.metrics import load_or_train_classifier  # noqa: E402
 from ddm_models.recipe import EMBEDDED_RECIPE  # noqa: E402
-from ddm_models.sampling import EnsembleSampler  # noqa: E402
+from ddm_models.sampling import ROUTINGS, EnsembleSampler  # noqa: E402
 from ddm_models.train_ensemble import Shared, prepare  # noqa: E402
 
-STRATEGIES = {"top1": ("top1", None), "top2": ("top2", None), "top3": ("topk", 3), "full": ("full", None)}
+STRATEGIES = {str(routing): routing for routing in ROUTINGS}
 DDPM_CLUSTERS = (1, 3)  # the recipe's objectives ("fm", "ddpm") cycled over 4 clusters
 
 
@@ -59,9 +59,8 @@ def ensemble_files(directory: Path, router: str, ddpm: bool) -> tuple[list[Path]
 def sample_case(shared: Shared, name: str, experts: list[Path], router: Path | None, strategy: str,
                 seed: int, per_digit: int) -> tuple[str, dict]:
     """Load the checkpoints, sample the evaluation prompts, score them (runs in a worker)."""
-    routing, k = STRATEGIES[strategy]
     loaded = [load_expert(path) for path in experts]
-    sampler = EnsembleSampler(loaded, load_router(router) if router else None, routing, k=k,
+    sampler = EnsembleSampler(loaded, load_router(router) if router else None, STRATEGIES[strategy],
                               text_encoder=shared.text)
     result = sample_and_score(shared, sampler, evaluation_labels(per_digit), seed, load_or_train_classifier())
     log(f"{name}: FID {result['fid']:.2f}, accuracy {result['accuracy']:.3f}, mean top weight "
@@ -88,8 +87,8 @@ def time_strategies(shared: Shared, directory: Path, single: Path, repeats: int,
     experts, router = ensemble_files(directory, "router.safetensors", ddpm=False)
     loaded, router = [load_expert(path) for path in experts], load_router(router)
     samplers = {"single": EnsembleSampler([load_expert(single)], None, "top1", text_encoder=shared.text)}
-    for name, (routing, k) in STRATEGIES.items():
-        samplers[name] = EnsembleSampler(loaded, router, routing, k=k, text_encoder=shared.text)
+    for name, routing in STRATEGIES.items():
+        samplers[name] = EnsembleSampler(loaded, router, routing, text_encoder=shared.text)
     prompts = shared.text.encode([prompt_for_digit(i % 10) for i in range(batch)])
     samplers["single"].sample(prompts, num_steps=2)  # warm-up
     seconds = {name: [] for name in samplers}

@@ -54,11 +54,13 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from node.announcer import Announcer, new_checkpoint_record  # noqa: E402
-from node.claims import ROUTER_JOB, Lease, all_jobs  # noqa: E402
-from node.membership import SwarmMembership  # noqa: E402
-from node.presence import Presence  # noqa: E402
-from node.status import collect_status  # noqa: E402
+from node.checkpoints.publishing import new_checkpoint_record  # noqa: E402
+from node.swarm.announcer import Announcer  # noqa: E402
+from node.swarm.leases import Lease  # noqa: E402
+from protocol.jobs import Job  # noqa: E402
+from node.swarm.membership import SwarmMembership  # noqa: E402
+from node.swarm.presence import Presence  # noqa: E402
+from node.swarm.status import collect_status  # noqa: E402
 from protocol import keys  # noqa: E402
 from protocol.hashing import BlobHasher  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
@@ -135,7 +137,7 @@ def descendants(pid: int) -> List[int]:
 class LightPeer:
     membership: SwarmMembership
     announcer: Announcer
-    job: str
+    job: Job
     joined_at_size: int
     join_s: float
     ready_s: float
@@ -149,10 +151,9 @@ class LightPeer:
         self.announcer.announce_checkpoint(self.job, record)
         return record.blob.sha256
 
-    def sees(self, job: str, blob_sha256: str) -> bool:
+    def sees(self, job: Job, blob_sha256: str) -> bool:
         """Does this peer's lookup of `job`'s checkpoint records return the blob's record?"""
-        records = (self.membership.routers() if job == ROUTER_JOB
-                   else self.membership.checkpoints(int(job.split("/")[1])))
+        records = self.membership.job_checkpoints(job)
         return any(r.blob.sha256 == blob_sha256 for r in records)
 
     def memory(self) -> Dict[str, float]:
@@ -170,28 +171,28 @@ class LightPeer:
         self.membership.shutdown()
 
 
-def light_record(membership: SwarmMembership, job: str, step: int):
+def light_record(membership: SwarmMembership, job: Job, step: int):
     hasher = BlobHasher()
     hasher.update(os.urandom(4096))
     blob = hasher.finish()
     manifest = membership.manifest
     common = dict(step=step, samples_seen=64 * step, blob=blob, parent="")
-    if job == ROUTER_JOB:
+    if job.is_router:
         return new_checkpoint_record(membership, RouterRecord, model=manifest.router.name,
                                      spec_hash=manifest.router.spec_hash, num_clusters=manifest.num_clusters,
                                      heldout_accuracy=0.5, **common)
-    spec = manifest.expert_for_cluster(int(job.split("/")[1]))
-    return new_checkpoint_record(membership, CheckpointRecord, cluster=int(job.split("/")[1]), model=spec.name,
+    spec = manifest.expert_for_cluster(job.cluster)
+    return new_checkpoint_record(membership, CheckpointRecord, cluster=job.cluster, model=spec.name,
                                  objective=spec.objective, spec_hash=spec.spec_hash, heldout_loss=0.5, **common)
 
 
-def start_peer(manifest: SwarmManifest, initial_peers: List[str], job: str, size_before: int) -> LightPeer:
+def start_peer(manifest: SwarmManifest, initial_peers: List[str], job: Job, size_before: int) -> LightPeer:
     start = time.perf_counter()
     membership = SwarmMembership(manifest, Identity.generate(), initial_peers=initial_peers, host="127.0.0.1")
     join_s = time.perf_counter() - start
     presence = Presence(membership, role="trainer")
     presence.announce("joining")
-    model = manifest.router.name if job == ROUTER_JOB else manifest.expert_for_cluster(int(job.split("/")[1])).name
+    model = manifest.model_for(job).name
     lease = Lease(membership, job, model)
     lease.renew(0)  # published and confirmed, as `claim_job` does
     ready_s = time.perf_counter() - start
@@ -340,7 +341,7 @@ def main() -> None:
         try:
             manifest = create_swarm(args.swarm, Path(tmp) / "scale.yaml", name=f"scale-{os.getpid()}")
             boot = BootstrapProcess(Path(tmp) / "scale.yaml", Path(tmp) / "boot.key")
-            jobs = all_jobs(manifest)
+            jobs = manifest.jobs
             joining = progress.add_task("peers joined", total=sizes[-1])
             for n in sizes:
                 while len(peers) < n:
@@ -353,8 +354,8 @@ def main() -> None:
                 time.sleep(2.0)  # let the newest peers' first announcements land
                 idle = idle_cpu(peers, boot.proc.pid, args.idle_window)
                 publisher = peers[n // 2]
-                key = (keys.router_key(manifest.swarm_id) if publisher.job == ROUTER_JOB
-                       else keys.checkpoint_key(manifest.swarm_id, int(publisher.job.split("/")[1])))
+                key = (keys.router_key(manifest.swarm_id) if publisher.job.is_router
+                       else keys.checkpoint_key(manifest.swarm_id, publisher.job.cluster))
                 joined = [p for p in peers if p.joined_at_size < n]
                 row = {"n": n, "load_avg": round(os.getloadavg()[0], 2),
                        "join_median_s": round(statistics.median(p.join_s for p in joined), 3),

@@ -39,10 +39,10 @@ sys.path.insert(0, str(REPO))
 from hivemind.dht import DHT  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
 
-from node.blob_fetch import FetchReport, fetch_blob  # noqa: E402
-from node.blob_server import BlobServer  # noqa: E402
-from node.blob_stream import StreamReceiver  # noqa: E402
-from node.blobstore import BlobStore  # noqa: E402
+from node.blobs.fetch import FetchReport, fetch_blob  # noqa: E402
+from node.blobs.server import BlobServer  # noqa: E402
+from node.blobs.stream import StreamReceiver  # noqa: E402
+from node.blobs.store import BlobStore  # noqa: E402
 from protocol.blob_wire import BLOB_STREAM_PROTOCOL, BlobRequest  # noqa: E402
 from protocol.hashing import BlobRef, chunk_span  # noqa: E402
 

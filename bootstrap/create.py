@@ -11,9 +11,9 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
-from node.jobs import prepare_swarm_data
-from node.membership import check_initial_peers
-from node.swarm_files import load_manifest, write_manifest_file
+from node.data.swarm_data import prepare_swarm_data
+from node.swarm.membership import check_initial_peers
+from node.swarm.manifest_files import load_manifest, write_manifest_file
 from protocol.manifest import SwarmManifest
 
 

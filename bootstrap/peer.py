@@ -13,9 +13,9 @@ import threading
 from pathlib import Path
 from typing import List, Sequence
 
-from node.keys import identities_for_join
-from node.membership import SwarmMembership
-from node.presence import Presence
+from node.identity_files import identities_for_join
+from node.swarm.membership import SwarmMembership
+from node.swarm.presence import Presence
 from protocol.manifest import SwarmManifest
 
 logger = logging.getLogger("ddm_swarm.bootstrap")

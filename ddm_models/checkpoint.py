@@ -29,12 +29,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ddm_models.configs import ExpertConfig, InvalidConfig, RouterConfig, canonical_json, config_hash
+from ddm_models.errors import ModelError
 
 FORMAT = "ddm-swarm/checkpoint/1"
 KINDS = ("expert", "router")
 
 
-class InvalidCheckpoint(ValueError):
+class InvalidCheckpoint(ModelError, ValueError):
     """A checkpoint file is malformed or unsafe to load; the message says what is wrong with it."""
 
 

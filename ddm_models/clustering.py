@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
+from ddm_models.errors import ModelError
 
 PIXEL_PCA_DIM = 32
 FINE_CENTROIDS = 64
@@ -29,7 +30,7 @@ MAX_FIT_POINTS = 1_000_000  # fine centroids are fitted on at most this many poi
 ASSIGN_CHUNK = 65_536  # rows of a (memory-mapped) embedding read at a time
 
 
-class ClusterSplitError(ValueError):
+class ClusterSplitError(ModelError, ValueError):
     """A stored cluster split is unreadable or does not match its recorded sha256."""
 
 

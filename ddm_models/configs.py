@@ -13,9 +13,10 @@ import hashlib
 import json
 import typing
 from typing import Any, TypeVar
+from ddm_models.errors import ModelError
 
 
-class InvalidConfig(ValueError):
+class InvalidConfig(ModelError, ValueError):
     """A model config is malformed: unknown or missing field, wrong type, or impossible value."""
 
 

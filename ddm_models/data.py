@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ddm_models.errors import ModelError
 
 DIGIT_CLASS_NAMES = [str(d) for d in range(10)]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class DataSetError(ValueError):
+class DataSetError(ModelError, ValueError):
     """A data set cannot be built or read; the message names the file or field at fault."""
 
 

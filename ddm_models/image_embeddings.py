@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ddm_models.errors import ModelError
 
 # ImageNet statistics, which both DINOv2 and (approximately) CLIP expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EmbedderUnavailable(RuntimeError):
+class EmbedderUnavailable(ModelError, RuntimeError):
     """The embedding model's package or weights are not available locally."""
 
 

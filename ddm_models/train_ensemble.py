@@ -31,7 +31,7 @@ from ddm_models.data import ImageDataset, heldout_split, load_embedded_digits, s
 from ddm_models.recipe import EMBEDDED_RECIPE, EnsembleRecipe
 from ddm_models.text import TextBatch, TextEncoder
 
-STRATEGIES = ("top1", "top2", "full")
+STRATEGIES = ("top1", "top2", "full")  # spellings of `ddm_models.sampling.Routing`
 
 
 class TextTable(TextEncoder):

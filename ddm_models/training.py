@@ -34,8 +34,8 @@ from ddm_models.checkpoint import (CheckpointMetadata, InvalidCheckpoint, check_
 from ddm_models.configs import ExpertConfig, RouterConfig
 from ddm_models.data import ImageDataset
 from ddm_models.experts import build_expert
-from ddm_models.objectives import fm_noised, objective_for
-from ddm_models.router import build_router
+from ddm_models.objectives import objective_for
+from ddm_models.router import Router, build_router
 from ddm_models.text import TextBatch, TextEncoder
 
 STATE_FILE = "state.safetensors"
@@ -351,7 +351,7 @@ class RouterTrainer(_Trainer):
         text = self._text(self.dataset.labels[index], generator)
         noise = torch.randn(x0.shape, generator=generator)
         t = _sample_times(torch.rand(self.batch_size, generator=generator), self.time_sampling)
-        logits = self.trained(fm_noised(x0, noise, t).to(self.device), t.to(self.device), text)
+        logits = self.trained(Router.training_example(x0, noise, t).to(self.device), t.to(self.device), text)
         return F.cross_entropy(logits.float(), self.clusters[index].to(self.device))
 
     @torch.no_grad()
@@ -370,7 +370,7 @@ class RouterTrainer(_Trainer):
         for start in range(0, n, batch_size):
             part = slice(start, min(n, start + batch_size))
             text = (self.text_encoder.encode(captions[part]).to(self.device) if self.config.use_text else None)
-            x_t = fm_noised(data.images[index[part]], noise[part], t[part]).to(self.device)
+            x_t = Router.training_example(data.images[index[part]], noise[part], t[part]).to(self.device)
             logits = self.ema(x_t, t[part].to(self.device), text)
             correct[part] = logits.argmax(1).cpu() == clusters[index[part]]
         edges = torch.linspace(0, 1, num_bins + 1)

@@ -23,3 +23,7 @@ class UnknownSwarm(NodeError):
 
 class DiskFull(NodeError):
     """The disk filled up while the node wrote its files; what was written before is intact."""
+
+
+class InvalidJobSetup(NodeError):
+    """The manifest's data or model specs cannot be turned into a trainable job on this peer."""

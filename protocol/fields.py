@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from protocol.errors import InvalidRecord
 from protocol.hashing import BlobRef, is_sha256_hex
+from protocol.jobs import Job
 from protocol.limits import MAX_MADDRS, MAX_STRING_CHARS
 
 Checker = Callable[[str, Any, bool], Any]
@@ -112,5 +113,28 @@ def signature() -> Checker:
         if not isinstance(value, bytes) or len(value) not in (0, 64):
             raise InvalidRecord(f"field '{name}' must be a 64-byte ed25519 signature")
         return value
+
+    return check
+
+
+def job(*, allow_empty: bool = False) -> Checker:
+    """A `Job`, written on the wire as its one spelling ('router', 'expert/<k>'); with `allow_empty`,
+    None is written as ''."""
+
+    def check(name: str, value: Any, wire: bool) -> Optional[Job]:
+        if isinstance(value, Job):
+            if wire:
+                raise InvalidRecord(f"field '{name}' must be a string on the wire")
+            return value
+        if value is None and allow_empty and not wire:
+            return None
+        if not isinstance(value, str):
+            raise InvalidRecord(f"field '{name}' must be a string, got {type(value).__name__}")
+        if value == "" and allow_empty:
+            return None
+        try:
+            return Job.parse(value)
+        except InvalidRecord as error:
+            raise InvalidRecord(f"field '{name}': {error}") from None
 
     return check

@@ -1,6 +1,6 @@
 """ed25519 identities: who signs records. The signer id is the hex of the 32-byte public key.
 
-This module is pure: keys go to and from bytes here, and `node/keys.py` stores them in files with
+This module is pure: keys go to and from bytes here, and `node/identity_files.py` stores them in files with
 0600 permissions. hivemind's own peer identity (for libp2p) is a separate key.
 """
 

@@ -11,16 +11,16 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from protocol.encoding import canonical_encode
 from protocol.errors import InvalidManifest, SwarmVersionMismatch
 from protocol.hashing import sha256_hex
 from protocol.identity import is_signer_id
+from protocol.jobs import Job, swarm_jobs
 from protocol.limits import PROTOCOL_VERSION
 
 DATASET_KINDS = ("embedded-digits", "small-digits", "image-folder", "webdataset")
-ROUTING_STRATEGIES = ("top1", "top2", "top3", "full")
 _SCALARS = (str, int, float, bool)
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
                Mapping: "a mapping"}
@@ -192,6 +192,17 @@ class SwarmManifest:
     def num_clusters(self) -> int:
         return self.clustering.num_clusters
 
+    @property
+    def jobs(self) -> List[Job]:
+        """Every job of the swarm: one expert per cluster, then the router."""
+        return swarm_jobs(self.num_clusters)
+
+    def model_for(self, job: Job, expert: Optional[str] = None) -> ModelSpec:
+        """The spec a node trains for `job`: the router's, the expert model named `expert`, or the cluster's default."""
+        if job.is_router:
+            return self.router
+        return self.expert_spec(expert) if expert else self.expert_for_cluster(job.cluster)
+
     def expert_spec(self, name: str) -> ModelSpec:
         for spec in self.experts:
             if spec.name == name:
@@ -347,6 +358,7 @@ def _sampling(fields: _Fields) -> SamplingDefaults:
                                 routing=fields.get("routing", str, "top2"))
     fields.done()
     _positive(sampling.steps, "sampling.steps")
-    if sampling.routing not in ROUTING_STRATEGIES:
-        raise InvalidManifest(f"manifest field 'sampling.routing' must be one of {list(ROUTING_STRATEGIES)}")
+    # which spellings mean a routing is `ddm_models.sampling.Routing`'s to say (checked with the model specs)
+    if not 0 < len(sampling.routing) <= 16:
+        raise InvalidManifest("manifest field 'sampling.routing' must be a routing name such as top2 or full")
     return sampling

@@ -74,8 +74,8 @@ class RecordPolicy:
 
     def _check_content(self, parsed: ParsedKey, record: SignedRecord, now: float) -> None:
         k = self.manifest.num_clusters
-        if isinstance(record, (Claim, PeerRecord)) and record.job.startswith("expert/"):
-            if int(record.job.split("/")[1]) >= k:
+        if isinstance(record, (Claim, PeerRecord)) and record.job is not None and not record.job.is_router:
+            if record.job.cluster >= k:
                 raise InvalidRecord(f"job {record.job} does not exist: the swarm has clusters 0..{k - 1}")
         if isinstance(record, CheckpointRecord):
             if record.cluster != parsed.cluster or record.cluster >= k:

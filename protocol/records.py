@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Type, TypeVar
+from typing import Any, ClassVar, Dict, Optional, Type, TypeVar
 
 from protocol import fields as f
 from protocol.encoding import canonical_decode, canonical_encode
 from protocol.errors import BadSignature, InvalidRecord, RecordTooLarge, SwarmVersionMismatch
 from protocol.hashing import BlobRef
 from protocol.identity import Identity, verify_signature
+from protocol.jobs import Job
 from protocol.limits import MAX_RECORD_BYTES, PROTOCOL_VERSION
 
-JOB_PATTERN = r"^(router|expert/(0|[1-9][0-9]{0,3}))$"  # one spelling per job: no leading zeros
 OBJECTIVES = ("fm", "ddpm")
 CLAIM_STATES = ("training", "released")
-PEER_STATES = ("joining", "online", "offline")
+# a trainer announces its lifecycle state (`node.trainer.state.NodeState`); clients and bootstrap
+# peers are "online"; "offline" is the tombstone a leaving peer writes
+PEER_STATES = ("joining", "claiming", "resuming", "training", "moving", "handing-over", "serving", "leaving",
+               "online", "offline")
+# the states in which a peer holds and serves checkpoints (it has joined, and it is not leaving)
+SERVING_STATES = ("claiming", "resuming", "training", "moving", "serving", "online")
 PEER_ROLES = ("trainer", "client", "bootstrap")
 
 R = TypeVar("R", bound="SignedRecord")
@@ -56,7 +61,11 @@ class SignedRecord:
         payload: Dict[str, Any] = {"kind": self.KIND, "v": self._wire_version()}
         for name in self.FIELDS:
             value = getattr(self, name)
-            payload[name] = value.to_wire() if isinstance(value, BlobRef) else value
+            if isinstance(value, (BlobRef, Job)):
+                value = value.to_wire()
+            elif value is None:  # the only optional field is a peer's job, written as ""
+                value = ""
+            payload[name] = value
         return payload
 
     def _wire_version(self) -> int:
@@ -70,6 +79,10 @@ class SignedRecord:
         draft = dataclasses.replace(self, signer=identity.signer_id, signature=b"")
         object.__setattr__(draft, "signature", identity.sign(draft.signing_bytes()))
         return draft
+
+    def renewed(self: R, identity: Identity, expires_at: float) -> R:
+        """The same record living until `expires_at`, signed again (a newer expiry wins in the DHT)."""
+        return dataclasses.replace(self, expires_at=expires_at, signature=b"").signed_by(identity)  # type: ignore[call-arg]
 
     def encode(self) -> bytes:
         if not self.signature:  # type: ignore[attr-defined]
@@ -121,10 +134,10 @@ class Claim(SignedRecord):
     """A lease on a job ("expert/<k>" or "router"), renewed every T and expiring after about 3T."""
 
     KIND: ClassVar[str] = "claim"
-    FIELDS: ClassVar = {**_common_fields(), "job": f.text(pattern=JOB_PATTERN), "model": f.text(),
+    FIELDS: ClassVar = {**_common_fields(), "job": f.job(), "model": f.text(),
                         "peer_id": f.peer_id(), "step": f.integer(), "state": f.text(choices=CLAIM_STATES)}
     swarm_id: str
-    job: str
+    job: Job
     model: str
     peer_id: str
     step: int
@@ -135,7 +148,7 @@ class Claim(SignedRecord):
 
     @property
     def cluster(self) -> int | None:
-        return None if self.job == "router" else int(self.job.split("/")[1])
+        return self.job.cluster
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,10 @@ class CheckpointRecord(SignedRecord):
     signer: str = ""
     signature: bytes = b""
 
+    @property
+    def job(self) -> Job:
+        return Job.expert(self.cluster)
+
 
 @dataclass(frozen=True)
 class RouterRecord(SignedRecord):
@@ -186,6 +203,10 @@ class RouterRecord(SignedRecord):
     signer: str = ""
     signature: bytes = b""
 
+    @property
+    def job(self) -> Job:
+        return Job.router()
+
 
 @dataclass(frozen=True)
 class ProviderRecord(SignedRecord):
@@ -209,13 +230,13 @@ class PeerRecord(SignedRecord):
 
     KIND: ClassVar[str] = "peer"
     FIELDS: ClassVar = {**_common_fields(), "peer_id": f.peer_id(), "maddrs": f.maddrs(),
-                        "role": f.text(choices=PEER_ROLES), "job": f.text(pattern=JOB_PATTERN, allow_empty=True),
+                        "role": f.text(choices=PEER_ROLES), "job": f.job(allow_empty=True),
                         "state": f.text(choices=PEER_STATES), "software": f.text(max_chars=64)}
     swarm_id: str
     peer_id: str
     maddrs: tuple
     role: str
-    job: str
+    job: Optional[Job]  # None: no job (a client, the bootstrap peer, a trainer still choosing)
     state: str
     software: str
     expires_at: float

@@ -11,7 +11,7 @@ import torch
 
 from ddm_models.checkpoint import CheckpointMetadata, checkpoint_tensors, write_checkpoint
 from ddm_models.experts import build_expert
-from node.jobs import expert_config
+from node.checkpoints.specs import expert_config
 from protocol.manifest import SwarmManifest
 
 POISONS = ("none", "wrong-architecture", "nan")

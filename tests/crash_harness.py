@@ -23,13 +23,14 @@ from typing import Callable, List, Optional
 import yaml
 
 from ddm_models.checkpoint import InvalidCheckpoint, read_checkpoint
-from node.blobstore import BlobStore
-from node.keys import load_identity
-from node.swarm_files import write_manifest_file
+from node.blobs.store import BlobStore
+from node.identity_files import load_identity
+from node.swarm.manifest_files import write_manifest_file
 from protocol.hashing import is_sha256_hex
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
 from tests.swarm_harness import BootstrapProcess, DhtPeer, NodeProcess
+from protocol.jobs import Job
 
 TRAINING = re.compile(r"\[training\] (\S+) step (\d+)")
 STARTUP_TIMEOUT_S = 300.0
@@ -71,7 +72,7 @@ class CrashLoop:
                  seed: int = 0):
         self.manifest_path, self.workdir, self.job = manifest_path, Path(workdir), job
         self.rng = random.Random(seed)
-        self.cluster = int(job.split("/")[1])
+        self.cluster = Job.parse(job).cluster
         self.boot = BootstrapProcess(manifest_path, self.workdir / "boot.key")
         self.others = [NodeProcess(manifest_path, self.workdir / f"companion-{i}", self.boot.maddrs, "--job", other)
                        for i, other in enumerate(companions)]
@@ -110,7 +111,7 @@ class CrashLoop:
         return [r for r in records if r.signer == self.signer()]
 
     def _step_now(self) -> int:
-        claims = [c for c in self._own_records("claims") if c.job == self.job]
+        claims = [c for c in self._own_records("claims") if str(c.job) == self.job]
         return max((c.step for c in claims), default=0)
 
     def kill_at(self, origin: float, delay_s: float) -> KillResult:

@@ -30,6 +30,7 @@ from protocol.identity import Identity
 from protocol.limits import MAX_BLOB_BYTES, MAX_RANGE_BYTES
 from protocol.manifest import SwarmManifest
 from protocol.policy import RecordPolicy, key_for_record
+from protocol.jobs import Job
 from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord, SignedRecord,
                               SwarmBeacon, decode_record)
 from tests.protocol_fixtures import PEER_ID, checkpoint_fields, manifest_dict
@@ -208,9 +209,9 @@ def check_record_bytes(data: bytes) -> None:
         blob = getattr(record, "blob", None)
         if blob is not None:
             _assert(_canonical_hex(blob.sha256), "the blob sha256 is canonical hex")
-        job = getattr(record, "job", "")
-        if job.startswith("expert/"):
-            _assert(job == f"expert/{int(job[7:])}", "the job names its cluster one way only")
+        job = getattr(record, "job", None)
+        if job is not None:
+            _assert(Job.parse(str(job)) == job, "the job names its cluster one way only")
 
     _refused_or(lambda: decode_record(data), accepted)
 

@@ -12,8 +12,8 @@ import time
 import pytest
 import yaml
 
-from node.keys import load_identity
-from node.swarm_files import write_manifest_file
+from node.identity_files import load_identity
+from node.swarm.manifest_files import write_manifest_file
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
 from protocol.records import Claim, decode_record
@@ -58,7 +58,7 @@ def announced(swarm, cluster, signer):
 
 
 def job_of(swarm, signer):
-    jobs = [c.job for c in records(swarm, "claims") if c.signer == signer and c.state == "training"]
+    jobs = [str(c.job) for c in records(swarm, "claims") if c.signer == signer and c.state == "training"]
     return jobs[0] if jobs else None
 
 

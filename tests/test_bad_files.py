@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ddm_models.checkpoint import read_checkpoint
-from node.blobstore import BlobStore
+from node.blobs.store import BlobStore
 from tests.crash_harness import TRAINING, tiny_crash_manifest
 from tests.swarm_harness import ROOT, BootstrapProcess, NodeProcess, run_cli, wait_until
 

@@ -7,8 +7,8 @@ import socket
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from node.blob_server import BlobServer
-from node.blobstore import BlobStore
+from node.blobs.server import BlobServer
+from node.blobs.store import BlobStore
 from protocol.blob_wire import FRAME_PREFIX_BYTES, BlobRequest, decode_response_frame
 from protocol.limits import CHUNK_BYTES
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 import uvloop
 
-from node.blob_stream import StreamClosed, StreamReceiver, StreamStalled
+from node.blobs.stream import StreamClosed, StreamReceiver, StreamStalled
 from protocol.blob_wire import BlobResponse
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from node.banlist import BanList
-from node.blob_partial import DownloadInProgress, PartialDownload
-from node.blob_schedule import ChunkScheduler
-import node.blobstore as blobstore_module
-from node.blobstore import BlobNotFound, BlobStore, CorruptBlob
+from node.blobs.banlist import BanList
+from node.blobs.partial import DownloadInProgress, PartialDownload
+from node.blobs.schedule import ChunkScheduler
+import node.blobs.store as blobstore_module
+from node.blobs.store import BlobNotFound, BlobStore, CorruptBlob
 from protocol.hashing import blob_ref_of, blob_ref_of_chunks, chunk_span, sha256_hex
 from protocol.limits import CHUNK_BYTES
 
@@ -160,7 +160,7 @@ def test_a_commit_interrupted_between_digests_and_data_leaves_nothing_visible(st
 def test_a_writer_killed_in_the_middle_of_a_put_leaves_no_visible_blob(store, tmp_path):
     fifo = tmp_path / "source.fifo"
     os.mkfifo(fifo)
-    code = f"from node.blobstore import BlobStore; BlobStore({str(store.root)!r}).put_file({str(fifo)!r})"
+    code = f"from node.blobs.store import BlobStore; BlobStore({str(store.root)!r}).put_file({str(fifo)!r})"
     child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
     with open(fifo, "wb") as pipe:
         pipe.write(blob_bytes(3 * CHUNK_BYTES))

@@ -3,8 +3,8 @@
 import logging
 
 from ddm_models.clustering import ClusterSplit
-from node.jobs import prepare_swarm_data
-from node.swarm_files import load_manifest
+from node.data.swarm_data import prepare_swarm_data
+from node.swarm.manifest_files import load_manifest
 from tests.swarm_harness import ROOT
 
 TINY = ROOT / "tests" / "manifests" / "tiny.yaml"

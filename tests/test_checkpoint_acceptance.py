@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ddm_models.checkpoint import InvalidCheckpoint
-from node.assembly import check_expert, check_header
+from node.checkpoints.acceptance import check_expert, check_header
 from protocol.hashing import BlobHasher
 from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.timeout(120)
 
 JOINING = """
 import sys
-from node.membership import SwarmMembership
-from node.swarm_files import read_manifest_file
+from node.swarm.membership import SwarmMembership
+from node.swarm.manifest_files import read_manifest_file
 from protocol.identity import Identity
 print("joining", flush=True)
 SwarmMembership(read_manifest_file(sys.argv[1]), Identity.generate(), p2p_identity_path=sys.argv[2])

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from node.keys import load_identity, load_or_create_identity
+from node.identity_files import load_identity, load_or_create_identity
 from protocol.errors import InvalidIdentity
 
 

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from node.keys import load_identity
+from node.identity_files import load_identity
 from protocol.records import decode_record
 from tests.network_namespaces import NamespaceLan, unavailable_reason
 from tests.swarm_harness import ROOT, BootstrapProcess, NodeProcess, run_cli, wait_until

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from node.keys import load_identity
-from node.swarm_files import write_manifest_file
+from node.identity_files import load_identity
+from node.swarm.manifest_files import write_manifest_file
 from protocol.limits import CHUNK_BYTES
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddm_models.sampling import EnsembleSampler
+from ddm_models.sampling import EnsembleSampler, Routing, RoutingError
 from tests.ml_fixtures import random_expert, random_router, text_encoder
 
 PROMPTS = ["the digit 0", "the digit 3", "a handwritten seven", "number 9", "the digit 5"]
@@ -30,6 +30,17 @@ def _fix_router_preference(router, bias):
     last.bias.data = torch.tensor(bias, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("name", ["top1", "top2", "top17", "full"])
+def test_a_routing_reads_back_from_its_own_spelling(name):
+    assert str(Routing.parse(name)) == name
+
+
+@pytest.mark.parametrize("name", ["top0", "topk", "top02", "Top2", "", "all"])
+def test_a_routing_name_that_means_nothing_is_refused_with_the_valid_spellings(name):
+    with pytest.raises(RoutingError, match="top1, top2, top<k> or full"):
+        Routing.parse(name)
+
+
 def test_same_seed_gives_identical_images_and_another_seed_does_not():
     experts, router = _ensemble()
     sampler = EnsembleSampler(experts, router, text_encoder=text_encoder())
@@ -40,11 +51,11 @@ def test_same_seed_gives_identical_images_and_another_seed_does_not():
     assert a.shape == (5, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
 
 
-@pytest.mark.parametrize("strategy,k,expected", [("top1", None, 1), ("top2", None, 2), ("topk", 3, 3), ("full", None, 4)])
-def test_each_sample_runs_exactly_its_selected_experts(strategy, k, expected):
+@pytest.mark.parametrize("routing,expected", [("top1", 1), ("top2", 2), ("top3", 3), ("full", 4)])
+def test_each_sample_runs_exactly_its_selected_experts(routing, expected):
     experts, router = _ensemble()
     rows = _count_rows(experts)
-    result = EnsembleSampler(experts, router, strategy, k=k, text_encoder=text_encoder()).sample(
+    result = EnsembleSampler(experts, router, routing, text_encoder=text_encoder()).sample(
         PROMPTS, num_steps=3, guidance_scale=1.0)
     assert sum(rows.values()) == sum(result.evaluations.values()) == expected * len(PROMPTS) * 3
     assert rows == result.evaluations

@@ -9,7 +9,7 @@ import time
 import msgpack
 import pytest
 
-from node.swarm_files import write_manifest_file
+from node.swarm.manifest_files import write_manifest_file
 from protocol.identity import Identity
 from protocol.keys import claims_key
 from protocol.limits import MAX_RECORD_BYTES

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from node.keys import load_or_create_identity
-from node.swarm_files import write_manifest_file
+from node.identity_files import load_or_create_identity
+from node.swarm.manifest_files import write_manifest_file
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
 from tests.swarm_harness import (ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli,
@@ -70,7 +70,7 @@ def test_nodes_claim_every_job_train_and_announce_checkpoints(swarm):
     s = swarm["signers"]
     wait_until(lambda: latest_by(swarm, 0, s["a"]) and latest_by(swarm, 1, s["b"]) and
                [r for r in records(swarm, "router") if r.signer == s["r"]], 240, "a checkpoint of every job")
-    claims = {c.job: c.signer for c in records(swarm, "claims") if c.state == "training"}
+    claims = {str(c.job): c.signer for c in records(swarm, "claims") if c.state == "training"}
     assert claims == {"expert/0": s["a"], "expert/1": s["b"], "router": s["r"]}
 
 

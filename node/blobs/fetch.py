@@ -26,11 +26,11 @@ from typing import Callable, Optional, Sequence
 from protocol.blob_wire import BLOB_STREAM_PROTOCOL, BlobRequest
 from protocol.errors import HashMismatch, InvalidBlobResponse
 from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
-from node.banlist import BanList
-from node.blob_partial import PartialDownload
-from node.blob_schedule import ChunkScheduler, OrderedHasher
-from node.blob_stream import StreamClosed, StreamReceiver, StreamStalled
-from node.blobstore import BlobStore
+from node.blobs.banlist import BanList
+from node.blobs.partial import PartialDownload
+from node.blobs.schedule import ChunkScheduler, OrderedHasher
+from node.blobs.stream import StreamClosed, StreamReceiver, StreamStalled
+from node.blobs.store import BlobStore
 from node.errors import NodeError
 
 logger = logging.getLogger(__name__)

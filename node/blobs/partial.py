@@ -25,7 +25,8 @@ from typing import Iterable, Optional
 from protocol.encoding import canonical_decode, canonical_encode
 from protocol.errors import HashMismatch, ProtocolError
 from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
-from node.blobstore import BlobStore, fsync_dir
+from node.blobs.store import BlobStore
+from node.files import fsync_dir
 
 _INDEX_BYTES = 4
 

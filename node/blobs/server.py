@@ -16,8 +16,8 @@ from pathlib import Path
 
 from protocol.blob_wire import BLOB_STREAM_PROTOCOL, BlobRequest, BlobResponse
 from protocol.errors import InvalidBlobRequest
-from node.blob_stream import StreamClosed, StreamStalled, close_quietly, read_request, send_frame
-from node.blobstore import BlobNotFound, BlobStore
+from node.blobs.stream import StreamClosed, StreamStalled, close_quietly, read_request, send_frame
+from node.blobs.store import BlobNotFound, BlobStore
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Callable, Iterable, List, Optional
 
 from hivemind.p2p import PeerID
 
-from node.banlist import BanList
-from node.blob_fetch import BlobUnavailable, fetch_blob
-from node.blob_server import BlobServer
-from node.blobstore import BlobStore, CorruptBlob
-from node.membership import SwarmMembership
+from node.blobs.banlist import BanList
+from node.blobs.fetch import BlobUnavailable, fetch_blob
+from node.blobs.server import BlobServer
+from node.blobs.store import BlobStore, CorruptBlob
+from node.swarm.membership import SwarmMembership
 from node.network import NetworkLoop
 from protocol.hashing import BlobRef
 

@@ -4,7 +4,7 @@ Layout under `root`:
 
     blobs/ab/<sha256>           the blob's bytes (visible only once complete and verified)
     blobs/ab/<sha256>.digests   its chunk digests: 32 bytes per `CHUNK_BYTES` chunk, concatenated
-    partial/<sha256>/           a download in progress (see `node.blob_partial`)
+    partial/<sha256>/           a download in progress (see `node.blobs.partial`)
     quarantine/<sha256>.<time>  blobs that failed verification, kept for inspection
     tmp/                        files being written; never read as blobs
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from node.files import fsync_dir
 from protocol.errors import HashMismatch
 from protocol.hashing import DIGEST_BYTES, BlobHasher, BlobRef, digest_list_sha256, is_sha256_hex
 from protocol.limits import CHUNK_BYTES
@@ -53,14 +54,6 @@ class GcReport:
     partials: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     bytes_freed: int = 0
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def hash_file(path: Path) -> tuple[BlobRef, list[bytes]]:
@@ -271,7 +264,7 @@ class BlobStore:
         `partial_max_age_s`, and leftovers of interrupted writes older than `leftover_age_s` (a
         younger one may be a write in progress). `in_use` (sha256 of downloads in progress) are
         never touched; nor is a partial locked by a running download."""
-        from node.blob_partial import partial_is_locked  # the partial module builds on this one
+        from node.blobs.partial import partial_is_locked  # the partial module builds on this one
 
         keep, in_use = set(keep), set(in_use or ())
         report = GcReport()

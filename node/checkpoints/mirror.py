@@ -5,28 +5,27 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set
 
-from node.announcer import Announcer
-from ddm_models.checkpoint import InvalidCheckpoint
-from node.assembly import check_expert, check_router, rank
-from node.blob_service import BlobService
-from node.candidates import MAX_FAILURES, obtainable
-from node.claims import ROUTER_JOB
+from node.blobs.service import BlobService
 from node.errors import NodeError
-from node.membership import SwarmMembership
+from node.checkpoints.acceptance import Record, Search, check_loadable, find_acceptable
+from node.swarm.announcer import Announcer
+from node.swarm.membership import SwarmMembership
 from protocol.errors import ProtocolError
+from protocol.jobs import Job
 
 logger = logging.getLogger("ddm_swarm.mirror")
 
 
 class Mirror:
-    def __init__(self, membership: SwarmMembership, blobs: BlobService, announcer: Announcer, jobs: List[str],
+    def __init__(self, membership: SwarmMembership, blobs: BlobService, announcer: Announcer, jobs: List[Job],
                  period_s: float):
         self.membership, self.blobs, self.announcer = membership, blobs, announcer
         self.jobs, self.period_s = jobs, period_s
-        self.own_job: Optional[str] = None
-        self.mirrored: Dict[str, str] = {}  # job -> blob sha256 we hold for it
+        self.own_job: Optional[Job] = None
+        self.mirrored: Dict[Job, str] = {}  # job -> blob sha256 we hold for it
         self.refused: Set[str] = set()  # blobs that failed the checks: never tried again
         self.fetching: Optional[str] = None  # held too: the node's gc runs in another thread
         # blobs the node needs for itself: a refused record of another signer may name one of them
@@ -45,50 +44,50 @@ class Mirror:
                 if job != self.own_job:
                     try:
                         self.refresh(job)
-                    except Exception as error:  # a failed mirror round is retried next period
+                    except (NodeError, ProtocolError, TimeoutError, OSError) as error:  # retried next period
                         logger.info(f"mirror of {job} failed this round: {error}")
+                    except Exception:  # a bug: shown with its traceback; the node keeps training
+                        logger.exception(f"mirror of {job} failed")
 
-    def refresh(self, job: str) -> None:
-        """Hold the best acceptable checkpoint of `job` (the same checks as generation applies)."""
-        records = (self.membership.routers() if job == ROUTER_JOB
-                   else self.membership.checkpoints(int(job.split("/")[1])))
+    def refresh(self, job: Job) -> None:
+        """Hold the best acceptable checkpoint of `job` (the checks generation applies, see
+        `node.checkpoints.acceptance`). A flood of unusable records is tried again next round."""
         mine = self.membership.identity.signer_id
-        others = [r for r in rank(records) if r.signer != mine and r.blob.sha256 not in self.refused]
-        failures = 0
-        for best in obtainable(others, self.membership, self.blobs.store, self.membership.manifest):
-            if self.mirrored.get(job) == best.blob.sha256:
-                return
-            if failures >= MAX_FAILURES:  # a flood of unusable records: try again next round
-                self.fetching = None
-                return
-            failures += 1
-            self.fetching = best.blob.sha256
-            try:
-                path = self.blobs.fetch(best.blob)
-                if job == ROUTER_JOB:
-                    check_router(path, best, self.membership.manifest)
-                else:
-                    check_expert(path, best, self.membership.manifest)
-            except (InvalidCheckpoint, ProtocolError) as error:
-                self.refused.add(best.blob.sha256)
-                if self.blobs.store.has(best.blob.sha256) and best.blob.sha256 not in self.protected():
-                    self.blobs.store.delete(best.blob.sha256)
-                logger.warning(f"not mirroring {job} {best.blob.sha256[:12]} by {best.signer[:12]}: {error}")
-                continue
-            except NodeError as error:  # unreachable now; maybe later
-                logger.info(f"cannot mirror {job} {best.blob.sha256[:12]} yet: {error}")
-                continue
-            break
-        else:
+        held = self.mirrored.get(job)
+
+        def others() -> List[Record]:
+            return [r for r in self.membership.job_checkpoints(job) if r.signer != mine]
+
+        def fetch(record: Record) -> Path:
+            if record.blob.sha256 != held:
+                self.fetching = record.blob.sha256  # held too: the node's gc runs in another thread
+            return self.blobs.fetch(record.blob)
+
+        search = Search()
+        try:
+            # the blob held already passed the checks: it is not loaded again every period
+            check = lambda path, record: None if record.blob.sha256 == held else self._check(path, record)  # noqa: E731
+            accepted = find_acceptable(others, fetch=fetch, check=check, membership=self.membership,
+                                       store=self.blobs.store, manifest=self.membership.manifest,
+                                       skip=self.refused, rounds=1, search=search)
+        finally:
             self.fetching = None
+        for sha, reason in search.refused:
+            self.refused.add(sha)
+            if self.blobs.store.has(sha) and sha not in self.protected() and sha not in self.mirrored.values():
+                self.blobs.store.delete(sha)
+            logger.warning(f"not mirroring {job} {sha[:12]}: {reason}")
+        if accepted is None or accepted.record.blob.sha256 == held:
             return
+        best = accepted.record
         self.announcer.provide(best.blob.sha256, now=True)
-        previous = self.mirrored.get(job)
         self.mirrored[job] = best.blob.sha256
-        self.fetching = None
         logger.info(f"mirroring {job} step {best.step} ({best.blob.sha256[:12]})")
-        if previous and previous not in self.mirrored.values():
-            self.announcer.unprovide(previous)
+        if held and held not in self.mirrored.values():
+            self.announcer.unprovide(held)
+
+    def _check(self, path: Path, record: Record) -> None:
+        check_loadable(path, record, self.membership.manifest)
 
     def held(self) -> List[str]:
         """Blobs the mirror holds or is fetching right now (the node's gc must not remove them)."""

@@ -12,7 +12,6 @@ off), or the last one the DHT confirmed (`Announcer.confirmed`). The node's gc k
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Set, Union
@@ -66,8 +65,3 @@ class PublishedCheckpoints:
     def keep(self) -> Set[str]:
         """Blobs that must stay in the store: the latest published one and the one before it."""
         return {sha for sha in (self.blob, self.previous) if sha}
-
-
-def refreshed(record: Record, identity, expires_at: float) -> Record:
-    """The same record living until `expires_at`, signed again (a newer expiry wins in the DHT)."""
-    return dataclasses.replace(record, expires_at=expires_at, signature=b"").signed_by(identity)

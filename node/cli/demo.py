@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import typer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from node.claims import all_jobs
+from node.cli.app import app, console, fail, setup_logging
 from node.errors import NodeError
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
+from protocol.records import SERVING_STATES
 
 
 @dataclass
@@ -95,16 +97,16 @@ def _bootstrap_maddr(log: Path, child: subprocess.Popen, timeout: float = 120) -
 
 def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, router_share: float,
              per_digit: int, console: Console) -> DemoResult:
-    from node.client import assemble_ensemble
-    from node.membership import SwarmMembership
-    from node.status import collect_status, status_tables
+    from node.generator.client import assemble_ensemble
+    from node.swarm.membership import SwarmMembership
+    from node.swarm.status import collect_status, status_tables
 
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     processes = Processes(out / "logs")
-    jobs = all_jobs(manifest)
+    jobs = manifest.jobs
     watcher: Optional[SwarmMembership] = None
     try:
         boot = processes.start("bootstrap", ["bootstrap", "--swarm", swarm, "--host", "127.0.0.1", "--port", "0",
@@ -112,12 +114,12 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
         peer = _bootstrap_maddr(out / "logs" / "bootstrap.log", boot)
         console.print(f"bootstrap peer up: {peer}")
         for index, job in enumerate(jobs):
-            budget = minutes * (router_share if job == "router" else 1.0)
+            budget = minutes * (router_share if job.is_router else 1.0)
             processes.start(f"node-{index}", ["node", "--swarm", swarm, "--initial-peers", peer, "--host", "127.0.0.1",
                                               "--data-dir", str(out / f"node-{index}"), "--max-minutes", f"{budget:.3f}",
-                                              "--threads", "1", "--job", job])  # its budget is its job's
+                                              "--threads", "1", "--job", str(job)])  # its budget is its job's
             time.sleep(0.5)  # staggered starts: each node sees the claims of the ones before
-        console.print(f"{len(jobs)} nodes started ({', '.join(jobs)}); logs in {out / 'logs'}")
+        console.print(f"{len(jobs)} nodes started ({', '.join(map(str, jobs))}); logs in {out / 'logs'}")
         watcher = SwarmMembership(manifest, Identity.generate(), initial_peers=[peer], client_mode=True)
         progress = Progress(TextColumn("training"), BarColumn(), TimeRemainingColumn(), console=console)
         task = progress.add_task("train", total=60 * minutes)
@@ -129,7 +131,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
                 snapshot = collect_status(watcher)
                 progress.update(task, completed=min(elapsed, 60 * minutes))
                 live.update(Group(progress, *status_tables(snapshot)[:1]))
-                online = [p for p in snapshot["peers"] if p["role"] == "trainer" and p["state"] == "online"]
+                online = [p for p in snapshot["peers"] if p["role"] == "trainer" and p["state"] in SERVING_STATES]
                 done = elapsed > 60 * minutes and all(j["latest_step"] is not None for j in snapshot["jobs"]) \
                     and not any(j["claims"] for j in snapshot["jobs"])
                 if done or elapsed > 60 * minutes + 180 or (not online and elapsed > 120):
@@ -169,3 +171,36 @@ def _evaluate(ensemble, out: Path, per_digit: int, console: Console):
             save_grid(result.images, per_digit, grid, scale=3)
     (out / "demo-result.json").write_text(json.dumps({"accuracy": accuracy, "experts": ensemble.describe()}, indent=2))
     return grid, accuracy
+
+
+@app.command()
+def demo(
+    minutes: float = typer.Option(6.0, help="Training time of the expert nodes (the whole demo takes ~3 min more)."),
+    out: Path = typer.Option(Path("ddm-demo"), help="Folder for the nodes' data, logs and the result grid."),
+    per_digit: int = typer.Option(8, help="Samples per digit in the grid and the accuracy measurement."),
+    router_share: float = typer.Option(0.3, help="The router node trains this fraction of the time."),
+    swarm: str = typer.Option("local", "--swarm", "-s", help="Bundled swarm name or manifest file."),
+) -> None:
+    """Run a whole swarm on this machine on the embedded default, then generate digits from it."""
+    from rich.table import Table
+
+    from node.swarm.manifest_files import load_manifest
+
+    setup_logging()
+    try:
+        manifest = load_manifest(swarm)
+        if manifest.dataset.kind not in ("embedded-digits", "small-digits"):
+            raise NodeError("the demo runs on swarms with embedded digit data (like 'local')")
+        result = run_demo(manifest, swarm, out, minutes=minutes, router_share=router_share, per_digit=per_digit,
+                          console=console)
+    except Exception as error:
+        fail(error)
+    table = Table(title="conditional accuracy (the digit classifier agrees with the prompt)")
+    table.add_column("routing")
+    table.add_column("accuracy", justify="right")
+    for routing, value in result.accuracy.items():
+        table.add_row(routing, f"{value:.3f}")
+    results = Console()
+    results.print(table)
+    results.print(f"grid of the digits 0-9 (top-2 routing): [bold]{result.grid}[/]")
+    results.print(f"demo finished in {result.seconds / 60:.1f} minutes; every process it started is stopped")

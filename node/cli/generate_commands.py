@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from node.cli.app import InitialPeersOption, SwarmOption, app, console, fail, setup_logging
 from node.errors import NodeError
 
 MAX_PROMPT_CHARS = 1000
@@ -57,8 +58,8 @@ def ensemble_table(ensemble) -> Table:
 
 def obtain_ensemble(console: Console, swarm: str, initial_peers: Optional[List[str]], cache_dir: Optional[Path],
                     verify: bool, from_dir: Optional[Path]):
-    from node.assembly import Ensemble
-    from node.client import assemble_ensemble
+    from node.generator.assembly import Ensemble
+    from node.generator.client import assemble_ensemble
 
     if from_dir is not None:
         return Ensemble.load(from_dir)
@@ -91,46 +92,45 @@ def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_pe
     return path
 
 
-def register(app: typer.Typer, console: Console, swarm_option, peers_option, fail, setup_logging) -> None:
-    @app.command()
-    def generate(
-        prompts: List[str] = typer.Argument(..., help="Prompts; the grid has one row per prompt."),
-        swarm: str = swarm_option,
-        initial_peers: Optional[List[str]] = peers_option,
-        routing: Optional[str] = typer.Option(None, help="top1, top2 (default), top3 or full."),
-        steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the swarm's)."),
-        guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the swarm's)."),
-        seed: int = typer.Option(0, help="The same seed and prompts give the same images."),
-        num: int = typer.Option(4, "--num", "-n", help="Images per prompt."),
-        out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
-        cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
-        verify: bool = typer.Option(False, help="Measure each expert's held-out loss; reject ones much worse than they claim."),
-        from_dir: Optional[Path] = typer.Option(None, "--from", help="Use an ensemble saved by `ddm-swarm fetch` (offline)."),
-        scale: int = typer.Option(4, help="Magnify each image this many times in the PNG."),
-    ) -> None:
-        """Assemble the router and experts from the swarm and generate images locally."""
-        setup_logging()
-        try:
-            run_generate(console, prompts, swarm=swarm, initial_peers=initial_peers, routing=routing, steps=steps,
-                         guidance=guidance, seed=seed, per_prompt=num, out=out, cache_dir=cache_dir, verify=verify,
-                         from_dir=from_dir, scale=scale)
-        except Exception as error:
-            fail(error)
+@app.command()
+def generate(
+    prompts: List[str] = typer.Argument(..., help="Prompts; the grid has one row per prompt."),
+    swarm: str = SwarmOption,
+    initial_peers: Optional[List[str]] = InitialPeersOption,
+    routing: Optional[str] = typer.Option(None, help="top1, top2 (default), top3 or full."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the swarm's)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the swarm's)."),
+    seed: int = typer.Option(0, help="The same seed and prompts give the same images."),
+    num: int = typer.Option(4, "--num", "-n", help="Images per prompt."),
+    out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
+    verify: bool = typer.Option(False, help="Measure each expert's held-out loss; reject ones much worse than they claim."),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="Use an ensemble saved by `ddm-swarm fetch` (offline)."),
+    scale: int = typer.Option(4, help="Magnify each image this many times in the PNG."),
+) -> None:
+    """Assemble the router and experts from the swarm and generate images locally."""
+    setup_logging()
+    try:
+        run_generate(console, prompts, swarm=swarm, initial_peers=initial_peers, routing=routing, steps=steps,
+                     guidance=guidance, seed=seed, per_prompt=num, out=out, cache_dir=cache_dir, verify=verify,
+                     from_dir=from_dir, scale=scale)
+    except Exception as error:
+        fail(error)
 
-    @app.command()
-    def fetch(
-        out: Path = typer.Option(..., help="Folder to save the ensemble in (safetensors + manifest)."),
-        swarm: str = swarm_option,
-        initial_peers: Optional[List[str]] = peers_option,
-        cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
-        verify: bool = typer.Option(False, help="Measure each expert's held-out loss before accepting it."),
-    ) -> None:
-        """Save the assembled ensemble so `generate --from DIR` works later with no network."""
-        setup_logging()
-        try:
-            ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None)
-            ensemble.save(out)
-        except Exception as error:
-            fail(error)
-        Console().print(ensemble_table(ensemble))
-        Console().print(f"saved to [bold]{out}[/]; generate offline with `ddm-swarm generate --from {out} \"…\"`")
+@app.command()
+def fetch(
+    out: Path = typer.Option(..., help="Folder to save the ensemble in (safetensors + manifest)."),
+    swarm: str = SwarmOption,
+    initial_peers: Optional[List[str]] = InitialPeersOption,
+    cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
+    verify: bool = typer.Option(False, help="Measure each expert's held-out loss before accepting it."),
+) -> None:
+    """Save the assembled ensemble so `generate --from DIR` works later with no network."""
+    setup_logging()
+    try:
+        ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None)
+        ensemble.save(out)
+    except Exception as error:
+        fail(error)
+    Console().print(ensemble_table(ensemble))
+    Console().print(f"saved to [bold]{out}[/]; generate offline with `ddm-swarm generate --from {out} \"…\"`")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from node.node_state import NodeStatus
+from node.trainer.state import NodeStatus
 
 logger = logging.getLogger("ddm_swarm.node")
 

@@ -5,7 +5,7 @@ A candidate checkpoint is acceptable when its record passed the swarm's policy (
 signer, allowed model spec), its bytes hash to the signed sha256, the file loads as the exact
 architecture and objective the spec names, for the cluster and step the record claims, with finite
 weights; with `verify`, its loss on the cluster's held-out data must also be close to the claim.
-Candidates are tried best first (latest step, then lowest held-out loss); a bad one is skipped.
+The rules, and the order candidates are tried in, are `node.checkpoints.acceptance`'s.
 """
 
 from __future__ import annotations
@@ -13,29 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
-from safetensors import SafetensorError, safe_open
-
-from ddm_models.checkpoint import CheckpointMetadata, InvalidCheckpoint, load_expert, load_router
 from ddm_models.router import Router
-from ddm_models.sampling import EnsembleSampler, LoadedExpert, SampleResult
+from ddm_models.sampling import EnsembleSampler, LoadedExpert, Routing, SampleResult
 from ddm_models.text import TextEncoder, build_text_encoder
-from node.candidates import MAX_FAILURES, Passed, obtainable
+from node.checkpoints.acceptance import (Accepted, Record, Refused, Search, T, check_expert, check_router,
+                                         find_acceptable)
 from node.errors import NodeError
 from node.files import atomic_write_bytes
-from node.jobs import expert_config, router_config
-from node.swarm_files import read_manifest_file, write_manifest_file
-from protocol.errors import HashMismatch, ProtocolError
+from node.swarm.manifest_files import read_manifest_file, write_manifest_file
+from protocol.errors import HashMismatch
 from protocol.hashing import BlobHasher
+from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord, decode_record
 
 logger = logging.getLogger("ddm_swarm.assembly")
-Record = Union[CheckpointRecord, RouterRecord]
 # A checkpoint is "much worse than it claims" past this factor (plus a small absolute slack, since
 # the claim was measured with other noise draws).
 VERIFY_TOLERANCE = (1.5, 0.02)
@@ -43,58 +39,6 @@ VERIFY_TOLERANCE = (1.5, 0.02)
 
 class EnsembleUnavailable(NodeError):
     """No acceptable expert could be assembled from the swarm."""
-
-
-def routing_strategy(name: str) -> Tuple[str, Optional[int]]:
-    """Manifest/CLI routing names (top1, top2, top3, full) -> the sampler's (strategy, k)."""
-    if name in ("top1", "top2", "full"):
-        return name, None
-    if name.startswith("top") and name[3:].isdigit():
-        return "topk", int(name[3:])
-    raise NodeError(f"unknown routing {name!r}: use top1, top2, top3 or full")
-
-
-def rank(records: List[Record]) -> List[Record]:
-    metric = (lambda r: r.heldout_loss) if records and isinstance(records[0], CheckpointRecord) else \
-        (lambda r: -r.heldout_accuracy)
-    return sorted(records, key=lambda r: (-r.step, metric(r), -r.created_at))
-
-
-def check_header(path: Path, record: Record, manifest: SwarmManifest) -> CheckpointMetadata:
-    """Check a checkpoint file's header against its signed record before any tensor is loaded: the
-    kind, the architecture of the record's model in this swarm, the cluster and the step. A record
-    that points at another job's, another model's or an older checkpoint is refused here, so a
-    replayed or doctored record can neither poison an ensemble nor roll a job back."""
-    where = f"checkpoint {record.blob.sha256[:12]}"
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = CheckpointMetadata.from_header(handle.metadata(), where)
-    except (SafetensorError, OSError, ValueError) as error:
-        if isinstance(error, InvalidCheckpoint):
-            raise
-        raise InvalidCheckpoint(f"{where} is not a readable safetensors file: {error}") from None
-    if isinstance(record, RouterRecord):
-        expected, cluster = router_config(manifest), -1
-    else:
-        expected, cluster = expert_config(manifest.expert_spec(record.model), manifest), record.cluster
-    if metadata.config_hash != expected.config_hash():
-        raise InvalidCheckpoint(f"{where} holds another architecture than model '{record.model}' of swarm "
-                                f"'{manifest.name}'")
-    if metadata.cluster != cluster or metadata.step != record.step:
-        raise InvalidCheckpoint(f"{where} is {metadata.kind} of cluster {metadata.cluster} at step {metadata.step}, "
-                                f"its record claims cluster {cluster} step {record.step}")
-    return metadata
-
-
-def check_expert(path: Path, record: CheckpointRecord, manifest: SwarmManifest) -> LoadedExpert:
-    """Load an expert checkpoint and check it is what its signed record says; `InvalidCheckpoint` if not."""
-    check_header(path, record, manifest)
-    return load_expert(path)
-
-
-def check_router(path: Path, record: RouterRecord, manifest: SwarmManifest) -> Router:
-    check_header(path, record, manifest)
-    return load_router(path)
 
 
 @dataclass
@@ -110,14 +54,14 @@ class Ensemble:
     rejected: List[Tuple[str, str]] = field(default_factory=list)  # (blob sha256, why it was not used)
 
     def sampler(self, routing: Optional[str] = None) -> EnsembleSampler:
-        strategy, k = routing_strategy(routing or self.manifest.sampling.routing)
+        chosen = Routing.parse(routing or self.manifest.sampling.routing)
         if self.text_encoder is None:
             self.text_encoder = build_text_encoder(self.manifest.text_encoder)
         router = self.router if len(self.experts) > 1 else None
         if len(self.experts) > 1 and router is None:
             raise EnsembleUnavailable("several experts but no router checkpoint in the swarm yet: wait for the "
                                       "router job, or generate from one cluster")
-        return EnsembleSampler(self.experts, router, strategy=strategy, k=k, text_encoder=self.text_encoder)
+        return EnsembleSampler(self.experts, router, chosen, text_encoder=self.text_encoder)
 
     def sample(self, prompts: List[str], *, routing: Optional[str] = None, steps: Optional[int] = None,
                guidance: Optional[float] = None, seed: int = 0) -> SampleResult:
@@ -131,7 +75,7 @@ class Ensemble:
         rows = []
         for record in self.records:
             is_router = isinstance(record, RouterRecord)
-            rows.append({"job": "router" if is_router else f"expert/{record.cluster}", "model": record.model,
+            rows.append({"job": str(record.job), "model": record.model,
                          "objective": "router" if is_router else record.objective, "step": record.step,
                          "heldout": record.heldout_accuracy if is_router else record.heldout_loss,
                          "signer": record.signer[:12], "sha256": record.blob.sha256})
@@ -144,8 +88,7 @@ class Ensemble:
         out.mkdir(parents=True, exist_ok=True)
         entries = []
         for record in self.records:
-            name = f"{'router' if isinstance(record, RouterRecord) else f'expert-{record.cluster}'}-" \
-                   f"{record.blob.sha256[:12]}.safetensors"
+            name = f"{record.job.slug}-{record.blob.sha256[:12]}.safetensors"
             target = out / name
             if not target.exists():
                 tmp = target.with_name(f".{name}.tmp")
@@ -192,7 +135,8 @@ def _check_file_hash(path: Path, sha256: str) -> None:
 
 
 class Assembler:
-    """Picks and fetches the best acceptable checkpoint of every job through a node's `BlobService`."""
+    """Picks and fetches the best acceptable checkpoint of every job through a node's `BlobService`
+    (the acceptance rules are `node.checkpoints.acceptance`'s)."""
 
     def __init__(self, manifest: SwarmManifest, membership, blobs, *, verify: bool = False,
                  heldout: Optional[Callable[[int], object]] = None,
@@ -200,58 +144,27 @@ class Assembler:
         self.manifest, self.membership, self.blobs = manifest, membership, blobs
         self.verify, self.heldout, self.progress = verify, heldout, progress
         self.rejected: List[Tuple[str, str]] = []  # (sha256, reason)
-        self._failures = 0  # of the job being assembled
 
-    def _fetch(self, record: Record) -> Optional[Path]:
+    def _fetch(self, record: Record) -> Path:
         what = f"{record.KIND} {record.blob.sha256[:12]}"
         report = (lambda done, total: self.progress(what, done, total)) if self.progress else None
-        try:
-            return self.blobs.fetch(record.blob, progress=report)
-        except (NodeError, ProtocolError, TimeoutError) as error:
-            self._reject(record, f"could not fetch it: {error}")
-            return None
+        return self.blobs.fetch(record.blob, progress=report)
 
-    def _reject(self, record: Record, reason: str) -> None:
-        self._failures += 1
-        self.rejected.append((record.blob.sha256, reason))
-        logger.warning(f"skipping {record.KIND} {record.blob.sha256[:12]} (step {record.step}, signer "
-                       f"{record.signer[:12]}): {reason}")
+    def _find(self, job: Job, check: Callable[[Path, Record], T]) -> Optional[Accepted[T]]:
+        search = Search()
+        accepted = find_acceptable(lambda: self.membership.job_checkpoints(job), fetch=self._fetch, check=check,
+                                   membership=self.membership, store=self.blobs.store, manifest=self.manifest,
+                                   search=search)
+        self.rejected += search.refused + search.unreachable
+        return accepted
 
-    def _candidates(self, read: Callable[[], List[Record]]):
-        """Obtainable records best first (see `node.candidates`); if every one tried failed, read the
-        DHT again once (a trainer may have replaced the record we read by a newer one meanwhile).
-        Gives up after `MAX_FAILURES` failed candidates, so a flood of records costs a bounded time."""
-        tried, self._failures = set(), 0
-        for attempt in range(2):
-            passed = Passed()
-            fresh = [record for record in rank(read()) if record.blob.sha256 not in tried]
-            for record in obtainable(fresh, self.membership, self.blobs.store, self.manifest, passed):
-                if self._failures >= MAX_FAILURES:
-                    logger.warning(f"gave up on this job after {self._failures} unusable checkpoints")
-                    return
-                tried.add(record.blob.sha256)
-                yield record
-            if attempt == 0:
-                time.sleep(1.0)
-        if passed:
-            logger.info(f"passed over {passed.describe()}")
+    def _check_expert(self, path: Path, record: CheckpointRecord) -> LoadedExpert:
+        expert = check_expert(path, record, self.manifest)
+        if self.verify:
+            self._verify(expert, record)
+        return expert
 
-    def expert(self, cluster: int) -> Optional[Tuple[LoadedExpert, CheckpointRecord, Path]]:
-        for record in self._candidates(lambda: self.membership.checkpoints(cluster)):
-            path = self._fetch(record)
-            if path is None:
-                continue
-            try:
-                expert = check_expert(path, record, self.manifest)
-            except InvalidCheckpoint as error:
-                self._reject(record, str(error))
-                continue
-            if self.verify and not self._verified(expert, record):
-                continue
-            return expert, record, path
-        return None
-
-    def _verified(self, expert: LoadedExpert, record: CheckpointRecord) -> bool:
+    def _verify(self, expert: LoadedExpert, record: CheckpointRecord) -> None:
         from ddm_models.evaluation import expert_loss
 
         data = self.heldout(record.cluster)
@@ -259,20 +172,13 @@ class Assembler:
         measured = expert_loss(expert, data, encoder)
         factor, slack = VERIFY_TOLERANCE
         if measured > record.heldout_loss * factor + slack:
-            self._reject(record, f"held-out loss measured {measured:.4f}, it claims {record.heldout_loss:.4f}")
-            return False
-        return True
+            raise Refused(f"held-out loss measured {measured:.4f}, it claims {record.heldout_loss:.4f}")
 
-    def router(self) -> Optional[Tuple[Router, RouterRecord, Path]]:
-        for record in self._candidates(self.membership.routers):
-            path = self._fetch(record)
-            if path is None:
-                continue
-            try:
-                return check_router(path, record, self.manifest), record, path
-            except InvalidCheckpoint as error:
-                self._reject(record, str(error))
-        return None
+    def expert(self, cluster: int) -> Optional[Accepted[LoadedExpert]]:
+        return self._find(Job.expert(cluster), self._check_expert)
+
+    def router(self) -> Optional[Accepted[Router]]:
+        return self._find(Job.router(), lambda path, record: check_router(path, record, self.manifest))
 
     def assemble(self, *, require_all: bool = False) -> Ensemble:
         experts, records, files = [], [], {}
@@ -282,15 +188,15 @@ class Assembler:
                 if require_all:
                     raise EnsembleUnavailable(f"no acceptable checkpoint for cluster {cluster} in the swarm")
                 continue
-            experts.append(found[0])
-            records.append(found[1])
-            files[found[1].blob.sha256] = found[2]
+            experts.append(found.value)
+            records.append(found.record)
+            files[found.record.blob.sha256] = found.path
         if not experts:
             raise EnsembleUnavailable(f"no acceptable expert checkpoint in swarm '{self.manifest.name}' yet "
                                       f"({len(self.rejected)} rejected): is anyone training?")
         router = self.router()
         if router is not None:
-            records.append(router[1])
-            files[router[1].blob.sha256] = router[2]
-        return Ensemble(self.manifest, experts, router[0] if router else None, records, files,
+            records.append(router.record)
+            files[router.record.blob.sha256] = router.path
+        return Ensemble(self.manifest, experts, router.value if router else None, records, files,
                         rejected=list(self.rejected))

@@ -1,6 +1,6 @@
 """The generator's side: join a swarm as a client, assemble the ensemble, sample locally.
 
-    from node.client import assemble_ensemble
+    from node.generator.client import assemble_ensemble
     ensemble = assemble_ensemble("local", initial_peers=[...])
     result = ensemble.sample(["the digit 7"] * 4, routing="top2", seed=0)
 
@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from node.assembly import Assembler, Ensemble
-from node.blob_service import BlobService
-from node.blobstore import BlobStore
+from node.generator.assembly import Assembler, Ensemble
+from node.blobs.service import BlobService
+from node.blobs.store import BlobStore
 from node.errors import NodeError
-from node.membership import SwarmMembership
+from node.swarm.membership import SwarmMembership
 from node.network import NetworkLoop
-from node.swarm_files import load_manifest
+from node.swarm.manifest_files import load_manifest
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
 
@@ -50,7 +50,7 @@ def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequen
         blobs = BlobService(membership, BlobStore(cache / "blobs"), loop, serve=False)
         heldout = None
         if verify:
-            from node.jobs import prepare_swarm_data
+            from node.data.swarm_data import prepare_swarm_data
 
             data = prepare_swarm_data(manifest, cache)
             heldout = lambda cluster: data.expert_data(cluster)[1]  # noqa: E731

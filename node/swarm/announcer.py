@@ -15,10 +15,10 @@ from typing import Callable, Dict, Optional, Union
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.claims import Lease
-from node.membership import SwarmMembership
-from node.presence import Presence
-from node.published import refreshed
+from node.swarm.leases import Lease
+from node.swarm.membership import SwarmMembership
+from node.swarm.presence import Presence
+from protocol.jobs import Job
 from protocol.records import CheckpointRecord, ProviderRecord, RouterRecord, SignedRecord
 
 logger = logging.getLogger("ddm_swarm.announcer")
@@ -28,13 +28,14 @@ class Announcer:
     def __init__(self, membership: SwarmMembership, presence: Presence, current_step: Callable[[], int]):
         self.membership, self.presence, self.current_step = membership, presence, current_step
         self.period = membership.manifest.timing.lease_s
-        self.lease: Optional[Lease] = None
+        self._lease: Optional[Lease] = None  # renewed every tick; set by `hold`, given back by `give_back`
+        self._lease_lock = threading.Lock()
         self.last_announcement = "-"
         self.failures = 0
         self._provided: Dict[str, float] = {}  # blob sha256 -> expiry of our provider record
-        self._latest: Dict[str, SignedRecord] = {}  # job -> our latest checkpoint/router record
+        self._latest: Dict[Job, SignedRecord] = {}  # job -> our latest checkpoint/router record
         # job -> blob of our checkpoint record the DHT last confirmed: the node's gc must keep it
-        self.confirmed: Dict[str, str] = {}
+        self.confirmed: Dict[Job, str] = {}
         # signed records to publish as they are, or blob sha256s to announce as provided (signed when sent,
         # so a backlog can never publish an already-expired provider record)
         self._queue: "queue.Queue[Union[SignedRecord, str]]" = queue.Queue()
@@ -44,8 +45,29 @@ class Announcer:
     def start(self) -> None:
         self._thread.start()
 
+    # --- the lease: one owner, one way back --------------------------------------------------------
+    @property
+    def lease(self) -> Optional[Lease]:
+        return self._lease
+
+    def hold(self, lease: Lease) -> None:
+        """Renew `lease` every period from now on (a node holds one lease at a time)."""
+        with self._lease_lock:
+            if self._lease is not None and self._lease is not lease:
+                raise RuntimeError(f"the lease on {self._lease.job} is still held; give it back first")
+            self._lease = lease
+
+    def give_back(self, step: int) -> Optional[Lease]:
+        """Detach the lease and release it, as one step: every path that gives a job back calls this.
+        A tick that read the lease just before is refused by the lease itself (see `Lease`)."""
+        with self._lease_lock:
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                lease.release(step)
+        return lease
+
     # --- called from other threads ---------------------------------------------------------------
-    def announce_checkpoint(self, job: str, record: SignedRecord) -> None:
+    def announce_checkpoint(self, job: Job, record: SignedRecord) -> None:
         """Publish a checkpoint (or router) record and announce this node as its blob's provider."""
         # provider first: whoever sees the record can find the blob at once
         self.provide(record.blob.sha256, now=True)  # type: ignore[attr-defined]
@@ -96,7 +118,7 @@ class Announcer:
             self._publish(record, _describe(record))
             self._provided[item] = record.expires_at
         elif self._publish(item, _describe(item)) and isinstance(item, (CheckpointRecord, RouterRecord)):
-            self.confirmed[job_of(item)] = item.blob.sha256
+            self.confirmed[item.job] = item.blob.sha256
 
     def _publish(self, record: SignedRecord, what: str) -> bool:
         try:
@@ -111,9 +133,11 @@ class Announcer:
     def _tick(self) -> None:
         step = self.current_step()
         try:
-            if self.lease is not None:
-                self.lease.renew(step)
-            self.presence.announce("online", job=self.lease.job if self.lease else "")
+            with self._lease_lock:
+                lease = self._lease
+            if lease is not None:
+                lease.renew(step)
+            self.presence.announce(job=lease.job if lease else None)  # the state is the node's
         except Exception as error:
             self.failures += 1
             logger.warning(f"could not renew the lease/presence: {error}")
@@ -127,7 +151,7 @@ class Announcer:
         ttl = self.membership.manifest.timing.record_ttl_s
         for job, record in list(self._latest.items()):
             if record.expires_at - now < max(2 * self.period, ttl / 4):  # type: ignore[attr-defined]
-                self._latest[job] = refreshed(record, self.membership.identity, now + ttl)  # type: ignore[arg-type]
+                self._latest[job] = record.renewed(self.membership.identity, now + ttl)
                 self._publish(self._latest[job], f"{record.KIND} refresh")
 
     def stop(self, release: bool = True) -> None:
@@ -138,25 +162,11 @@ class Announcer:
         while not self._queue.empty():  # checkpoints made just before stopping still get announced
             self._send(self._queue.get_nowait())
         if release:
-            if self.lease is not None:
-                self.lease.release(self.current_step())
+            self.give_back(self.current_step())
             self.presence.leave()
-
-
-def job_of(record: Union[CheckpointRecord, RouterRecord]) -> str:
-    return "router" if isinstance(record, RouterRecord) else f"expert/{record.cluster}"
 
 
 def _describe(record: SignedRecord) -> str:
     if isinstance(record, ProviderRecord):
         return f"provider {record.blob_sha256[:8]}"
     return f"{record.KIND} step {record.step}"  # type: ignore[attr-defined]
-
-
-def new_checkpoint_record(membership: SwarmMembership, kind: type, **fields) -> SignedRecord:
-    """Sign a fresh CheckpointRecord or RouterRecord of this node, living `record_ttl_s`."""
-    now = get_dht_time()
-    ttl = membership.manifest.timing.record_ttl_s
-    assert kind in (CheckpointRecord, RouterRecord)
-    record = kind(swarm_id=membership.swarm_id, created_at=now, expires_at=now + ttl, **fields)
-    return record.signed_by(membership.identity)

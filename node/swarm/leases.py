@@ -1,6 +1,6 @@
 """Who trains what: choosing a job and holding its lease.
 
-Jobs are the swarm's clusters ("expert/<k>") and the router ("router"). A joining node takes the job
+Jobs (`protocol.jobs.Job`) are the swarm's clusters ("expert/<k>") and the router ("router"). A joining node takes the job
 with the fewest live claims, then the least progress; several trainers per job are allowed once
 every job is covered. Claims are leases renewed every T and expiring after 3T, so a node that dies
 orphans its job within 3T and the next node resumes it from the swarm's latest checkpoint.
@@ -14,29 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.membership import SwarmMembership
-from protocol.manifest import SwarmManifest
+from node.swarm.membership import SwarmMembership
+from protocol.jobs import Job
 from protocol.records import Claim
 
-logger = logging.getLogger("ddm_swarm.claims")
-ROUTER_JOB = "router"
+logger = logging.getLogger("ddm_swarm.leases")
 
 
-def expert_job(cluster: int) -> str:
-    return f"expert/{cluster}"
-
-
-def all_jobs(manifest: SwarmManifest, include_router: bool = True) -> List[str]:
-    jobs = [expert_job(k) for k in range(manifest.num_clusters)]
-    return jobs + [ROUTER_JOB] if include_router else jobs
-
-
-def live_claimers(claims: Iterable[Claim], now: float) -> Dict[str, List[str]]:
+def live_claimers(claims: Iterable[Claim], now: float) -> Dict[Job, List[str]]:
     """job -> signers that hold a live (unexpired, not released) lease on it."""
     holders: Dict[str, List[str]] = {}
     for claim in claims:
@@ -45,25 +37,25 @@ def live_claimers(claims: Iterable[Claim], now: float) -> Dict[str, List[str]]:
     return holders
 
 
-def _spread(signer: str, job: str) -> str:
+def _spread(signer: str, job: Job) -> str:
     # nodes that start at the same moment see the same claims; a per-node order spreads them out
     return hashlib.sha256(f"{signer}/{job}".encode()).hexdigest()
 
 
-def choose_job(jobs: List[str], claims: Iterable[Claim], progress: Dict[str, int], me: str, now: float,
-               proven: Optional[Dict[str, Set[str]]] = None) -> str:
+def choose_job(jobs: List[Job], claims: Iterable[Claim], progress: Dict[Job, int], me: str, now: float,
+               proven: Optional[Dict[Job, Set[str]]] = None) -> Job:
     """The job with the fewest proven claimers other than `me`, then the fewest live claims by
     others, then the least progress. `proven`: job -> signers with a live checkpoint record of it."""
     holders, proven = live_claimers(claims, now), proven or {}
 
-    def others(job: str) -> List[str]:
+    def others(job: Job) -> List[str]:
         return [signer for signer in holders.get(job, []) if signer != me]
 
     return min(jobs, key=lambda job: (len([s for s in others(job) if s in proven.get(job, ())]), len(others(job)),
                                       progress.get(job, 0), _spread(me, job)))
 
 
-def keep_previous_job(previous: str, jobs: List[str], claims: Iterable[Claim], me: str, now: float) -> bool:
+def keep_previous_job(previous: Job, jobs: List[Job], claims: Iterable[Claim], me: str, now: float) -> bool:
     """Whether a restarting node continues `previous`, the job it trained before: yes, unless other
     peers train it while some job has no trainer at all (then the restart covers that job instead;
     the state of `previous` stays on disk for later)."""
@@ -72,7 +64,7 @@ def keep_previous_job(previous: str, jobs: List[str], claims: Iterable[Claim], m
     return not (others(previous) and any(not others(job) for job in jobs if job != previous))
 
 
-def should_move(job: str, jobs: List[str], claims: Iterable[Claim], me: str, now: float) -> bool:
+def should_move(job: Job, jobs: List[Job], claims: Iterable[Claim], me: str, now: float) -> bool:
     """True if `me` lost a race for `job`: others hold it too, some job has no holder, and `me` is
     not the claimer with the smallest signer id (a rule every node applies identically)."""
     holders = live_claimers(claims, now)
@@ -83,12 +75,17 @@ def should_move(job: str, jobs: List[str], claims: Iterable[Claim], me: str, now
 
 @dataclass
 class Lease:
-    """This node's lease on one job, renewed by `renew()` at least every T."""
+    """This node's lease on one job, renewed by `renew()` at least every T (by the announcer's thread)
+    and given back once by `release()` (by the training thread). Both run under the lease's lock, and
+    a released lease is never renewed: a renewal that comes after the release (a tick of the
+    announcer racing a hand-over) is refused instead of bringing the claim back to life."""
 
     membership: SwarmMembership
-    job: str
+    job: Job
     model: str
     last_expiry: float = 0.0
+    released: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def _publish(self, state: str, step: int, expires: float) -> None:
         expires = max(expires, self.last_expiry + 1e-3)  # per subkey, the latest expiration wins in hivemind
@@ -96,32 +93,39 @@ class Lease:
         self.membership.publish(claim.signed_by(self.membership.identity))
         self.last_expiry = expires
 
-    def renew(self, step: int) -> None:
-        self._publish("training", step, get_dht_time() + self.membership.manifest.timing.lease_expiry_s)
+    def renew(self, step: int) -> bool:
+        """Extend the lease by 3T; False (and nothing published) if it was released."""
+        with self._lock:
+            if self.released:
+                return False
+            self._publish("training", step, get_dht_time() + self.membership.manifest.timing.lease_expiry_s)
+            return True
 
     def release(self, step: int) -> None:
-        """Give the job back at once (a tombstone that outlives the lease), so others need not wait 3T."""
-        try:
-            self._publish("released", step, self.last_expiry + 1.0)
-        except Exception as error:  # leaving must not fail because the swarm is gone
-            logger.warning(f"could not release the claim on {self.job}: {error}")
+        """Give the job back at once (a tombstone that outlives the lease), so others need not wait 3T.
+        Only the first call publishes."""
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
+            try:
+                self._publish("released", step, self.last_expiry + 1.0)
+            except Exception as error:  # leaving must not fail because the swarm is gone
+                logger.warning(f"could not release the claim on {self.job}: {error}")
 
 
-def progress_by_job(membership: SwarmMembership, jobs: List[str]) -> Tuple[Dict[str, int], Dict[str, Set[str]]]:
+def progress_by_job(membership: SwarmMembership, jobs: List[Job]) -> Tuple[Dict[Job, int], Dict[Job, Set[str]]]:
     """Latest announced step of every job, and who announced a checkpoint of it (live records only)."""
-    progress: Dict[str, int] = {}
-    proven: Dict[str, Set[str]] = {}
+    progress: Dict[Job, int] = {}
+    proven: Dict[Job, Set[str]] = {}
     for job in jobs:
-        if job == ROUTER_JOB:
-            records = membership.routers()
-        else:
-            records = membership.checkpoints(int(job.split("/")[1]))
+        records = membership.job_checkpoints(job)
         progress[job] = max((r.step for r in records), default=0)
         proven[job] = {r.signer for r in records}
     return progress, proven
 
 
-def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, forced: Optional[str] = None,
+def claim_job(membership: SwarmMembership, jobs: List[Job], model_for_job, *, forced: Optional[Job] = None,
               settle_s: float = 1.0, rounds: int = 5, after: float = 0.0) -> Lease:
     """Pick a job, claim it, and move if a simultaneous starter won the same job.
 
@@ -129,8 +133,6 @@ def claim_job(membership: SwarmMembership, jobs: List[str], model_for_job, *, fo
     lease it just released, when it moves): a node has one claim entry in the DHT, where the latest
     expiration wins, so a new claim must outlive the tombstone or the DHT keeps the tombstone.
     """
-    import time
-
     me = membership.identity.signer_id
     progress, proven = progress_by_job(membership, jobs)
     job = forced or choose_job(jobs, membership.claims(), progress, me, get_dht_time(), proven)

@@ -13,18 +13,19 @@ import signal
 import threading
 import time
 from functools import partial
-from typing import Dict, Iterable, List, Optional, Sequence, Type, TypeVar
+from typing import Dict, Iterable, List, Optional, Sequence, Type, TypeVar, Union
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.dht_validator import SwarmRecordValidator
+from node.swarm.validator import SwarmRecordValidator
 from node.errors import InvalidPeerAddress, JoinFailed, PublishFailed
 from protocol import keys
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
+from protocol.jobs import Job
 from protocol.limits import MAX_EXPIRATION_AHEAD_S
 from protocol.manifest import SwarmManifest
 from protocol.policy import RecordPolicy, describe_beacon, key_for_record
@@ -174,6 +175,10 @@ class SwarmMembership:
 
     def routers(self) -> List[RouterRecord]:
         return self.read(keys.router_key(self.swarm_id), RouterRecord)
+
+    def job_checkpoints(self, job: Job) -> List[Union[CheckpointRecord, RouterRecord]]:
+        """The live checkpoint records of `job`: the router's, or one cluster's experts'."""
+        return self.routers() if job.is_router else self.checkpoints(job.cluster)
 
     def providers(self, blob_sha256: str) -> List[ProviderRecord]:
         return self.read(keys.providers_key(self.swarm_id, blob_sha256), ProviderRecord)

@@ -7,11 +7,12 @@ until it expires, so `status` shows who left cleanly.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.membership import SwarmMembership
+from node.swarm.membership import SwarmMembership
+from protocol.jobs import Job
 from protocol.records import PeerRecord
 
 logger = logging.getLogger("ddm_swarm.presence")
@@ -19,15 +20,16 @@ SOFTWARE = "ddm-swarm/0.1.0"
 
 
 class Presence:
-    def __init__(self, membership: SwarmMembership, role: str, job: str = ""):
+    def __init__(self, membership: SwarmMembership, role: str, job: Optional[Job] = None):
         self.membership, self.role, self.job = membership, role, job
         self.state = "joining"
         self._last_expiry = 0.0
 
-    def announce(self, state: Optional[str] = None, job: Optional[str] = None) -> None:
-        """(Re)publish this peer's record; call at least every lease period while running."""
+    def announce(self, state: Optional[str] = None, job: Union[Job, None, str] = "same") -> None:
+        """(Re)publish this peer's record; call at least every lease period while running. `job`: the
+        job it trains now (None: none); left out, the one announced last."""
         self.state = state or self.state
-        self.job = self.job if job is None else job
+        self.job = self.job if job == "same" else job
         # hivemind keeps, per subkey, the entry with the latest expiration: never go backwards
         expires = max(get_dht_time() + 3 * self.membership.manifest.timing.lease_s, self._last_expiry + 1e-3)
         record = PeerRecord(self.membership.swarm_id, self.membership.peer_id, tuple(self.membership.maddrs[:8]),

@@ -7,9 +7,10 @@ from typing import Any, Dict
 from hivemind.utils.timed_storage import get_dht_time
 from rich.table import Table
 
-from node.claims import ROUTER_JOB, all_jobs, live_claimers
-from node.membership import SwarmMembership
+from node.swarm.leases import live_claimers
+from node.swarm.membership import SwarmMembership
 from protocol.limits import PROTOCOL_VERSION
+from protocol.records import SERVING_STATES
 
 
 def collect_status(membership: SwarmMembership) -> Dict[str, Any]:
@@ -17,27 +18,27 @@ def collect_status(membership: SwarmMembership) -> Dict[str, Any]:
     manifest, now = membership.manifest, get_dht_time()
     holders = live_claimers(membership.claims(), now)
     jobs = []
-    for job in all_jobs(manifest):
-        records = membership.routers() if job == ROUTER_JOB else membership.checkpoints(int(job.split("/")[1]))
+    for job in manifest.jobs:
+        records = membership.job_checkpoints(job)
         best = max(records, key=lambda r: (r.step, -r.created_at), default=None)
         jobs.append({
-            "job": job,
+            "job": str(job),
             "claims": len(holders.get(job, [])),
             "trainers": sorted(s[:12] for s in holders.get(job, [])),
             "checkpoints": len(records),
             "latest_step": best.step if best else None,
-            "heldout": (getattr(best, "heldout_loss", None) if job != ROUTER_JOB
+            "heldout": (getattr(best, "heldout_loss", None) if not job.is_router
                         else getattr(best, "heldout_accuracy", None)) if best else None,
             "model": best.model if best else None,
             "providers": len(membership.providers(best.blob.sha256)) if best else 0,
             "age_s": round(now - best.created_at, 1) if best else None,
         })
-    peers = [{"peer_id": p.peer_id, "role": p.role, "job": p.job, "state": p.state, "software": p.software}
+    peers = [{"peer_id": p.peer_id, "role": p.role, "job": str(p.job or ""), "state": p.state, "software": p.software}
              for p in membership.peers()]
     covered = sum(1 for j in jobs if j["claims"] > 0)
     return {"swarm": manifest.name, "swarm_id": manifest.swarm_id, "protocol_version": PROTOCOL_VERSION,
             "jobs": jobs, "coverage": f"{covered}/{len(jobs)}", "peers": peers,
-            "online_peers": sum(1 for p in peers if p["state"] == "online"),
+            "online_peers": sum(1 for p in peers if p["state"] in SERVING_STATES),
             "warnings": membership.beacon_problems()}
 
 

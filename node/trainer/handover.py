@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 
-from node.membership import SwarmMembership
+from node.swarm.membership import SwarmMembership
+from protocol.records import SERVING_STATES
 
 logger = logging.getLogger("ddm_swarm.handover")
 POLL_S = 1.0
@@ -30,7 +31,7 @@ def needs_hand_over(membership: SwarmMembership) -> bool:
     """Whether another trainer of the swarm is online (trainers mirror other jobs' best checkpoints).
     Whether our checkpoint is its job's best is not asked: any peer can announce a record of a higher
     step (a liar would then keep every honest node from handing over)."""
-    return any(p.peer_id != membership.peer_id and p.role == "trainer" and p.state == "online"
+    return any(p.peer_id != membership.peer_id and p.role == "trainer" and p.state in SERVING_STATES
                for p in membership.peers())
 
 

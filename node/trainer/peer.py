@@ -1,15 +1,18 @@
 """A training node of the swarm: join, claim a job, train, checkpoint, announce, serve.
 
-States: JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its lease) -> RESUMING
-(local state, or the swarm's latest checkpoint of an orphaned job) -> TRAINING (checkpoints every
-N steps, each written locally, added to the blob store, then announced; a node whose job has
-other trainers while some job has none checkpoints, releases its job and goes back to CLAIMING)
--> SERVING (budget spent: the job is released, blobs are still served) or, when stopped, HANDING
-OVER (the job is released; the last checkpoint is served until another peer holds it, see
-`node.handover`) -> OFFLINE (claim released, tombstone published).
+States (`NodeState`): JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its lease)
+-> RESUMING (local state, or the swarm's latest checkpoint of an orphaned job) -> TRAINING
+(checkpoints every N steps, each written locally, added to the blob store, then announced) ->
+MOVING (its job has other trainers while some job has none: checkpoint, give the job back, back to
+CLAIMING) | SERVING (budget spent: the job is given back, blobs are still served) | HANDING_OVER
+(stopped: the job is given back; the last checkpoint is served until another peer holds it, see
+`node.trainer.handover`) -> LEAVING -> OFFLINE (tombstones published). Every transition is shown
+and announced. Each service is registered for teardown as it starts (an `ExitStack`), so a start-up
+that fails half-way stops exactly what it started. The job is given back only through
+`Announcer.give_back` (detach + release under one lock).
 A node killed at any moment restarts from its last local checkpoint: state files and blobs are
 written atomically before they are announced, and the blob of every record it may have in the DHT
-stays in its store (see `node.published`).
+stays in its store (see `node.checkpoints.published`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Set
+from contextlib import ExitStack
+from typing import Callable, List, Optional, Set
 
 import torch
 from hivemind.utils.timed_storage import get_dht_time
@@ -29,24 +33,26 @@ from hivemind.utils.timed_storage import get_dht_time
 from ddm_models.checkpoint import InvalidCheckpoint
 from ddm_models.text import build_text_encoder
 from ddm_models.training import ExpertTrainer, RouterTrainer
-from node.announcer import Announcer
-from node.blob_service import BlobService
-from node.blobstore import BlobStore
-from node.checkpoint_pipeline import CheckpointPipeline
-from node.checkpoint_writer import CHECKPOINT_PAUSE_S, write_checkpoint
-from node.claims import ROUTER_JOB, Lease, all_jobs, claim_job, keep_previous_job, should_move
+from node.swarm.announcer import Announcer
+from node.blobs.service import BlobService
+from node.blobs.store import BlobStore
+from node.trainer.pipeline import CheckpointPipeline
+from node.checkpoints.publishing import CHECKPOINT_PAUSE_S, publish_checkpoint
+from node.swarm.leases import Lease, claim_job, keep_previous_job, should_move
 from node.errors import DiskFull
 from node.files import atomic_write_bytes, hold_exclusive_lock
-from node.handover import hand_over, handover_wait_s, needs_hand_over
-from node.jobs import check_model_specs, expert_config, prepare_swarm_data, router_config, training_options
-from node.keys import identities_for_join
-from node.membership import SwarmMembership
-from node.mirror import Mirror
+from node.trainer.handover import hand_over, handover_wait_s, needs_hand_over
+from node.checkpoints.specs import check_model_specs, expert_config, router_config, training_options
+from node.data.swarm_data import prepare_swarm_data
+from node.identity_files import identities_for_join
+from node.swarm.membership import SwarmMembership
+from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
-from node.node_state import NodeOptions, NodeStatus, TrainingSummary
-from node.presence import Presence
-from node.published import PublishedCheckpoints, UnreadableNodeFile
-from node.resume import announce_again, resume_from_swarm
+from node.trainer.state import NodeOptions, NodeState, NodeStatus, TrainingSummary
+from node.swarm.presence import Presence
+from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
+from node.trainer.resume import announce_again, resume_from_swarm
+from protocol.jobs import InvalidJob, Job
 from protocol.manifest import SwarmManifest
 
 logger = logging.getLogger("ddm_swarm.node")
@@ -58,10 +64,24 @@ class SwarmNode:
         self.manifest, self.options, self.on_status = manifest, options, on_status or (lambda status: None)
         self.status = NodeStatus()
         self.data_dir = Path(options.data_dir)
+        self.jobs: List[Job] = manifest.jobs
         self.stop_event = threading.Event()
         self.leave_now = threading.Event()
+        self._teardown = ExitStack()  # services stop in reverse order of their start
+        # the node's collaborators, set while JOINING (None before)
+        self.membership: Optional[SwarmMembership] = None
+        self.loop: Optional[NetworkLoop] = None
+        self.store: Optional[BlobStore] = None
+        self.blobs: Optional[BlobService] = None
+        self.presence: Optional[Presence] = None
+        self.announcer: Optional[Announcer] = None
+        self.mirror: Optional[Mirror] = None
+        # the job's, set while CLAIMING and RESUMING
+        self.lease: Optional[Lease] = None
+        self.data = None
         self.trainer = None
         self.published: Optional[PublishedCheckpoints] = None
+        self.parent_blob: Optional[str] = None
         self._last_ckpt_step = -1
         self._peers_checked = 0.0
         self._checkpoints, self._checkpoint_seconds = 0, 0.0
@@ -79,20 +99,30 @@ class SwarmNode:
         check_model_specs(self.manifest)  # a model the swarm names but cannot build: say so before joining
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        try:
-            self._join()
+        with self._teardown:  # stops every service that started, in reverse order
+            try:
+                self._run()
+            finally:
+                self._set(state=NodeState.OFFLINE)
+
+    def _run(self) -> None:
+        self._join()
+        self._claim_and_resume()
+        self._train()
+        while self._moving and not self.stop_event.is_set():  # a job had no trainer: take it over
+            self._set(state=NodeState.MOVING)
+            self._leave_job()
             self._claim_and_resume()
             self._train()
-            while self._moving and not self.stop_event.is_set():  # a job had no trainer: take it over
-                self._leave_job()
-                self._claim_and_resume()
-                self._train()
-            if not self.options.exit_when_done and not self.stop_event.is_set():
-                self._serve()
-            else:
-                self._hand_over()
-        finally:
-            self._leave()
+        if not self.options.exit_when_done and not self.stop_event.is_set():
+            self._serve()
+        else:
+            self._hand_over()
+        self._set(state=NodeState.LEAVING)
+
+    def _give_back_job(self) -> None:
+        """The one way this node gives its job back (on a move, at the end of the budget, when stopped)."""
+        self.announcer.give_back(self.trainer.step if self.trainer else 0)
 
     def _leave_job(self) -> None:
         """Give the current job back to move to another; keep serving its checkpoints, since our
@@ -101,8 +131,7 @@ class SwarmNode:
         self._left_behind |= set(self.published.keep())
         if left in self.announcer.confirmed:
             self._left_behind.add(self.announcer.confirmed[left])
-        self.announcer.lease = None
-        self.lease.release(self.trainer.step)
+        self._give_back_job()
 
     def _on_signal(self, *_) -> None:
         if self.stop_event.is_set():
@@ -110,71 +139,59 @@ class SwarmNode:
         self.stop_event.set()
 
     def _join(self) -> None:
+        stop = self._teardown.callback
         # nothing is written to the data folder until the node has joined
         with identities_for_join(self.data_dir / "identity.pem", self.data_dir / "p2p.key") as (identity, p2p_key):
             self.membership = SwarmMembership(
                 self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
                 port=self.options.port, p2p_identity_path=p2p_key)
+            stop(self.membership.shutdown)  # before the identity files are written: that can fail too
         self._data_dir_lock = hold_exclusive_lock(self.data_dir / "node.lock", f"data dir {self.data_dir}")
         for problem in self.membership.beacon_problems():
             logger.warning(problem)
         self.membership.announce_beacon()
         self.loop = NetworkLoop()
+        stop(self.loop.stop)
         self.store = BlobStore(self.data_dir / "blobs")
         self.store.remove_leftovers()  # temp files of writes a crash cut off (we hold the data dir's lock)
         corrupt = self.store.verify_all()  # a crash or a bad disk must not leave us serving bad bytes
         if corrupt:
             logger.warning(f"quarantined {len(corrupt)} corrupt blob(s) found at start-up")
         self.blobs = BlobService(self.membership, self.store, self.loop)
+        stop(self.blobs.stop)
         self.presence = Presence(self.membership, role="trainer")
-        self.presence.announce("joining")
         self.announcer = Announcer(self.membership, self.presence, lambda: self.trainer.step if self.trainer else 0)
-        self.jobs = all_jobs(self.manifest)
+        stop(self.announcer.stop, release=True)  # gives the job back, then the OFFLINE tombstone
+        self._set(state=NodeState.JOINING)
         self.mirror = Mirror(self.membership, self.blobs, self.announcer, self.jobs,
                              period_s=self.manifest.timing.lease_s)
         self.mirror.protected = self._own_blobs
+        stop(self.mirror.stop)
+        stop(self.checkpoints.close)  # a checkpoint in flight is finished before its announcer stops
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
                     f"(signer {identity.signer_id[:12]}…)")
-
-    def _leave(self) -> None:
-        self._set(state="offline")
-        self.checkpoints.close()  # a checkpoint in flight is finished before its announcer stops
-        if hasattr(self, "mirror"):
-            self.mirror.stop()
-        if hasattr(self, "announcer"):
-            self.announcer.stop(release=True)
-        if hasattr(self, "blobs"):
-            self.blobs.stop()
-        if hasattr(self, "loop"):
-            self.loop.stop()
-        if hasattr(self, "membership"):
-            self.membership.shutdown()
 
     # --- claiming and resuming -------------------------------------------------------------------
     def _node_file(self) -> Path:
         return self.data_dir / "node.json"
 
-    def _model_for(self, job: str) -> str:
-        if job == ROUTER_JOB:
-            return self.manifest.router.name
-        if self.options.model:
-            return self.manifest.expert_spec(self.options.model).name
-        return self.manifest.expert_for_cluster(int(job.split("/")[1])).name
+    def _model_for(self, job: Job) -> str:
+        return self.manifest.model_for(job, self.options.model).name
 
     def _claim_and_resume(self) -> None:
-        self._set(state="claiming")
+        self._set(state=NodeState.CLAIMING)
         forced = self.options.job or self._previous_job()
         if forced and not self.options.job and not keep_previous_job(
                 forced, self.jobs, self.membership.claims(), self.membership.identity.signer_id, get_dht_time()):
             logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
             forced = None
-        self.lease: Lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced,
-                                      after=self.lease.last_expiry if hasattr(self, "lease") else 0.0)
+        self.lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced,
+                               after=self.lease.last_expiry if self.lease else 0.0)
         job = self.lease.job
-        atomic_write_bytes(self._node_file(), json.dumps({"job": job, "model": self.lease.model}).encode())
-        self.announcer.lease = self.lease
+        atomic_write_bytes(self._node_file(), json.dumps({"job": str(job), "model": self.lease.model}).encode())
+        self.announcer.hold(self.lease)
         self.mirror.own_job = job
-        self._set(state="resuming", job=job, model=self.lease.model)
+        self._set(state=NodeState.RESUMING, job=job, model=self.lease.model)
         self.data = prepare_swarm_data(self.manifest, self.data_dir / "cache")
         self.trainer = self._build_trainer(job)
         self._resume(job)
@@ -184,38 +201,38 @@ class SwarmNode:
                 self.mirror.start()
         self._moving, self._uncovered_seen = False, 0
 
-    def _previous_job(self) -> Optional[str]:
+    def _previous_job(self) -> Optional[Job]:
         """The job this data dir trained before (node.json), so a restart continues it."""
         if not self._node_file().exists():
             return None
         try:
-            job = json.loads(self._node_file().read_text())["job"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            job = Job.parse(json.loads(self._node_file().read_text())["job"])
+        except (OSError, ValueError, KeyError, TypeError, InvalidJob) as error:
             raise UnreadableNodeFile(f"{self._node_file()} is corrupt ({type(error).__name__}: {error}); delete it "
                                      "(or pass --job) and restart: the node then claims a job afresh") from None
         if job not in self.jobs:
-            raise UnreadableNodeFile(f"{self._node_file()} names job {job!r:.40}, which swarm '{self.manifest.name}' "
-                                     f"does not have ({', '.join(self.jobs)}); delete it or pass --job")
+            raise UnreadableNodeFile(f"{self._node_file()} names job {job}, which swarm '{self.manifest.name}' "
+                                     f"does not have ({', '.join(map(str, self.jobs))}); delete it or pass --job")
         return job
 
-    def _build_trainer(self, job: str):
+    def _build_trainer(self, job: Job):
         text = build_text_encoder(self.manifest.text_encoder)
-        if job == ROUTER_JOB:
+        if job.is_router:
             options = training_options(self.manifest.router)
             train, clusters, heldout = self.data.router_data()
             return RouterTrainer(router_config(self.manifest), train, clusters, text, seed=self.options.seed,
                                  device=self.options.device, heldout=heldout, **options)
-        cluster = int(job.split("/")[1])
+        cluster = job.cluster
         spec = self.manifest.expert_spec(self.lease.model)
         train, heldout = self.data.expert_data(cluster)
         return ExpertTrainer(expert_config(spec, self.manifest), train, text, seed=self.options.seed + cluster,
                              device=self.options.device, cluster=cluster, heldout=heldout,
                              **training_options(spec))
 
-    def _state_dir(self, job: str) -> Path:
-        return self.data_dir / "jobs" / job.replace("/", "-") / self.lease.model
+    def _state_dir(self, job: Job) -> Path:
+        return self.data_dir / "jobs" / job.slug / self.lease.model
 
-    def _resume(self, job: str) -> None:
+    def _resume(self, job: Job) -> None:
         state = self._state_dir(job)
         for leftover in state.glob(".*.tmp"):  # a state file or published.json a crash cut off (we hold the lock)
             leftover.unlink(missing_ok=True)
@@ -237,8 +254,8 @@ class SwarmNode:
         self._last_ckpt_step = self.trainer.step
         self._set(step=self.trainer.step)
 
-    def _resume_from_swarm(self, job: str) -> None:
-        spec_hash = (self.manifest.router if job == ROUTER_JOB else self.manifest.expert_spec(self.lease.model)).spec_hash
+    def _resume_from_swarm(self, job: Job) -> None:
+        spec_hash = self.manifest.model_for(job, self.lease.model).spec_hash
         record = resume_from_swarm(job, spec_hash, self.trainer, self.membership, self.blobs, self.store, self.manifest,
                                    self.announcer)
         if record is None:
@@ -254,9 +271,9 @@ class SwarmNode:
         it, the checkpoint it resumed from, and those of jobs it moved away from."""
         own = set(self.published.keep()) if self.published else set()
         own |= self._left_behind
-        if hasattr(self, "lease") and self.lease.job in self.announcer.confirmed:
+        if self.lease is not None and self.lease.job in self.announcer.confirmed:
             own.add(self.announcer.confirmed[self.lease.job])
-        if getattr(self, "parent_blob", None):
+        if self.parent_blob:
             own.add(self.parent_blob)
         return own
 
@@ -267,7 +284,7 @@ class SwarmNode:
         return self.options.max_steps is None or self.trainer.step < self.options.max_steps
 
     def _train(self) -> None:
-        self._set(state="training")
+        self._set(state=NodeState.TRAINING)
         every = self.manifest.timing.checkpoint_every_steps
         self._budget_started = self._budget_started or time.monotonic()  # --max-minutes spans every job
         started, start_step = self._budget_started, self.trainer.step
@@ -328,7 +345,7 @@ class SwarmNode:
     def _checkpoint(self, trainer) -> None:
         job = self.lease.job
         try:
-            record, metric = write_checkpoint(trainer, job, self.lease.model, self._state_dir(job), self.store,
+            record, metric = publish_checkpoint(trainer, job, self.lease.model, self._state_dir(job), self.store,
                                               self.published, self.membership, self.manifest, self.parent_blob or "")
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -345,17 +362,16 @@ class SwarmNode:
             self.announcer.unprovide(sha)
         self.parent_blob = record.blob.sha256
         # shown at the training thread's next status update
-        self.status.last_checkpoint = f"step {trainer.step} ({'acc' if job == ROUTER_JOB else 'loss'} {metric:.4f})"
+        self.status.last_checkpoint = f"step {trainer.step} ({'acc' if job.is_router else 'loss'} {metric:.4f})"
 
     def _hand_over(self) -> None:
         """Give the job back, then serve the last checkpoint until another peer holds it (bounded)."""
-        self.announcer.lease = None  # first: the announcer must not renew what is released
-        self.lease.release(self.trainer.step)
+        self._give_back_job()
         record = self.published.record if self.published else None
         if record is None or not needs_hand_over(self.membership):
             return
         wait_s = handover_wait_s(self.manifest.timing.lease_s)
-        self._set(state="handing over")
+        self._set(state=NodeState.HANDING_OVER)
         logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most "
                     f"{wait_s:.0f} s; Ctrl-C again to leave now)")
         if hand_over(self.membership, record.blob.sha256, wait_s, self.leave_now):
@@ -366,19 +382,24 @@ class SwarmNode:
 
     def _serve(self) -> None:
         """The budget is spent: give the job back, keep serving blobs until stopped."""
-        self.lease.release(self.trainer.step)
-        self.announcer.lease = None
-        self._set(state="serving")
+        self._give_back_job()
+        self._set(state=NodeState.SERVING)
         logger.info("training budget spent: job released, still serving checkpoints (Ctrl-C to leave)")
         while not self.stop_event.wait(1.0):
             self._set()
 
     def _set(self, **changes) -> None:
+        state = changes.get("state")
         for name, value in changes.items():
             setattr(self.status, name, value)
-        if hasattr(self, "announcer"):
+        if state is not None and self.presence is not None and state is not NodeState.OFFLINE:
+            try:  # every transition is announced (OFFLINE is the announcer's tombstone)
+                self.presence.announce(state.value)
+            except Exception as error:  # only a display figure for others: the next tick retries
+                logger.info(f"could not announce state {state}: {error}")
+        if self.announcer is not None:
             self.status.last_announcement = self.announcer.last_announcement
-        if hasattr(self, "membership") and time.monotonic() - self._peers_checked > 10:
+        if self.membership is not None and time.monotonic() - self._peers_checked > 10:
             self._peers_checked = time.monotonic()
             try:
                 self.status.peers = self.membership.num_peers()

@@ -8,67 +8,56 @@ was orphaned), it continues from that one instead.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Set
+from pathlib import Path
+from typing import List, Optional
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.announcer import Announcer
-from node.assembly import check_header, rank
-from node.blob_service import BlobService
-from node.blobstore import BlobStore
-from node.candidates import MAX_FAILURES, obtainable
-from node.claims import ROUTER_JOB
-from node.errors import NodeError
-from node.membership import SwarmMembership
-from node.published import PublishedCheckpoints, Record, refreshed
+from node.swarm.announcer import Announcer
+from node.checkpoints.acceptance import check_header, find_acceptable, rank
+from node.blobs.service import BlobService
+from node.blobs.store import BlobStore
+from node.swarm.membership import SwarmMembership
+from node.checkpoints.published import PublishedCheckpoints, Record
+from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
 
 logger = logging.getLogger("ddm_swarm.node")
 RESUME_ROUNDS = 3  # reads of the swarm's checkpoint records when resuming (see resume_from_swarm)
 
 
-def resume_from_swarm(job: str, spec_hash: str, trainer, membership: SwarmMembership, blobs: BlobService,
+def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMembership, blobs: BlobService,
                       store: BlobStore, manifest: SwarmManifest, announcer: Announcer) -> Optional[Record]:
-    """Initialise `trainer` from the best usable checkpoint of `job` in the swarm newer than its step;
-    the record it came from, or None if there was none.
+    """Initialise `trainer` from the best acceptable checkpoint of `job` in the swarm newer than its
+    step; the record it came from, or None if there was none.
 
     The swarm's latest moves while we fetch: a live trainer keeps only its last two checkpoints, so a
     record read a few seconds ago may name a blob its provider has already dropped. When every
     candidate of a round was unreachable, records are read again (at most RESUME_ROUNDS times); a
-    candidate refused for its content is never tried twice.
+    candidate refused for its content is never tried twice (see `node.checkpoints.acceptance`).
     """
-    refused: Set[str] = set()
-    for round_ in range(RESUME_ROUNDS):
-        records = membership.routers() if job == ROUTER_JOB else membership.checkpoints(int(job.split("/")[1]))
-        records = [r for r in records if r.spec_hash == spec_hash]
+    first_read = True
+
+    def newer() -> List[Record]:
+        nonlocal first_read
+        records = [r for r in membership.job_checkpoints(job) if r.spec_hash == spec_hash]
         mine = [r for r in records if r.signer == membership.identity.signer_id]
-        if mine and round_ == 0:  # the DHT's record of ours from before a restart: its blob stays until a newer one is confirmed
+        if mine and first_read:  # the DHT's record of ours from before a restart: its blob stays until a newer one is confirmed
             announcer.confirmed[job] = rank(mine)[0].blob.sha256
-        newer = [r for r in rank(records) if r.step > trainer.step and r.blob.sha256 not in refused]
-        unreachable = 0
-        for failures, record in enumerate(obtainable(newer, membership, store, manifest)):
-            if failures >= MAX_FAILURES:
-                logger.warning(f"no usable checkpoint of {job} among the first {failures} the swarm offers")
-                return None
-            try:
-                path = blobs.fetch(record.blob)
-                check_header(path, record, manifest)  # what its record says: job, model, step
-                trainer.init_from_checkpoint(path)
-            except Exception as error:  # a bad or unreachable checkpoint: try the next one
-                if isinstance(error, NodeError):
-                    unreachable += 1
-                else:
-                    refused.add(record.blob.sha256)
-                logger.warning(f"cannot resume from {record.blob.sha256[:12]} (step {record.step}): {error}")
-                continue
-            return record
-        if not unreachable:
-            return None
-        logger.info(f"reading {job}'s checkpoints again: {unreachable} were unreachable")
-    return None
+        first_read = False
+        return [r for r in records if r.step > trainer.step]
+
+    def adopt(path: Path, record: Record) -> None:
+        check_header(path, record, manifest)  # what its record says: job, model, step
+        trainer.init_from_checkpoint(path)
+
+    accepted = find_acceptable(newer, fetch=lambda record: blobs.fetch(record.blob), check=adopt,
+                               membership=membership, store=store, manifest=manifest, rounds=RESUME_ROUNDS,
+                               pause_s=0.0)
+    return accepted.record if accepted else None
 
 
-def announce_again(job: str, published: PublishedCheckpoints, store: BlobStore, membership: SwarmMembership,
+def announce_again(job: Job, published: PublishedCheckpoints, store: BlobStore, membership: SwarmMembership,
                    announcer: Announcer, record_ttl_s: float) -> None:
     """After a restart, announce the latest checkpoint this node published (a crash may have cut its
     announcement off), but only while its blob is still in the store: a record must never point at
@@ -80,7 +69,7 @@ def announce_again(job: str, published: PublishedCheckpoints, store: BlobStore, 
         logger.warning(f"not announcing checkpoint step {record.step} again: its blob "
                        f"{record.blob.sha256[:12]} is no longer in the store")
         return
-    announcer.announce_checkpoint(job, refreshed(record, membership.identity, get_dht_time() + record_ttl_s))
+    announcer.announce_checkpoint(job, record.renewed(membership.identity, get_dht_time() + record_ttl_s))
     for sha in published.keep():
         if store.has(sha):
             announcer.provide(sha)

@@ -4,8 +4,34 @@ trained (`TrainingSummary`, the command's last line for scripts and benchmarks).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
+
+from protocol.jobs import Job
+
+
+class NodeState(str, Enum):
+    """Where a training node is in its life (Petals' ServerState, with a node's own steps). Every
+    transition is shown in the live panel and announced in the node's presence record.
+
+    JOINING -> CLAIMING -> RESUMING -> TRAINING, then MOVING (back to CLAIMING: another job has no
+    trainer), SERVING (the budget is spent: job released, blobs still served) or HANDING_OVER (stopped:
+    the last checkpoint is served until another peer holds it) -> LEAVING -> OFFLINE.
+    """
+
+    JOINING = "joining"
+    CLAIMING = "claiming"
+    RESUMING = "resuming"
+    TRAINING = "training"
+    MOVING = "moving"
+    SERVING = "serving"
+    HANDING_OVER = "handing-over"
+    LEAVING = "leaving"
+    OFFLINE = "offline"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -14,7 +40,7 @@ class NodeOptions:
     initial_peers: List[str] = field(default_factory=list)
     host: str = "0.0.0.0"
     port: int = 0
-    job: Optional[str] = None  # force a job ("expert/<k>" or "router") instead of choosing one
+    job: Optional[Job] = None  # force a job instead of choosing one
     model: Optional[str] = None  # expert model of the manifest, instead of the cluster's default
     max_steps: Optional[int] = None
     max_minutes: Optional[float] = None
@@ -28,7 +54,7 @@ class NodeOptions:
 
 @dataclass
 class NodeStatus:
-    state: str = "joining"
+    state: NodeState = NodeState.JOINING
     job: str = "-"
     model: str = "-"
     step: int = 0
@@ -44,7 +70,7 @@ class NodeStatus:
 class TrainingSummary:
     """What one `run` trained, wall clock over the whole training phase (checkpoints included)."""
 
-    job: str
+    job: Job
     steps: int
     images: int
     seconds: float  # from the first step to the end of the last checkpoint
@@ -57,7 +83,7 @@ class TrainingSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {"job": self.job, "steps": self.steps, "images": self.images, "seconds": round(self.seconds, 3),
+        return {"job": str(self.job), "steps": self.steps, "images": self.images, "seconds": round(self.seconds, 3),
                 "images_per_s": round(self.images_per_s, 3), "checkpoints": self.checkpoints,
                 "checkpoint_seconds": round(self.checkpoint_seconds, 3),
                 "checkpoint_work_seconds": round(self.checkpoint_work_seconds, 3)}

@@ -17,9 +17,9 @@ import json
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 
-from node.banlist import BanList
-from node.blob_fetch import FetchReport, fetch_blob
-from node.blobstore import BlobStore
+from node.blobs.banlist import BanList
+from node.blobs.fetch import FetchReport, fetch_blob
+from node.blobs.store import BlobStore
 from protocol.hashing import BlobRef
 
 

@@ -23,8 +23,8 @@ import sys
 
 from hivemind.dht import DHT
 
-from node.blob_server import BlobServer
-from node.blobstore import BlobStore
+from node.blobs.server import BlobServer
+from node.blobs.store import BlobStore
 from protocol.blob_wire import BlobResponse
 from protocol.hashing import chunk_count, chunk_span
 from protocol.limits import CHUNK_BYTES

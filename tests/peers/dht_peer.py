@@ -12,11 +12,11 @@ from functools import partial
 
 from hivemind.dht import DHT
 
-from node.blob_service import BlobService
-from node.blobstore import BlobStore
-from node.membership import SwarmMembership
+from node.blobs.service import BlobService
+from node.blobs.store import BlobStore
+from node.swarm.membership import SwarmMembership
 from node.network import NetworkLoop
-from node.swarm_files import read_manifest_file
+from node.swarm.manifest_files import read_manifest_file
 from protocol.hashing import BlobRef
 from protocol.identity import Identity
 from protocol.records import decode_record

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.blob_service import BlobService
-from node.blobstore import BlobStore
-from node.keys import load_or_create_identity
-from node.membership import SwarmMembership
+from node.blobs.service import BlobService
+from node.blobs.store import BlobStore
+from node.identity_files import load_or_create_identity
+from node.swarm.membership import SwarmMembership
 from node.network import NetworkLoop
-from node.swarm_files import read_manifest_file
+from node.swarm.manifest_files import read_manifest_file
 from protocol.identity import Identity
 from protocol.records import CheckpointRecord, ProviderRecord
 from tests.peers.blob_provider import MisbehavingServer

@@ -1,0 +1,22 @@
+"""`ddm-swarm swarm show`: a swarm's manifest and id (`swarm create` is the operator's, in `bootstrap`)."""
+
+from __future__ import annotations
+
+from node.cli.app import SwarmOption, fail, swarm_app
+
+
+@swarm_app.command("show")
+def swarm_show(swarm: str = SwarmOption) -> None:
+    """Print a swarm's manifest and its swarm id."""
+    import yaml
+
+    from node.checkpoints.specs import check_model_specs
+    from node.swarm.manifest_files import load_manifest
+
+    try:
+        manifest = load_manifest(swarm)
+        check_model_specs(manifest)
+    except Exception as error:
+        fail(error)
+    print(f"# swarm id: {manifest.swarm_id}")
+    print(yaml.safe_dump(manifest.to_file_dict(), sort_keys=False, allow_unicode=True), end="")
