@@ -211,7 +211,9 @@ def iter_webdataset_records(path: str | Path, size: int, channels: int = 3) -> I
             for member in shard:
                 if not member.isfile():
                     continue
-                key, _, extension = member.name.partition(".")
+                folder, _, base = member.name.rpartition("/")  # webdataset: key ends at the base name's first dot
+                stem, _, extension = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
                 if key != current_key:
                     if current_key is not None:
                         yield from _record_from_files(current_key, files, size, channels, path)

@@ -326,6 +326,29 @@ def default_max_tokens(name: str) -> int:
     return CAPTION_MAX_TOKENS if text_encoder_spec(name)[0] == "minilm" else CLIP_MAX_TOKENS
 
 
+def text_encoder_dims(name: str, *, cache_dir: str | Path | None = None) -> tuple[int, int]:
+    """(dim, pooled_dim) of the encoder a name stands for: what an expert's `text_dim` and
+    `text_pooled_dim` (and a router's `text_pooled_dim`) must be. MiniLM's are known; a "clip:"
+    model's are read from its config.json in the local cache (no weights are loaded); an
+    "openclip:" tower is built to find out."""
+    kind, arch, _ = text_encoder_spec(name)
+    if kind == "minilm":
+        return MINILM_DIM, MINILM_DIM
+    if kind == "clip":
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import transformers
+
+        try:
+            config = transformers.CLIPTextConfig.from_pretrained(
+                arch, local_files_only=True, cache_dir=None if cache_dir is None else str(cache_dir))
+        except OSError as error:
+            raise TextEncoderUnavailable(f"the text encoder clip:{arch} is not in the local Hugging Face cache "
+                                         f"({cache_dir or 'the default hub cache'}): {error}") from error
+        return config.hidden_size, config.hidden_size
+    encoder = build_text_encoder(name, cached=False)
+    return encoder.dim, encoder.pooled_dim
+
+
 def text_encoder_spec(name: str) -> tuple[str, str, str]:
     """(kind, arch, pretrained) of a text encoder name, without loading anything; raise
     `UnknownTextEncoder` for a name `build_text_encoder` cannot build."""

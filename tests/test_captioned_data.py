@@ -1,12 +1,16 @@
 """Captioned data sets read from WebDataset shards: decoded once, cached, sampled, kept aligned."""
 
+import io
+import random
+import tarfile
+
 import numpy as np
 import pytest
 import torch
 
 from ddm_models.captioned_data import CaptionedDataset, ShardFile, file_sha256, load_captioned_shards
 from ddm_models.data import DataSetError, iter_webdataset_records, iter_webdataset_shard, subset
-from tests.captioned_fixtures import write_shape_shard
+from tests.captioned_fixtures import shape_picture, write_shape_shard
 
 torch.set_num_threads(1)
 SAMPLES = [("red", "square"), ("blue", "circle"), ("green", "square")]
@@ -22,6 +26,18 @@ def test_shard_records_take_captions_from_json_and_clusters_from_cls(tmp_path):
     records = list(iter_webdataset_records(path, size=8))
     assert [(r.caption, r.cluster) for r in records] == [("a red square", 3), ("a blue circle", 1)]
     assert records[0].pixels.dtype == np.uint8 and records[0].pixels.shape == (3, 8, 8)
+
+
+def test_a_sample_key_ends_at_the_first_dot_of_the_file_name_not_of_its_folder(tmp_path):
+    path = tmp_path / "folders.tar"
+    buffer = io.BytesIO()
+    shape_picture("red", "circle", random.Random(0)).save(buffer, format="PNG")
+    with tarfile.open(path, "w") as tar:
+        for name, payload in (("v1.0/a.png", buffer.getvalue()), ("v1.0/a.txt", b"a red circle")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert [(r.key, r.caption) for r in iter_webdataset_records(path, size=8)] == [("v1.0/a", "a red circle")]
 
 
 def test_shards_load_as_uint8_images_with_their_own_captions_in_shard_order(tmp_path, shard):

@@ -5,7 +5,7 @@ import torch
 
 from ddm_models.text import (CLIP_MAX_TOKENS, CachedTextEncoder, CLIPTextEncoder, TextEncoderError,
                              TextEncoderUnavailable, UnknownTextEncoder, build_text_encoder, default_max_tokens,
-                             text_encoder_spec)
+                             text_encoder_dims, text_encoder_spec)
 from tests.clip_fixtures import TINY_CLIP_ID, TINY_CLIP_POSITIONS, TINY_CLIP_WIDTH, write_tiny_clip_cache
 
 torch.set_num_threads(1)
@@ -76,3 +76,10 @@ def test_missing_clip_model_is_refused_naming_the_model_id(hub):
 def test_clip_token_length_beyond_its_positions_is_refused(hub):
     with pytest.raises(TextEncoderError, match=f"at most {TINY_CLIP_POSITIONS} tokens"):
         build_text_encoder(f"clip:{TINY_CLIP_ID}", cache_dir=hub[0], max_length=TINY_CLIP_POSITIONS + 1)
+
+
+def test_encoder_dims_are_known_from_the_name_and_the_cached_config(hub):
+    assert text_encoder_dims("minilm") == (384, 384)
+    assert text_encoder_dims(f"clip:{TINY_CLIP_ID}", cache_dir=hub[0]) == (TINY_CLIP_WIDTH, TINY_CLIP_WIDTH)
+    with pytest.raises(TextEncoderUnavailable, match="clip:openai/clip-vit-large-patch14"):
+        text_encoder_dims("clip-vit-large-patch14", cache_dir=hub[0])
