@@ -31,8 +31,8 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_shape_shard(path: Path, samples: list[tuple[str, str]], seed: int = 0, caption_as: str = "txt",
-                      clusters: list[int] | None = None) -> Path:
-    """A WebDataset shard of one picture per (colour, shape) in `samples`, captioned "a <colour>
+                      clusters: list[int] | None = None, side: int = 32) -> Path:
+    """A WebDataset shard of one `side`-pixel picture per (colour, shape) in `samples`, captioned "a <colour>
     <shape>" in `<key>.txt` (or as the "caption" field of `<key>.json`), with `<key>.cls` holding
     `clusters[i]` when given. Keys are `<shard name>-<i>`."""
     rng = random.Random(seed)
@@ -40,7 +40,7 @@ def write_shape_shard(path: Path, samples: list[tuple[str, str]], seed: int = 0,
         for i, (colour, shape) in enumerate(samples):
             key = f"{path.stem}-{i:05d}"
             buffer = io.BytesIO()
-            shape_picture(colour, shape, rng).save(buffer, format="PNG")
+            shape_picture(colour, shape, rng, side).save(buffer, format="PNG")
             _add(tar, f"{key}.png", buffer.getvalue())
             caption = f"a {colour} {shape}"
             if caption_as == "txt":
