@@ -58,6 +58,11 @@ class ImageDataset:
         """(C, H, W) of one image."""
         return tuple(self.images.shape[1:])
 
+    def images_at(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The images at `index` (int indices or a slice), (B, C, H, W) float32 in [-1, 1]; the
+        accessor `CaptionedDataset` shares, so trainers and evaluation take either kind."""
+        return self.images[index]
+
     def fingerprint(self) -> str:
         """sha256 (hex) of the image and label bytes: equal fingerprints mean equal data, in order."""
         digest = hashlib.sha256()
@@ -116,7 +121,10 @@ def heldout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def subset(dataset: ImageDataset, idx: Sequence[int] | np.ndarray | torch.Tensor, name: str | None = None) -> ImageDataset:
-    """The items of `dataset` at `idx` (int indices, in the given order), as a new data set."""
+    """The items of `dataset` at `idx` (int indices, in the given order), as a new data set (of
+    the same kind: a `CaptionedDataset` keeps its captions and clusters)."""
+    if not isinstance(dataset, ImageDataset):
+        return dataset.subset(idx, name)
     index = torch.as_tensor(np.asarray(idx, dtype=np.int64))
     return ImageDataset(dataset.images[index].contiguous(), dataset.labels[index].contiguous(),
                         name or dataset.name, list(dataset.class_names))
@@ -174,32 +182,73 @@ class CaptionedImage:
     caption: str
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """One decoded sample of a WebDataset shard as stored: pixels (C, H, W) uint8, its caption, and
+    the cluster the shard's writer gave it (a `<key>.cls` file or a "cluster" field of `<key>.json`;
+    None when it gave none)."""
+
+    key: str
+    pixels: np.ndarray
+    caption: str
+    cluster: int | None
+
+
 def iter_webdataset_shard(path: str | Path, size: int, channels: int = 3) -> Iterator[CaptionedImage]:
     """Stream the samples of one WebDataset tar shard (files `<key>.jpg|png|webp` + `<key>.txt`,
     the LAION/img2dataset layout) without loading the shard into memory. Samples with no image or
     no caption are skipped; an image that does not decode raises `DataSetError`."""
+    for record in iter_webdataset_records(path, size, channels):
+        yield CaptionedImage(record.key, pixels_to_unit_range(record.pixels, 255.0), record.caption)
+
+
+def iter_webdataset_records(path: str | Path, size: int, channels: int = 3) -> Iterator[ShardRecord]:
+    """As `iter_webdataset_shard`, yielding `ShardRecord`s (uint8 pixels, centre-cropped and resized
+    to (channels, size, size)). The caption is `<key>.txt`, else the "caption" or "text" field of
+    `<key>.json` (the img2dataset layout writes both)."""
     current_key, files = None, {}
     try:
         with tarfile.open(path, mode="r|*") as shard:  # streaming mode: members in archive order
             for member in shard:
                 if not member.isfile():
                     continue
-                key, _, extension = member.name.partition(".")
+                folder, _, base = member.name.rpartition("/")  # webdataset: key ends at the base name's first dot
+                stem, _, extension = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
                 if key != current_key:
                     if current_key is not None:
-                        yield from _sample_from_files(current_key, files, size, channels, path)
+                        yield from _record_from_files(current_key, files, size, channels, path)
                     current_key, files = key, {}
                 files[extension.lower()] = shard.extractfile(member).read()
     except tarfile.TarError as error:
         raise DataSetError(f"{path} is not a readable tar shard: {error}") from error
     if current_key is not None:
-        yield from _sample_from_files(current_key, files, size, channels, path)
+        yield from _record_from_files(current_key, files, size, channels, path)
 
 
-def _sample_from_files(key: str, files: dict[str, bytes], size: int, channels: int, path) -> Iterator[CaptionedImage]:
+def _record_from_files(key: str, files: dict[str, bytes], size: int, channels: int, path) -> Iterator[ShardRecord]:
     image_bytes = next((files[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in files), None)
-    if image_bytes is None or "txt" not in files:
+    metadata = _json_metadata(files.get("json"), f"{key}.json in {path}")
+    caption = files["txt"].decode("utf-8", errors="replace") if "txt" in files else \
+        metadata.get("caption", metadata.get("text"))
+    if image_bytes is None or not isinstance(caption, str):
         return
+    cluster = files["cls"].decode("ascii", errors="replace").strip() if "cls" in files else metadata.get("cluster")
+    if isinstance(cluster, str) and cluster.isdigit():
+        cluster = int(cluster)
+    if cluster is not None and (not isinstance(cluster, int) or isinstance(cluster, bool) or cluster < 0):
+        raise DataSetError(f"{key} in {path}: a cluster is an integer >= 0, got {cluster!r}")
     array = _decode_image(image_bytes, size, channels, f"{key} in {path}")
-    image = pixels_to_unit_range(array, 255.0)
-    yield CaptionedImage(key, image, files["txt"].decode("utf-8", errors="replace").strip())
+    yield ShardRecord(key, array, caption.strip(), cluster)
+
+
+def _json_metadata(data: bytes | None, where: str) -> dict:
+    if data is None:
+        return {}
+    import json
+
+    try:
+        metadata = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise DataSetError(f"{where} is not JSON: {error}") from error
+    return metadata if isinstance(metadata, dict) else {}

@@ -3,47 +3,45 @@ claims; comparing an ensemble with a monolithic model image by image)."""
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ddm_models.captions import sample_captions
-from ddm_models.data import ImageDataset
+from ddm_models.conditioning import CaptionSampler, TrainingData, batch_captions
 from ddm_models.sampling import LoadedExpert
 from ddm_models.text import TextBatch, TextEncoder
 
 
 @torch.no_grad()
-def expert_loss(expert: LoadedExpert, data: ImageDataset, text_encoder: TextEncoder, *, max_images: int = 512,
-                seed: int = 0, batch_size: int = 256,
-                caption_sampler: Callable[[torch.Tensor, torch.Generator], List[str]] = sample_captions) -> float:
+def expert_loss(expert: LoadedExpert, data: TrainingData, text_encoder: TextEncoder, *, max_images: int = 512,
+                seed: int = 0, batch_size: int = 256, caption_sampler: CaptionSampler = sample_captions) -> float:
     """Mean squared error of `expert`'s own training target on up to `max_images` of `data`, with
     noise and times fixed by `seed` and t stratified over [0, 1) (comparable across experts of one
-    objective). data: images (N, C, H, W) in [-1, 1]."""
+    objective). data: images (N, C, H, W), with their own captions (`CaptionedDataset`) or labels
+    that `caption_sampler` turns into captions (`ImageDataset`)."""
     n = min(max_images, len(data))
     if n == 0:
         raise ValueError("cannot measure an expert on an empty data set")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *data.image_shape), generator=generator)
     u = (torch.arange(n) + torch.rand(n, generator=generator)) / n
-    captions = caption_sampler(data.labels[:n], generator)
+    captions = batch_captions(data, torch.arange(n), generator, caption_sampler)
     device = next(expert.model.parameters()).device
     total = 0.0
     for start in range(0, n, batch_size):
         part = slice(start, min(n, start + batch_size))
-        x_in, timestep, target = expert.objective.training_example(data.images[part], noise[part], u[part])
+        x_in, timestep, target = expert.objective.training_example(data.images_at(part), noise[part], u[part])
         prediction = expert.model(x_in.to(device), timestep.to(device), text_encoder.encode(captions[part]).to(device))
         total += float(F.mse_loss(prediction.float(), target.to(device).float(), reduction="sum"))
     return total / noise.numel()
 
 
 @torch.no_grad()
-def velocity_losses(velocity: Callable[[torch.Tensor, torch.Tensor, TextBatch], torch.Tensor], data: ImageDataset,
+def velocity_losses(velocity: Callable[[torch.Tensor, torch.Tensor, TextBatch], torch.Tensor], data: TrainingData,
                     text_encoder: TextEncoder, *, seed: int = 0, rows: torch.Tensor | None = None,
-                    batch_size: int = 256,
-                    caption_sampler: Callable[[torch.Tensor, torch.Generator], List[str]] = sample_captions
-                    ) -> torch.Tensor:
+                    batch_size: int = 256, caption_sampler: CaptionSampler = sample_captions) -> torch.Tensor:
     """Per-image squared error (N,) of a flow-matching velocity on `data`, in FM velocity space, so
     experts of any objective and whole ensembles are measured on one scale.
 
@@ -58,11 +56,11 @@ def velocity_losses(velocity: Callable[[torch.Tensor, torch.Tensor, TextBatch], 
     noise = torch.randn((n, *data.image_shape), generator=generator)
     t = ((torch.arange(n) + torch.rand(n, generator=generator).clamp(1e-3, 1 - 1e-3)) / n)
     t = t[torch.randperm(n, generator=generator)]
-    captions = caption_sampler(data.labels, generator)
+    captions = batch_captions(data, torch.arange(n), generator, caption_sampler)
     rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.int64)
     losses = []
     for part in rows.split(batch_size):
-        x0, eps, t_part = data.images[part], noise[part], t[part]
+        x0, eps, t_part = data.images_at(part), noise[part], t[part]
         x_t = (1 - t_part.view(-1, 1, 1, 1)) * x0 + t_part.view(-1, 1, 1, 1) * eps
         v = velocity(x_t, t_part, text_encoder.encode([captions[i] for i in part.tolist()]))
         losses.append((v.float() - (eps - x0)).pow(2).flatten(1).mean(1))

@@ -106,6 +106,9 @@ def _new_classifier(dataset: ImageDataset, recipe: ClassifierRecipe) -> DigitCla
 def train_classifier(dataset: ImageDataset, recipe: ClassifierRecipe = DEFAULT_RECIPE) -> DigitClassifier:
     """Train on the recipe's training split of `dataset` (AdamW, one-cycle schedule, augmentation),
     deterministically for the recipe's seeds, and record the held-out accuracy."""
+    if not isinstance(dataset, ImageDataset):  # a captioned data set has no classes to learn
+        raise ValueError(f"the classifier metrics need a labelled ImageDataset; {dataset.name} has captions only "
+                         f"(measure it by held-out loss: ddm_models.evaluation.expert_loss)")
     train_idx, heldout_idx = heldout_split(len(dataset), recipe.heldout_fraction, recipe.split_seed)
     train, heldout = subset(dataset, train_idx), subset(dataset, heldout_idx)
     torch.manual_seed(recipe.seed)

