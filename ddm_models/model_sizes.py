@@ -1,7 +1,8 @@
 """How big a swarm's models are: every model a manifest names, built on the meta device and counted.
 
 Building on `torch.device("meta")` allocates no memory and runs no initialiser, so even eight
-DiT-XL/2 experts count in well under a second. `swarm show` prints `format_model_sizes(...)`.
+DiT-XL/2 experts count in about a second. `swarm show` prints
+`format_model_sizes(manifest_model_sizes(manifest))`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ import torch
 from ddm_models.configs import ExpertConfig, RouterConfig, expert_config_from_spec, router_config_from_spec
 from ddm_models.experts import build_expert, count_parameters
 from ddm_models.router import build_router
+
+
+class ManifestLike(Protocol):
+    """What is read of a swarm manifest (`protocol.manifest.SwarmManifest` is one)."""
+
+    experts: Sequence[Any]
+    router: Any
+    num_clusters: int
+
+    def expert_for_cluster(self, cluster: int) -> Any: ...
 
 
 class ModelSpecLike(Protocol):
@@ -66,6 +77,12 @@ def swarm_model_sizes(experts: Sequence[ModelSpecLike], router: ModelSpecLike,
                               parameters_on_meta(config),
                               config.image_shape, ()))
     return rows
+
+
+def manifest_model_sizes(manifest: ManifestLike) -> list[ModelSize]:
+    """`swarm_model_sizes` of a swarm manifest: what `swarm show` prints with `format_model_sizes`."""
+    clusters = [manifest.expert_for_cluster(k).name for k in range(manifest.num_clusters)]
+    return swarm_model_sizes(manifest.experts, manifest.router, clusters)
 
 
 def swarm_parameters(rows: Sequence[ModelSize]) -> int:

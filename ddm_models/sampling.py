@@ -18,6 +18,7 @@ which `codec` decodes to RGB.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import OrderedDict
 from typing import Any
 
@@ -77,8 +78,10 @@ class ExpertPlacement:
     """Where the experts' weights are while sampling.
 
     Without `offload`, every expert is moved to `device` once. With it, experts live on the CPU and
-    `acquire(cluster)` moves one onto `device`, first moving the least recently acquired one back
-    when `max_resident` are there already; `moves` counts the transfers onto the device.
+    `acquire(cluster)` moves one onto `device`, first parking the least recently acquired one when
+    `max_resident` are there already; `moves` counts the transfers onto the device. Weights never
+    change while sampling, so parking copies nothing back: the expert's parameters are pointed at
+    their host copy again (pinned on CUDA, so the next move in is an asynchronous DMA).
     """
 
     def __init__(self, experts: dict[int, LoadedExpert], device: torch.device, offload: bool = False,
@@ -88,9 +91,15 @@ class ExpertPlacement:
         self.experts, self.device, self.offload, self.max_resident = experts, torch.device(device), offload, max_resident
         self.resident: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self.moves = 0
+        self._host: dict[int, dict[str, torch.Tensor]] = {}
+        pin = offload and self.device.type == "cuda"
         for cluster, expert in experts.items():
-            expert.model.to("cpu" if offload else self.device)
-            if not offload:
+            if offload:
+                expert.model.to("cpu")
+                self._host[cluster] = {name: (t.data.pin_memory() if pin else t.data) for name, t in _tensors(expert)}
+                self._park(cluster)
+            else:
+                expert.model.to(self.device)
                 self.resident[cluster] = None
 
     def acquire(self, cluster: int) -> LoadedExpert:
@@ -100,11 +109,20 @@ class ExpertPlacement:
         else:
             while len(self.resident) >= self.max_resident:
                 evicted, _ = self.resident.popitem(last=False)
-                self.experts[evicted].model.to("cpu")
-            self.experts[cluster].model.to(self.device)
+                self._park(evicted)
+            self.experts[cluster].model.to(self.device, non_blocking=True)
             self.resident[cluster] = None
             self.moves += 1
         return self.experts[cluster]
+
+    def _park(self, cluster: int) -> None:
+        host = self._host[cluster]
+        for name, tensor in _tensors(self.experts[cluster]):
+            tensor.data = host[name]
+
+
+def _tensors(expert: LoadedExpert):
+    return itertools.chain(expert.model.named_parameters(), expert.model.named_buffers())
 
 
 class EnsembleSampler:

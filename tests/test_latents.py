@@ -15,7 +15,8 @@ from ddm_models.data import ImageDataset
 from ddm_models.latents import LatentCodec, LatentShapeError, VaeUnavailable, cached_latents, encode_dataset
 from ddm_models.objectives import objective_for
 from ddm_models.sampling import EnsembleSampler, LoadedExpert
-from ddm_models.training import ExpertTrainer
+from ddm_models.configs import router_config
+from ddm_models.training import ExpertTrainer, RouterTrainer
 from protocol.manifest import VaeSpec
 from tests.latent_fixtures import TINY_VAE_ID, save_in_folder, save_in_hub_cache, tiny_vae
 from tests.ml_fixtures import small_digits, text_encoder, tiny_config
@@ -121,3 +122,11 @@ def test_an_expert_trains_on_latents_and_its_samples_decode_to_rgb(tmp_path):
         ["the digit 3", "the digit 7"], num_steps=3)
     assert result.latents.shape == (2, 4, 8, 8) and result.images.shape == (2, 3, 16, 16)
     assert result.images.min() >= -1 and result.images.max() <= 1
+
+
+def test_a_dit_router_trains_on_latents(tmp_path):
+    latents = encode_dataset(LatentCodec(tiny_vae(), "tiny"), _rgb_digits(128), tmp_path)
+    config = router_config("DiT-S/2", num_clusters=2, sample_size=8, width=32, depth=2, heads=2)
+    clusters = (latents.labels >= 5).long()
+    trainer = RouterTrainer(config, latents, clusters, batch_size=32, warmup_steps=1, lr=3e-3)
+    assert all(map(math.isfinite, trainer.train_steps(4).losses)) and 0 <= trainer.evaluate().accuracy <= 1

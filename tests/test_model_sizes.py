@@ -9,7 +9,8 @@ import yaml
 
 from ddm_models.configs import (DIT_PATCHES, DIT_SHAPES, EXPERT_SIZES, ROUTER_SIZES, DiT_B_2, DiT_XL_2,
                                 InvalidConfig, router_config)
-from ddm_models.model_sizes import format_model_sizes, parameters_on_meta, swarm_model_sizes, swarm_parameters
+from ddm_models.model_sizes import (format_model_sizes, manifest_model_sizes, parameters_on_meta, swarm_model_sizes,
+                                    swarm_parameters)
 from ddm_models.router import build_router
 from protocol.manifest import SwarmManifest
 
@@ -21,8 +22,7 @@ def _manifest(name):
 
 
 def _sizes(manifest):
-    clusters = [manifest.expert_for_cluster(k).name for k in range(manifest.num_clusters)]
-    return swarm_model_sizes(manifest.experts, manifest.router, clusters)
+    return manifest_model_sizes(manifest)
 
 
 def test_every_dit_shape_comes_with_patches_2_4_and_8_under_the_papers_names():
@@ -77,3 +77,9 @@ def test_model_size_table_names_every_model_and_the_total():
 
 def test_router_sizes_include_the_dit_family():
     assert ROUTER_SIZES["DiT-B/2"].backbone == "dit" and ROUTER_SIZES["small"].backbone == "conv"
+
+
+def test_a_one_cluster_swarm_lists_no_router():
+    manifest = _manifest("laion-aesthetics.yaml")
+    rows = swarm_model_sizes(manifest.experts, manifest.router, ["dit-xl-2-fm"])
+    assert [row.kind for row in rows] == ["expert"] and rows[0].clusters == (0,)
