@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm_models.checkpoint import CheckpointMetadata, InvalidCheckpoint, checkpoint_tensors, write_checkpoint
-from ddm_models.configs import ExpertConfig
+from ddm_models.configs import DIT_SHAPES, ExpertConfig
 from ddm_models.experts import Expert, build_expert
 
 DIT_TIMESTEP_FREQUENCIES = 256
@@ -78,6 +78,10 @@ def check_dit_fits(state: dict[str, torch.Tensor], target: ExpertConfig, where: 
              "sample_size": math.isqrt(tokens) * patch,
              "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / width,
              "stem_channels": 0, "head_channels": 0}
+    # heads leave no trace in the weights; the DiT family fixes them by width and depth
+    heads = {(w, n): h for w, n, h in DIT_SHAPES.values()}.get((width, depth))
+    if heads is not None:
+        found["heads"] = heads
     wrong = [f"{field}: DiT has {value!r}, {target.name!r} {getattr(target, field)!r}"
              for field, value in found.items() if getattr(target, field) != value]
     if wrong:

@@ -95,8 +95,8 @@ class _Trainer:
         self.device = resolve_device(device)
         if self.device.type == "cuda":
             enable_fast_matmul()
-        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
-            # torchrun starts one process per GPU: each takes the GPU of its LOCAL_RANK.
+        if self.world_size > 1 and self.device.type == "cuda" and ":" not in str(device):
+            # torchrun starts one process per GPU: unless told a GPU index, each takes its LOCAL_RANK's.
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
         self.model = model.to(self.device)

@@ -162,3 +162,13 @@ def test_a_ddpm_checkpoint_cannot_convert_into_an_fm_spec_of_another_shape(tmp_p
         convert_ddpm_checkpoint(source, tmp_path / "fm.safetensors", target=tiny_config("fm", width=64))
     with pytest.raises(InvalidCheckpoint, match="flow-matching"):
         convert_ddpm_checkpoint(source, tmp_path / "fm.safetensors", target=tiny_config("ddpm", name="x"))
+
+
+def test_a_dit_xl_file_needs_the_dit_xl_head_count(tmp_path):
+    # the shapes of DiT-XL-2-256x256.pt (the check reads shapes only)
+    from ddm_models.pretrained_dit import check_dit_fits
+    state = {"x_embedder.proj.weight": torch.empty(1152, 4, 2, 2), "pos_embed": torch.empty(1, 256, 1152),
+             "blocks.27.attn.qkv.weight": torch.empty(1), "blocks.0.mlp.fc1.weight": torch.empty(4608, 1)}
+    check_dit_fits(state, expert_config("DiT-XL/2"), "DiT-XL-2-256x256.pt")
+    with pytest.raises(InvalidCheckpoint, match="heads: DiT has 16"):
+        check_dit_fits(state, expert_config("DiT-XL/2", heads=8), "DiT-XL-2-256x256.pt")
