@@ -148,8 +148,8 @@ class _Trainer:
     def _update_ema(self) -> None:
         # Warm-up of the decay (as in many DiT trainers): early on the EMA follows the weights closely.
         decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
-        for ema_param, param in zip(self.ema.parameters(), self.model.parameters()):
-            ema_param.lerp_(param.detach(), 1.0 - decay)
+        # one fused multi-tensor kernel instead of one launch per tensor (hundreds for DiT-XL/2)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1.0 - decay)
 
     def train_steps(self, n: int) -> TrainStats:
         """Run `n` steps."""
