@@ -92,8 +92,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         source = ddpm.export(Path(tmp) / "ddpm.safetensors", heldout_loss=0.0, with_training_state=False)
-        converted_path = convert_ddpm_checkpoint(source, Path(tmp) / "fm.safetensors")
-        fm_config = expert_config("tiny", objective="fm")
+        # the FM spec of a swarm has its own name: the converted checkpoint must match it exactly
+        fm_config = expert_config("tiny", objective="fm", name="tiny-fm")
+        converted_path = convert_ddpm_checkpoint(source, Path(tmp) / "fm.safetensors", target=fm_config)
         converted = ExpertTrainer(fm_config, train, text, seed=2, **settings)
         converted.init_from_checkpoint(converted_path)
         scratch = ExpertTrainer(fm_config, train, text, seed=2, **settings)

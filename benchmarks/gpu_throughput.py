@@ -1,11 +1,12 @@
 """GPU throughput: training images/s and model FLOP utilisation (MFU) of latent DiT experts, through
 `ExpertTrainer` and through a bare PyTorch loop on the same model; ensemble sampling images/s.
 
-    python benchmarks/gpu_throughput.py [--sizes DiT-B/2 DiT-XL/2] [--steps 20] [--repeats 3]
+    python benchmarks/gpu_throughput.py [--sizes DiT-B/2 DiT-XL/2] [--steps 20] [--repeats 3] [--compile]
     python benchmarks/gpu_throughput.py --device cpu --size tiny --steps 3 --repeats 1   # CPU smoke
 
-Needs a CUDA GPU: without one (and without `--device cpu`) it says that it skipped, prints a JSON
-line with "skipped": true and the reason, and exits 0.
+Needs a CUDA GPU: `--device auto` (the default) takes one when present; without one (and without
+`--device cpu`) it says that it skipped, prints a JSON line with "skipped": true and the reason,
+and exits 0. `--compile` runs both loops' forward through torch.compile (inductor).
 
 Training, per expert size (`ddm_models.configs.EXPERT_SIZES`, 32x32x4 latents, flow matching, bf16
 autocast on CUDA), interleaved repeat by repeat:
@@ -24,7 +25,9 @@ real module. Peaks: H100 SXM and H200 989.4, H100 NVL 835, H100 PCIe 756, A100 3
 no sparsity); `--peak-tflops` for any other GPU.
 
 Sampling: 4 experts of `--sample-size` and a latent router, `EnsembleSampler` with top-2 routing
-vs. one expert, CFG 2, `--sample-steps` Euler steps, bf16 autocast. Last line: one JSON object.
+vs. one expert, CFG 2, `--sample-steps` Euler steps, weights in bf16 on CUDA as `generate` loads
+them; on CUDA also top-2 with the experts offloaded to the CPU (moved in when selected).
+Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from rich.table import Table  # noqa: E402
 from ddm_models.captions import all_captions  # noqa: E402
 from ddm_models.configs import ExpertConfig, expert_config, router_config  # noqa: E402
 from ddm_models.data import ImageDataset  # noqa: E402
+from ddm_models.devices import autocast, enable_fast_matmul, inference_dtype, resolve_device  # noqa: E402
 from ddm_models.experts import build_expert, count_parameters  # noqa: E402
 from ddm_models.objectives import build_objective  # noqa: E402
 from ddm_models.router import build_router  # noqa: E402
@@ -63,7 +67,22 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), 
 
 # ---- FLOPs ---------------------------------------------------------------------------------------------------------
 def expert_forward_flops(config: ExpertConfig, text_tokens: int) -> int:
-    """FLOPs of one image's forward pass (2 per multiply-add; matmuls, attention and convolutions)."""
+    """FLOPs of one image's forward pass (2 per multiply-add; matmuls, attention and convolutions).
+
+    Derivation, per image, T = (sample_size / patch)^2 image tokens of width D, L text tokens,
+    MLP width r D, N blocks:
+      * a linear map n_in -> n_out on M tokens is M n_in n_out multiply-adds = 2 M n_in n_out FLOPs;
+        a block's image-token linears hold 4 D^2 (self-attention q, k, v, out) + 2 D^2 (cross q,
+        out) + 2 r D^2 (MLP) weights, so the trunk costs ~ 2 * params * T: the "2 x parameters x
+        tokens" rule, which is most of the total at DiT sizes;
+      * cross-attention k, v act on the L text tokens instead: 2 * 2 L D^2 per block;
+      * attention itself: Q K^T and A V are T T D multiply-adds each (2 * 2 T^2 D FLOPs; for
+        DiT-XL/2, T = 256, about 10 % of a block), cross-attention 2 * 2 T L D;
+      * embeddings, AdaLN-Single and the output projection add a little (counted below).
+    A training step is forward + backward, and the backward pass costs twice the forward (grads
+    with respect to activations and to weights): 3x forward. Then
+      MFU = images/s x 3 x forward FLOPs per image / peak dense bf16 FLOP/s of the GPU.
+    `counted_flops` checks this against torch's FlopCounterMode on the real module."""
     d, p, size = config.width, config.patch_size, config.sample_size
     tokens, ctx, inner = (size // p) ** 2, text_tokens, int(d * config.mlp_ratio)
     patch_in = config.stem_channels or config.in_channels
@@ -150,15 +169,16 @@ def latent_dataset(config: ExpertConfig, n: int = 4096) -> ImageDataset:
 
 # ---- the two training loops -----------------------------------------------------------------------------------------
 def bare_loop(config: ExpertConfig, dataset: ImageDataset, text: CachedTextEncoder, batch: int,
-              device: torch.device):
+              device: torch.device, compile_model: bool = False):
     """`run(n)`: n steps of a plain loop over the same model, AdamW, loss, clipping and EMA, with
     data, noise and text on the device and nothing read back."""
     torch.manual_seed(0)
     model = build_expert(config).to(device).train()
     ema = build_expert(config).to(device).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     objective = build_objective(config.objective)
+    forward = torch.compile(model) if compile_model else model
     images = dataset.images.to(device)
     table = text._table
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -172,8 +192,8 @@ def bare_loop(config: ExpertConfig, dataset: ImageDataset, text: CachedTextEncod
         u = torch.rand(batch, device=device)
         drop = torch.rand(batch, device=device) < config.caption_dropout
         x_in, timestep, target = objective.training_example(x0, noise, u)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.mse_loss(model(x_in, timestep, caption, drop_text=drop).float(), target)
+        with autocast(device):
+            loss = F.mse_loss(forward(x_in, timestep, caption, drop_text=drop).float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -189,9 +209,10 @@ def bare_loop(config: ExpertConfig, dataset: ImageDataset, text: CachedTextEncod
 
 
 def trainer_loop(config: ExpertConfig, dataset: ImageDataset, text: CachedTextEncoder, batch: int,
-                 device: torch.device):
+                 device: torch.device, compile_model: bool = False):
     """`run(n)`: `ExpertTrainer.train_steps(n)`, exactly as a node calls it."""
-    trainer = ExpertTrainer(config, dataset, text, batch_size=batch, lr=1e-4, warmup_steps=0, device=device)
+    trainer = ExpertTrainer(config, dataset, text, batch_size=batch, lr=1e-4, warmup_steps=0, device=device,
+                            compile_model=compile_model)
     return trainer.train_steps
 
 
@@ -210,8 +231,8 @@ def measure_training(size: str, batch: int, args, device: torch.device, peak: fl
     config = expert_config(size, objective="fm")
     dataset, text = latent_dataset(config), caption_table(config, args.text_tokens, device)
     flops_per_image = 3 * expert_forward_flops(config, args.text_tokens)
-    loops = {"trainer": trainer_loop(config, dataset, text, batch, device),
-             "bare": bare_loop(config, dataset, text, batch, device)}
+    loops = {"trainer": trainer_loop(config, dataset, text, batch, device, args.compile),
+             "bare": bare_loop(config, dataset, text, batch, device, args.compile)}
     for run in loops.values():
         timed(run, args.warmup, device)  # kernels chosen, allocator warm
     seconds = {name: [] for name in loops}
@@ -220,7 +241,7 @@ def measure_training(size: str, batch: int, args, device: torch.device, peak: fl
         for name in (("trainer", "bare") if repeat % 2 == 0 else ("bare", "trainer")):
             seconds[name].append(timed(loops[name], args.steps, device))
             progress.advance(task)
-    result = {"size": size, "batch": batch, "train_flops_per_image": flops_per_image}
+    result = {"size": size, "batch": batch, "train_flops_per_image": flops_per_image, "compiled": args.compile}
     for name, values in seconds.items():
         images_per_s = args.steps * batch / statistics.median(values)
         achieved = images_per_s * flops_per_image / 1e12
@@ -252,28 +273,36 @@ def with_batch_fallback(size: str, args, device, peak, progress, console) -> dic
 # ---- sampling -----------------------------------------------------------------------------------------------------
 def measure_sampling(size: str, args, device: torch.device, progress) -> dict:
     config = expert_config(size, objective="fm")
-    experts = []
-    for cluster in range(4):
-        torch.manual_seed(cluster)
-        experts.append(LoadedExpert(cluster, config, build_objective("fm"),
-                                    build_expert(config).to(device).eval().requires_grad_(False)))
+    dtype = inference_dtype(device)
+
+    def ensemble() -> list[LoadedExpert]:
+        experts = []
+        for cluster in range(4):
+            torch.manual_seed(cluster)
+            experts.append(LoadedExpert(cluster, config, build_objective("fm"),
+                                        build_expert(config).to(device, dtype).eval().requires_grad_(False)))
+        return experts
+
+    experts = ensemble()
     latent = config.in_channels == 4 and config.sample_size == 32
     router = build_router(router_config("latent") if latent else router_config(
         "small", in_channels=config.in_channels, sample_size=config.sample_size,
-        text_pooled_dim=config.text_pooled_dim)).to(device).eval()
+        text_pooled_dim=config.text_pooled_dim)).to(device, dtype).eval()
     table = caption_table(config, args.text_tokens, device)
     prompts = table.encode([all_captions()[i % len(all_captions())] for i in range(args.sample_batch)])
     samplers = {"single": EnsembleSampler(experts[:1], None, "top1"),
                 "top2": EnsembleSampler(experts, router, "top2")}
+    if device.type == "cuda":  # on a CPU offloading moves nothing
+        samplers["top2_offload"] = EnsembleSampler(ensemble(), router, "top2", device=device, offload=True)
     seconds = {name: [] for name in samplers}
     task = progress.add_task(f"sampling {size}", total=args.repeats * len(samplers))
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        samplers["top2"].sample(prompts, num_steps=2)  # warm-up
-        for repeat in range(args.repeats):
-            for name, sampler in samplers.items():
-                seconds[name].append(timed(lambda _: sampler.sample(prompts, num_steps=args.sample_steps,
-                                                                    guidance_scale=2.0, seed=repeat), 1, device))
-                progress.advance(task)
+    # weights already in the inference dtype, as `generate` loads them: no autocast
+    samplers["top2"].sample(prompts, num_steps=2)  # warm-up
+    for repeat in range(args.repeats):
+        for name, sampler in samplers.items():
+            seconds[name].append(timed(lambda _: sampler.sample(prompts, num_steps=args.sample_steps,
+                                                                guidance_scale=2.0, seed=repeat), 1, device))
+            progress.advance(task)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     return {"size": size, "batch": args.sample_batch, "steps": args.sample_steps,
             "images_per_s": {name: round(args.sample_batch / s, 2) for name, s in median.items()},
@@ -284,7 +313,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["DiT-B/2", "DiT-XL/2"])
     parser.add_argument("--size", help="one size (same as --sizes SIZE)")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda[:N] or cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both training loops' forward")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default: per size, halved on OOM)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per repeat and loop")
     parser.add_argument("--warmup", type=int, default=5)
@@ -297,15 +327,14 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [args.size] if args.size else args.sizes
     console = Console(stderr=True)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        reason = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+    if args.device != "cpu" and not torch.cuda.is_available():
+        reason = "no CUDA device (torch.cuda.is_available() is False)"
         console.print(f"[bold yellow]gpu_throughput skipped:[/] {reason}; `--device cpu --size tiny` runs a CPU smoke")
-        print(json.dumps({"benchmark": "gpu_throughput", "skipped": True, "reason": reason}))
+        print(json.dumps({"benchmark": "gpu_throughput", "skipped": reason}))
         return
+    device = resolve_device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_fast_matmul()
     peak, peak_source = peak_tflops(device, args.peak_tflops)
     flop_checks = {}
     for size in sizes:

@@ -236,9 +236,10 @@ def check_training_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
             raise InvalidCheckpoint(f"{where}: optimizer state of {name} has the wrong shape")
 
 
-def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema"):
+def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema",
+                dtype: torch.dtype | None = None):
     """A `LoadedExpert` (eval mode) from a validated expert checkpoint; `weights` "ema" (for
-    generation) or "train"."""
+    generation) or "train"; `dtype` casts the weights (bf16 on a GPU: `devices.inference_dtype`)."""
     from ddm_models.experts import build_expert
     from ddm_models.objectives import objective_for
     from ddm_models.sampling import LoadedExpert
@@ -254,11 +255,12 @@ def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu",
     model.load_state_dict(state)
     return LoadedExpert(cluster=metadata.cluster, config=metadata.config,
                         objective=objective_for(metadata.config),
-                        model=model.to(device).eval().requires_grad_(False), metadata=metadata)
+                        model=model.to(device, dtype).eval().requires_grad_(False), metadata=metadata)
 
 
-def load_router(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema"):
-    """A `Router` (eval mode) from a validated router checkpoint."""
+def load_router(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema",
+                dtype: torch.dtype | None = None):
+    """A `Router` (eval mode) from a validated router checkpoint, its weights cast to `dtype` if given."""
     from ddm_models.router import build_router
 
     where = "checkpoint bytes" if isinstance(path, bytes) else str(path)
@@ -270,4 +272,4 @@ def load_router(path: str | Path | bytes, *, device: torch.device | str = "cpu",
     check_state_matches(router, state, where)
     check_training_state(router, tensors, where)
     router.load_state_dict(state)
-    return router.to(device).eval().requires_grad_(False)
+    return router.to(device, dtype).eval().requires_grad_(False)

@@ -96,13 +96,19 @@ class ExpertConfig:
         return dataclasses.replace(self, **changes)
 
 
+ROUTER_BACKBONES = ("conv", "dit")
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-    """The router: a small conv net predicting p(cluster | x_t, t[, pooled text]).
+    """The router, predicting p(cluster | x_t, t[, pooled text]).
 
-    `channels` are the widths of its stages (each halves the resolution after the first);
-    `use_text` lets it see the pooled text embedding (`text_pooled_dim`) as DDM's router may, which
-    makes it informative near t = 1 where x_t is almost pure noise; Paris's router does not.
+    `backbone` "conv": a small conv net whose stages have widths `channels` (each halves the
+    resolution after the first). "dit": a DiT trunk as DDM's router (patches of `patch_size`,
+    `depth` AdaLN-Single blocks of `width` channels and `heads` heads, self-attention only) whose
+    learned CLS token is decoded to the K logits. `use_text` lets it see the pooled text embedding
+    (`text_pooled_dim`) as DDM's router may, which makes it informative near t = 1 where x_t is
+    almost pure noise; Paris's router does not.
     """
 
     name: str = "router-small"
@@ -113,13 +119,26 @@ class RouterConfig:
     time_dim: int = 128
     use_text: bool = True
     text_pooled_dim: int = 384
+    backbone: str = "conv"
+    patch_size: int = 2
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         _check(self.num_clusters >= 2, f"a router needs >= 2 clusters, got {self.num_clusters}")
+        _check(self.backbone in ROUTER_BACKBONES, f"backbone must be one of {ROUTER_BACKBONES}, got {self.backbone!r}")
         _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
                f"channels must be positive widths, got {self.channels}")
-        for field in ("in_channels", "sample_size", "time_dim", "text_pooled_dim"):
+        for field in ("in_channels", "sample_size", "time_dim", "text_pooled_dim", "patch_size", "width", "depth",
+                      "heads"):
             _check(getattr(self, field) >= 1, f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.backbone == "dit":
+            _check(self.sample_size % self.patch_size == 0,
+                   f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}")
+            _check(self.width % self.heads == 0, f"width {self.width} is not a multiple of heads {self.heads}")
+            _check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -203,29 +222,41 @@ def config_hash(config: ExpertConfig | RouterConfig) -> str:
 
 # Named sizes. "tiny" (0.7M parameters) is the CPU expert of the embedded default: on one core it
 # trains at ~280 images/s, 2.5x the steps of the DESIGN sketch "tiny-128" (128 wide, 6 deep, 2M),
-# and in our runs reached a higher conditional accuracy in the same CPU time. The DiT shapes follow
-# Peebles & Xie (B: 768 x 12, XL: 1152 x 28) on 32x32x4 SD-VAE latents, with AdaLN-Single and
-# cross-attention as in PixArt-alpha, which Paris and Heterogeneous DDM train at 129M-605M.
-_LATENT = dict(in_channels=4, sample_size=32, patch_size=2, stem_channels=0, head_channels=0, stem_skip=False,
-               mlp_ratio=4.0, pooled_text=False, text_dim=1024, text_pooled_dim=1024)
+# and in our runs reached a higher conditional accuracy in the same CPU time.
 EXPERT_SIZES: dict[str, ExpertConfig] = {
     "tiny": ExpertConfig(),
     "tiny-128": ExpertConfig(name="tiny-128", width=128, depth=6, heads=4, mlp_ratio=4.0),
     "small": ExpertConfig(name="small", width=192, depth=8, heads=6, mlp_ratio=4.0),
     "digits-8x8": ExpertConfig(name="digits-8x8", sample_size=8, patch_size=2, width=64, depth=3, heads=4,
                                stem_channels=16, head_channels=16),
-    "DiT-S/2": ExpertConfig(name="DiT-S/2", width=384, depth=12, heads=6, **_LATENT),
-    "DiT-B/2": ExpertConfig(name="DiT-B/2", width=768, depth=12, heads=12, **_LATENT),
-    "DiT-L/2": ExpertConfig(name="DiT-L/2", width=1024, depth=24, heads=16, **_LATENT),
-    "DiT-XL/2": ExpertConfig(name="DiT-XL/2", width=1152, depth=28, heads=16, **_LATENT),
 }
+
+# The DiT family (Peebles & Xie, table 1): S 384 x 12 / 6 heads, B 768 x 12 / 12, L 1024 x 24 / 16,
+# XL 1152 x 28 / 16, each with patches of 2, 4 or 8, named "DiT-XL/2" as in the paper. Experts see
+# 32x32x4 SD-VAE latents (256x256 images) with AdaLN-Single and cross-attention on CLIP ViT-L/14
+# token states (768 wide) as in PixArt-alpha and Paris, which trains them at 129M-605M parameters.
+DIT_SHAPES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+DIT_PATCHES = (2, 4, 8)
+CLIP_L14_DIM = 768
+_LATENT = dict(in_channels=4, sample_size=32, stem_channels=0, head_channels=0, stem_skip=False, mlp_ratio=4.0,
+               pooled_text=False, text_dim=CLIP_L14_DIM, text_pooled_dim=CLIP_L14_DIM)
+for _shape, (_width, _depth, _heads) in DIT_SHAPES.items():
+    for _patch in DIT_PATCHES:
+        EXPERT_SIZES[f"DiT-{_shape}/{_patch}"] = ExpertConfig(name=f"DiT-{_shape}/{_patch}", width=_width,
+                                                             depth=_depth, heads=_heads, patch_size=_patch, **_LATENT)
 
 ROUTER_SIZES: dict[str, RouterConfig] = {
     "small": RouterConfig(),
     "digits-8x8": RouterConfig(name="router-8x8", sample_size=8, channels=(32, 64)),
     "latent": RouterConfig(name="router-latent", in_channels=4, sample_size=32, channels=(64, 128, 256, 256),
-                           time_dim=256, text_pooled_dim=1024),
+                           time_dim=256, text_pooled_dim=CLIP_L14_DIM),
 }
+# DDM's router: a DiT-B/2 trunk with a CLS token (Paris's is DiT-B/2-sized too, and image-only).
+for _shape, (_width, _depth, _heads) in DIT_SHAPES.items():
+    for _patch in DIT_PATCHES:
+        ROUTER_SIZES[f"DiT-{_shape}/{_patch}"] = RouterConfig(
+            name=f"router-DiT-{_shape}/{_patch}", backbone="dit", in_channels=4, sample_size=32, patch_size=_patch,
+            width=_width, depth=_depth, heads=_heads, time_dim=256, use_text=False, text_pooled_dim=CLIP_L14_DIM)
 
 
 def expert_config(size: str, **overrides: Any) -> ExpertConfig:
@@ -259,3 +290,18 @@ def router_config_from_spec(architecture: dict[str, Any], num_clusters: int) -> 
     if not isinstance(size, str):
         raise InvalidConfig(f"architecture.size must be a size name, got {size!r}")
     return router_config(size, num_clusters=num_clusters, **fields)
+
+
+# Tiny named constructors, as DiT's `DiT_XL_2()`: the named size with overrides applied.
+def DiT_S_2(**overrides: Any) -> ExpertConfig: return expert_config("DiT-S/2", **overrides)
+def DiT_S_4(**overrides: Any) -> ExpertConfig: return expert_config("DiT-S/4", **overrides)
+def DiT_S_8(**overrides: Any) -> ExpertConfig: return expert_config("DiT-S/8", **overrides)
+def DiT_B_2(**overrides: Any) -> ExpertConfig: return expert_config("DiT-B/2", **overrides)
+def DiT_B_4(**overrides: Any) -> ExpertConfig: return expert_config("DiT-B/4", **overrides)
+def DiT_B_8(**overrides: Any) -> ExpertConfig: return expert_config("DiT-B/8", **overrides)
+def DiT_L_2(**overrides: Any) -> ExpertConfig: return expert_config("DiT-L/2", **overrides)
+def DiT_L_4(**overrides: Any) -> ExpertConfig: return expert_config("DiT-L/4", **overrides)
+def DiT_L_8(**overrides: Any) -> ExpertConfig: return expert_config("DiT-L/8", **overrides)
+def DiT_XL_2(**overrides: Any) -> ExpertConfig: return expert_config("DiT-XL/2", **overrides)
+def DiT_XL_4(**overrides: Any) -> ExpertConfig: return expert_config("DiT-XL/4", **overrides)
+def DiT_XL_8(**overrides: Any) -> ExpertConfig: return expert_config("DiT-XL/8", **overrides)

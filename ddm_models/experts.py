@@ -134,8 +134,9 @@ class Expert(nn.Module):
         if states.shape[-1] != self.config.text_dim or pooled.shape[-1] != self.config.text_pooled_dim:
             raise ValueError(f"text states/pooled have {states.shape[-1]}/{pooled.shape[-1]} channels, the expert "
                              f"expects {self.config.text_dim}/{self.config.text_pooled_dim}: wrong text encoder")
-        if drop_text is None or not bool(drop_text.any()):
+        if drop_text is None:
             return states, mask, pooled
+        # no `if drop_text.any()`: reading it back would stall a GPU every step and break torch.compile's graph
         drop = drop_text.to(states.device).bool()
         null_states = torch.zeros_like(states[:1])
         null_states[:, 0] = self.null_token

@@ -94,6 +94,17 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class VaeSpec:
+    """The image autoencoder experts and the router work through (latent diffusion), e.g. a
+    diffusers `AutoencoderKL` such as "stabilityai/sd-vae-ft-mse": a Hugging Face model id (looked up
+    in the local cache only) or a local folder. `scaling_factor` multiplies the latents to unit
+    variance; None takes the VAE's own config value. A manifest without one trains in pixel space."""
+
+    model: str
+    scaling_factor: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class ClusteringSpec:
     num_clusters: int
     method: str = "kmeans-2stage"
@@ -160,12 +171,18 @@ class SwarmManifest:
     trust: TrustPolicy = TrustPolicy()
     timing: Timing = Timing()
     sampling: SamplingDefaults = SamplingDefaults()
+    vae: Optional[VaeSpec] = None  # None: experts see pixels
     # Where to join. Not part of the swarm id: moving a bootstrap peer must not fork the swarm.
     bootstrap_peers: Tuple[str, ...] = ()
 
     # --- identity --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        # `vae` appears only when set, so every pixel-space manifest keeps the swarm id it had before
+        # the field existed.
+        latent = {} if self.vae is None else {"vae": {"model": self.vae.model, **(
+            {} if self.vae.scaling_factor is None else {"scaling_factor": self.vae.scaling_factor})}}
         return {
+            **latent,
             "name": self.name, "protocol_version": self.protocol_version, "description": self.description,
             "dataset": {**vars(self.dataset), "shards": list(self.dataset.shards)},
             "clustering": dict(vars(self.clustering)), "text_encoder": self.text_encoder,
@@ -240,6 +257,7 @@ class SwarmManifest:
             cluster_experts=_cluster_experts(top.get("cluster_experts", Mapping, {})),
             trust=_trust(top.sub("trust", {})), timing=_timing(top.sub("timing", {})),
             sampling=_sampling(top.sub("sampling", {})),
+            vae=_vae(top.get("vae", Mapping, None)),
             bootstrap_peers=tuple(_strings(top.get("bootstrap_peers", list, []), "bootstrap_peers")),
         )
         top.done()
@@ -285,6 +303,20 @@ def _dataset(fields: _Fields) -> DatasetSpec:
         raise InvalidManifest("manifest field 'dataset.heldout_fraction' must be in (0, 1)")
     _positive(spec.image_size, "dataset.image_size")
     _positive(spec.channels, "dataset.channels")
+    return spec
+
+
+def _vae(data: Optional[Mapping]) -> Optional[VaeSpec]:
+    if data is None:
+        return None
+    fields = _Fields(data, "vae")
+    spec = VaeSpec(model=fields.get("model", str), scaling_factor=fields.get("scaling_factor", float, None))
+    fields.done()
+    if not spec.model or len(spec.model) > 256 or any(c.isspace() or not c.isprintable() for c in spec.model):
+        raise InvalidManifest("manifest field 'vae.model' must be a Hugging Face model id or a folder path "
+                              "(1-256 printable characters, no spaces)")
+    if spec.scaling_factor is not None:
+        _positive(spec.scaling_factor, "vae.scaling_factor")
     return spec
 
 
