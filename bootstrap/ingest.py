@@ -30,17 +30,20 @@ class Spool:
     keys_seen: int
 
     def __post_init__(self) -> None:
-        ends = np.fromfile(self.folder / "ends.i64", dtype="<i8").reshape(-1, 2)
-        self._image_ends = np.concatenate([[0], ends[:, 0]])
-        self._caption_ends = np.concatenate([[0], ends[:, 1]])
-        self._images = np.memmap(self.folder / "images.bin", dtype=np.uint8, mode="r") if self.count else None
-        self._captions = np.memmap(self.folder / "captions.bin", dtype=np.uint8, mode="r") if self.count else None
+        # memory maps, all three: the spool of a million images stays on disk, not in RAM
+        self._ends = np.memmap(self.folder / "ends.i64", dtype="<i8", mode="r", shape=(self.count, 2))
+        self._images = np.memmap(self.folder / "images.bin", dtype=np.uint8, mode="r")
+        self._captions = np.memmap(self.folder / "captions.bin", dtype=np.uint8, mode="r")
+
+    def _span(self, index: int, column: int) -> slice:
+        start = int(self._ends[index - 1, column]) if index else 0
+        return slice(start, int(self._ends[index, column]))
 
     def png(self, index: int) -> bytes:
-        return bytes(self._images[self._image_ends[index]:self._image_ends[index + 1]])
+        return bytes(self._images[self._span(index, 0)])
 
     def caption(self, index: int) -> str:
-        return bytes(self._captions[self._caption_ends[index]:self._caption_ends[index + 1]]).decode("utf-8")
+        return bytes(self._captions[self._span(index, 1)]).decode("utf-8")
 
     def pixels(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 of sample `index`, decoded from its PNG."""
