@@ -26,6 +26,7 @@ from bootstrap.ingest import spool_source
 from bootstrap.shards import DEFAULT_MAX_SHARD_BYTES, shard_folder_beside
 from bootstrap.sharding import DEFAULT_ROUTER_SAMPLES, lay_out_shards
 from ddm_models.clustering import FINE_CENTROIDS
+from ddm_models.configs import expert_config, router_config
 from ddm_models.image_embeddings import OFFLINE_EMBEDDING
 from ddm_models.sources import CaptionedImageSource, SkipReport, open_source
 from node.jobs import prepare_swarm_data
@@ -105,7 +106,19 @@ def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clust
     out = Path(out)
     source = open_source(data, caption_column=caption_column, image_column=image_column) \
         if isinstance(data, str) else data
-    base = load_manifest(models_from)
+    # everything but the data is checked before the data is read: a typo should not cost an hour
+    data_dict = _models_section(load_manifest(models_from).to_file_dict(), clusters, text_encoder, expert_size,
+                                router_size)
+    data_dict.update(name=name or out.stem, description=description if description is not None
+                     else f"{source.description}, {clusters} clusters")
+    if trust_signers:
+        data_dict["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
+    if lease_s:
+        data_dict["timing"] = {**data_dict["timing"], "lease_s": lease_s}
+    data_dict["bootstrap_peers"] = check_initial_peers(bootstrap_peers) if bootstrap_peers else []
+    SwarmManifest.from_dict({**data_dict, "clustering": {**data_dict["clustering"], "num_clusters": clusters,
+                                                         "fine_clusters": max(clusters, fine_clusters)}})
+
     report = SkipReport()
     work = out.parent / f".{out.stem}.create-work"
     shutil.rmtree(work, ignore_errors=True)
@@ -118,22 +131,13 @@ def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clust
                                 split_seed=seed, router_samples=router_samples, max_shard_bytes=max_shard_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    dataset = {"kind": "shards", "image_size": image_size, "channels": 3, "heldout_fraction": heldout_fraction,
-               "split_seed": seed, "source": source.description[:256],
-               "clusters": [c.to_dict() for c in layout.clusters],
-               "router_sample": [s.to_dict() for s in layout.router_sample], "shard_urls": list(shard_urls)}
-    clustering_section = {"num_clusters": clusters, "method": clustering.method, "embedding": embedding,
-                          "fine_clusters": clustering.fine_clusters, "seed": seed,
-                          "assignment_sha256": clustering.split.sha256}
-    data_dict = _models_section(base.to_file_dict(), clusters, text_encoder, expert_size, router_size)
-    data_dict.update(name=name or out.stem, dataset=dataset, clustering=clustering_section,
-                     description=description if description is not None else f"{source.description}, "
-                                                                              f"{clusters} clusters")
-    if trust_signers:
-        data_dict["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
-    if lease_s:
-        data_dict["timing"] = {**data_dict["timing"], "lease_s": lease_s}
-    data_dict["bootstrap_peers"] = check_initial_peers(bootstrap_peers) if bootstrap_peers else []
+    data_dict["dataset"] = {
+        "kind": "shards", "image_size": image_size, "channels": 3, "heldout_fraction": heldout_fraction,
+        "split_seed": seed, "source": source.description[:256], "clusters": [c.to_dict() for c in layout.clusters],
+        "router_sample": [s.to_dict() for s in layout.router_sample], "shard_urls": list(shard_urls)}
+    data_dict["clustering"] = {"num_clusters": clusters, "method": clustering.method, "embedding": embedding,
+                               "fine_clusters": clustering.fine_clusters, "seed": seed,
+                               "assignment_sha256": clustering.split.sha256}
     manifest = SwarmManifest.from_dict(data_dict)
     write_manifest_file(manifest, out)
     return CreatedSwarm(manifest, out, shard_folder, report, spool.keys_seen, time.monotonic() - started)
@@ -143,6 +147,10 @@ def _models_section(data: dict, clusters: int, text_encoder: Optional[str], expe
                     router_size: Optional[str]) -> dict:
     """The base swarm's models, text encoder, timing and sampling, with the sizes asked for."""
     data = dict(data)
+    if expert_size:
+        expert_config(expert_size)  # InvalidConfig names the sizes there are
+    if router_size:
+        router_config(router_size)
     data["cluster_experts"] = {k: v for k, v in data["cluster_experts"].items() if int(k) < clusters}
     if text_encoder:
         data["text_encoder"] = text_encoder

@@ -13,8 +13,10 @@ import pytest
 
 from bootstrap.create import create_swarm_from_data
 from bootstrap.shards import shard_path
+from ddm_models.configs import InvalidConfig
 from ddm_models.sources import EmptySource, SourceError
 from node.swarm_files import read_manifest_file
+from protocol.errors import InvalidManifest
 from protocol.hashing import blob_ref_of
 from tests.captioned_data import write_image_folder, write_parquet, write_tar_shard
 
@@ -173,3 +175,12 @@ def test_more_clusters_than_images_can_fill_is_refused_with_the_largest_number_t
     write_image_folder(tmp_path / "photos", 7, layout="jsonl")
     with pytest.raises(SourceError, match="at most 3 clusters"):
         create_swarm_from_data(str(tmp_path / "photos"), tmp_path / "swarm.yaml", **{**SMALL, "clusters": 4})
+
+
+@pytest.mark.parametrize("option, phrase", [({"name": "my swarm"}, "'name'"), ({"expert_size": "huge"}, "huge"),
+                                            ({"trust_signers": ["not-a-key"]}, "trust.signers")])
+def test_a_bad_name_model_size_or_signer_is_refused_before_any_image_is_read(tmp_path, option, phrase):
+    write_image_folder(tmp_path / "photos", 12, layout="jsonl")
+    with pytest.raises((InvalidManifest, InvalidConfig), match=phrase):
+        create_swarm_from_data(str(tmp_path / "photos"), tmp_path / "swarm.yaml", **SMALL, **option)
+    assert not (tmp_path / "swarm.shards").exists() and not (tmp_path / "swarm.yaml").exists()
