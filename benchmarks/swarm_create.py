@@ -65,7 +65,7 @@ def child(source: str, out: str, clusters: int) -> None:
                       "peak_rss_mib": round(peak_kib / 1024, 1), "baseline_rss_mib": round(baseline_kib / 1024, 1),
                       "rss_above_baseline_mib": round((peak_kib - baseline_kib) / 1024, 1),
                       "shards": len(created.manifest.dataset.all_shards()), "shard_mib": round(shard_bytes / 2**20, 1),
-                      "swarm_id": created.manifest.swarm_id}))
+                      "method": created.manifest.clustering.method, "swarm_id": created.manifest.swarm_id}))
 
 
 def main() -> None:

@@ -123,7 +123,7 @@ class ThumbnailEmbedder:
 
 
 def pca_to_memmap(rows: np.ndarray, dim: int, path: str | Path, seed: int,
-                  fit_rows: int = PCA_FIT_ROWS, chunk: int = 65_536) -> np.memmap:
+                  fit_rows: int = PCA_FIT_ROWS, chunk: int = 8192) -> np.memmap:
     """Project (N, D) rows (possibly memory-mapped) onto their top `dim` principal components, into
     a (N, min(dim, D, N)) float32 .npy at `path`. Fitted on a seeded sample of `fit_rows` rows and
     applied chunk by chunk, so memory does not grow with N."""

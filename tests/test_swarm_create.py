@@ -184,3 +184,12 @@ def test_a_bad_name_model_size_or_signer_is_refused_before_any_image_is_read(tmp
     with pytest.raises((InvalidManifest, InvalidConfig), match=phrase):
         create_swarm_from_data(str(tmp_path / "photos"), tmp_path / "swarm.yaml", **SMALL, **option)
     assert not (tmp_path / "swarm.shards").exists() and not (tmp_path / "swarm.yaml").exists()
+
+
+def test_with_faiss_installed_the_fine_centroids_come_from_faiss_and_the_manifest_says_so(tmp_path):
+    pytest.importorskip("faiss")
+    write_image_folder(tmp_path / "photos", 24, layout="jsonl")
+    runs = [create_swarm_from_data(str(tmp_path / "photos"), tmp_path / run / "swarm.yaml", **SMALL,
+                                   kmeans_backend="faiss") for run in ("a", "b")]
+    assert runs[0].manifest.clustering.method == "kmeans-2stage-faiss"
+    assert runs[0].manifest.swarm_id == runs[1].manifest.swarm_id
