@@ -4,7 +4,7 @@ For each size N, synthetic captioned images (coloured shapes, 48x48 PNGs) are fi
 webdataset shards of 10,000 samples (not timed); then a fresh child process runs
 `create_swarm_from_data` over them (read, prepare to 32x32, embed, two-stage k-means, write
 shards and the manifest) and reports its wall time and peak RSS (`ru_maxrss`). The child's RSS
-right after its imports is the baseline, so "RSS above baseline" is what creation itself costs.
+right after its imports (torch, scikit-learn, Pillow) is the baseline, so "RSS above baseline" is what creation itself costs.
 Memory is bounded if that figure stays flat as N grows (ratio 100k/10k near 1).
 
     python benchmarks/swarm_create.py --sizes 10000 100000 --clusters 8
@@ -52,6 +52,10 @@ def child(source: str, out: str, clusters: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    import PIL.PngImagePlugin  # noqa: F401 - the libraries creation loads, so the baseline holds them
+    import sklearn.cluster  # noqa: F401
+    import sklearn.decomposition  # noqa: F401
+
     from bootstrap.create import create_swarm_from_data
 
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
