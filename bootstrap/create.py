@@ -140,7 +140,7 @@ def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clust
                                "assignment_sha256": clustering.split.sha256}
     manifest = SwarmManifest.from_dict(data_dict)
     write_manifest_file(manifest, out)
-    return CreatedSwarm(manifest, out, shard_folder, report, spool.keys_seen, time.monotonic() - started)
+    return CreatedSwarm(manifest, out, shard_folder, report, spool.samples_read, time.monotonic() - started)
 
 
 def _models_section(data: dict, clusters: int, text_encoder: Optional[str], expert_size: Optional[str],

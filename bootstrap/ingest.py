@@ -27,7 +27,7 @@ class Spool:
 
     folder: Path
     count: int
-    keys_seen: int
+    samples_read: int  # samples the source yielded, usable or not (count <= samples_read)
 
     def __post_init__(self) -> None:
         # memory maps, all three: the spool of a million images stays on disk, not in RAM
