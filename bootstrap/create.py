@@ -122,13 +122,13 @@ def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clust
     report = SkipReport()
     work = out.parent / f".{out.stem}.create-work"
     shutil.rmtree(work, ignore_errors=True)
+    shard_folder = shard_folder_beside(out)
     try:
-        spool = spool_source(source, work / "spool", image_size, report)
-        clustering = cluster_spool(spool, clusters=clusters, embedding=embedding, fine_clusters=fine_clusters,
-                                   seed=seed, work=work, backend=kmeans_backend)
-        shard_folder = shard_folder_beside(out)
-        layout = lay_out_shards(spool, clustering.split, shard_folder, heldout_fraction=heldout_fraction,
-                                split_seed=seed, router_samples=router_samples, max_shard_bytes=max_shard_bytes)
+        with spool_source(source, work / "spool", image_size, report) as spool:
+            clustering = cluster_spool(spool, clusters=clusters, embedding=embedding, fine_clusters=fine_clusters,
+                                       seed=seed, work=work, backend=kmeans_backend)
+            layout = lay_out_shards(spool, clustering.split, shard_folder, heldout_fraction=heldout_fraction,
+                                    split_seed=seed, router_samples=router_samples, max_shard_bytes=max_shard_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     data_dict["dataset"] = {

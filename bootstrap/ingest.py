@@ -9,6 +9,7 @@ steps (embedding, sharding) read samples back by index through memory maps.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +31,31 @@ class Spool:
     samples_read: int  # samples the source yielded, usable or not (count <= samples_read)
 
     def __post_init__(self) -> None:
-        # memory maps, all three: the spool of a million images stays on disk, not in RAM
+        # The offsets are memory-mapped (16 bytes per sample); the PNGs and captions are read with
+        # pread, so the spool of a million images stays in the page cache, not in this process.
         self._ends = np.memmap(self.folder / "ends.i64", dtype="<i8", mode="r", shape=(self.count, 2))
-        self._images = np.memmap(self.folder / "images.bin", dtype=np.uint8, mode="r")
-        self._captions = np.memmap(self.folder / "captions.bin", dtype=np.uint8, mode="r")
+        self._images = os.open(self.folder / "images.bin", os.O_RDONLY)
+        self._captions = os.open(self.folder / "captions.bin", os.O_RDONLY)
 
-    def _span(self, index: int, column: int) -> slice:
+    def _read(self, fd: int, index: int, column: int) -> bytes:
         start = int(self._ends[index - 1, column]) if index else 0
-        return slice(start, int(self._ends[index, column]))
+        return os.pread(fd, int(self._ends[index, column]) - start, start)
 
     def png(self, index: int) -> bytes:
-        return bytes(self._images[self._span(index, 0)])
+        return self._read(self._images, index, 0)
 
     def caption(self, index: int) -> str:
-        return bytes(self._captions[self._span(index, 1)]).decode("utf-8")
+        return self._read(self._captions, index, 1).decode("utf-8")
+
+    def close(self) -> None:
+        os.close(self._images)
+        os.close(self._captions)
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def pixels(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 of sample `index`, decoded from its PNG."""
