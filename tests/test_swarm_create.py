@@ -193,3 +193,13 @@ def test_with_faiss_installed_the_fine_centroids_come_from_faiss_and_the_manifes
                                    kmeans_backend="faiss") for run in ("a", "b")]
     assert runs[0].manifest.clustering.method == "kmeans-2stage-faiss"
     assert runs[0].manifest.swarm_id == runs[1].manifest.swarm_id
+
+
+@pytest.mark.parametrize("cut", [20480 + 100, 7000], ids=["in-a-header", "in-an-image"])
+def test_a_webdataset_shard_cut_off_part_way_keeps_the_samples_before_the_cut_and_reports_it(tmp_path, cut):
+    whole = write_tar_shard(tmp_path / "shards" / "000000.tar", 0, 16).read_bytes()
+    (tmp_path / "shards" / "000000.tar").write_bytes(whole[:cut])
+    write_tar_shard(tmp_path / "shards" / "000001.tar", 16, 8)
+    created = create_swarm_from_data(str(tmp_path / "shards"), tmp_path / "swarm.yaml", **SMALL)
+    assert created.report.skipped["unreadable shard"] == 1
+    assert 8 + 2 <= created.report.kept < 24

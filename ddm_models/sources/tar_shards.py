@@ -64,12 +64,36 @@ def _open_stream(shard: str):
         yield file
 
 
+class _EndCheckingReader:
+    """Passes a shard's bytes to tarfile, remembering how many there were and how they ended.
+
+    tarfile's stream mode ends quietly at a header that is cut off, so a shard truncated between
+    two members would pass for a whole one; a whole tar is a multiple of 512 bytes that ends in
+    at least two zero blocks (the end-of-archive marker).
+    """
+
+    def __init__(self, stream) -> None:
+        self.stream, self.total, self.tail = stream, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-2 * tarfile.BLOCKSIZE:]
+        return data
+
+    def ended_whole(self) -> bool:
+        while self.read(1024 * 1024):
+            pass
+        return self.total % tarfile.BLOCKSIZE == 0 and self.tail == bytes(2 * tarfile.BLOCKSIZE)
+
+
 def _shard_samples(shard: str, report: SkipReport) -> Iterator[RawSample]:
     name = shard.rsplit("/", 1)[-1]
     key, files = None, {}
     with _open_stream(shard) as stream:
+        reader = _EndCheckingReader(stream)
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            with tarfile.open(fileobj=reader, mode="r|*") as archive:
                 for member in archive:
                     if not member.isfile():
                         continue
@@ -81,7 +105,14 @@ def _shard_samples(shard: str, report: SkipReport) -> Iterator[RawSample]:
                     if member.size > MAX_MEMBER_BYTES:
                         report.skip("oversized shard member", f"{name}:{member.name}")
                         continue
-                    files[extension] = archive.extractfile(member).read()
+                    data = archive.extractfile(member).read()
+                    if len(data) != member.size:  # tarfile returns what there is of a cut-off member
+                        raise tarfile.ReadError(f"{member.name} is cut off after {len(data)} of "
+                                                f"{member.size} bytes")
+                    files[extension] = data
+            if not reader.ended_whole():
+                raise tarfile.ReadError(f"the shard ends after {reader.total} bytes without an end-of-archive "
+                                        f"marker (cut off)")
         except (tarfile.TarError, EOFError, OSError) as error:
             # the samples read so far are kept; the one cut off and the rest of this shard are not
             report.skip("unreadable shard", f"{name}: {type(error).__name__}: {error}")
