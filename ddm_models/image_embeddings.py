@@ -99,3 +99,61 @@ def embed_to_memmap(embedder, batches: Iterable[torch.Tensor], count: int, path:
     del rows
     os.replace(temporary, path)
     return np.load(path, mmap_mode="r")
+
+
+# --- the offline embedding: thumbnails through PCA -----------------------------------------------
+# For small swarms and tests: no weights at all. A tiny thumbnail keeps an image's colours and
+# coarse layout, which is what k-means can group without a learned feature space; PCA then keeps
+# the directions along which the collection varies most.
+
+THUMBNAIL_SIDE = 8
+THUMBNAIL_PCA_DIM = 32
+PCA_FIT_ROWS = 20_000  # PCA is fitted on a fixed sample of at most this many thumbnails
+OFFLINE_EMBEDDING = "thumbnail-pca"
+DINOV2_PREFIX = "dinov2:"
+
+
+class ThumbnailEmbedder:
+    """images (B, 3, H, W) in [-1, 1] -> (B, 3 * side * side) float32: area-averaged thumbnails."""
+
+    def __init__(self, side: int = THUMBNAIL_SIDE):
+        self.side, self.dim = side, 3 * side * side
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images.float(), self.side).flatten(1)
+
+
+def pca_to_memmap(rows: np.ndarray, dim: int, path: str | Path, seed: int,
+                  fit_rows: int = PCA_FIT_ROWS, chunk: int = 8192) -> np.memmap:
+    """Project (N, D) rows (possibly memory-mapped) onto their top `dim` principal components, into
+    a (N, min(dim, D, N)) float32 .npy at `path`. Fitted on a seeded sample of `fit_rows` rows and
+    applied chunk by chunk, so memory does not grow with N."""
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
+
+    n = rows.shape[0]
+    dim = min(dim, rows.shape[1], n)
+    sample = np.arange(n) if n <= fit_rows else np.sort(
+        np.random.Generator(np.random.PCG64(seed)).choice(n, fit_rows, replace=False))
+    with threadpool_limits(1):  # BLAS threads change float summation order, hence the result
+        pca = PCA(dim, svd_solver="full").fit(np.asarray(rows[sample], dtype=np.float64))
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(n, dim))
+        for start in range(0, n, chunk):
+            out[start:start + chunk] = pca.transform(np.asarray(rows[start:start + chunk], dtype=np.float64))
+    out.flush()
+    del out
+    os.replace(temporary, path)
+    return np.load(path, mmap_mode="r")
+
+
+def embedder_for(embedding: str, device: torch.device | str = "cpu"):
+    """The embedder a manifest's `clustering.embedding` names: "thumbnail-pca" (the thumbnails; PCA
+    follows with `pca_to_memmap`) or "dinov2:<Hugging Face id or local folder>"."""
+    if embedding == OFFLINE_EMBEDDING:
+        return ThumbnailEmbedder()
+    if embedding.startswith(DINOV2_PREFIX) and len(embedding) > len(DINOV2_PREFIX):
+        return DINOv2Embedder(embedding[len(DINOV2_PREFIX):], device=device)
+    raise EmbedderUnavailable(f"unknown image embedding {embedding!r}; use {OFFLINE_EMBEDDING!r} or "
+                              f"'{DINOV2_PREFIX}facebook/dinov2-base' (weights in the local Hugging Face cache)")

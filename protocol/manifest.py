@@ -19,54 +19,11 @@ from protocol.hashing import sha256_hex
 from protocol.identity import is_signer_id
 from protocol.jobs import Job, swarm_jobs
 from protocol.limits import PROTOCOL_VERSION
+from protocol.manifest_data import DATASET_KINDS, DatasetSpec, check_clusters, parse_dataset  # noqa: F401 (re-exported)
+from protocol.manifest_fields import ManifestFields as _Fields
+from protocol.manifest_fields import positive as _positive
 
-DATASET_KINDS = ("embedded-digits", "small-digits", "image-folder", "webdataset")
 _SCALARS = (str, int, float, bool)
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
-               Mapping: "a mapping"}
-
-
-class _Fields:
-    """Reads one mapping of a manifest, tracking the field path for error messages."""
-
-    def __init__(self, data: Any, path: str):
-        if not isinstance(data, Mapping):
-            raise InvalidManifest(f"manifest field '{path}' must be a mapping, got {type(data).__name__}")
-        self.data, self.path, self.used = data, path, set()
-
-    def _name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str, kind: type | tuple, default: Any = ...) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if default is ...:
-                raise InvalidManifest(f"manifest field '{self._name(key)}' is missing")
-            return default
-        value = self.data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and kind in (int, float):
-            raise InvalidManifest(f"manifest field '{self._name(key)}' must be a number, got a boolean")
-        if not isinstance(value, kind):
-            wanted = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise InvalidManifest(f"manifest field '{self._name(key)}' must be {wanted}, got {value!r:.60}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidManifest(f"manifest field '{self._name(key)}' must be finite")
-        return value
-
-    def sub(self, key: str, default: Any = ...) -> "_Fields":
-        return _Fields(self.get(key, Mapping, {} if default is ... else default), self._name(key))
-
-    def done(self) -> None:
-        unknown = sorted(str(k) for k in set(self.data) - self.used)
-        if unknown:
-            raise InvalidManifest(f"manifest has unknown field(s) {', '.join(self._name(k) for k in unknown)}")
-
-
-def _positive(value: float, name: str) -> None:
-    if value <= 0:
-        raise InvalidManifest(f"manifest field '{name}' must be positive, got {value}")
 
 
 def _plain(value: Any, name: str, depth: int = 0) -> Any:
@@ -80,17 +37,6 @@ def _plain(value: Any, name: str, depth: int = 0) -> Any:
     if isinstance(value, Mapping) and depth < 3 and all(isinstance(k, str) for k in value):
         return {k: _plain(v, f"{name}.{k}", depth + 1) for k, v in value.items()}
     raise InvalidManifest(f"manifest field '{name}' holds an unsupported value {value!r:.60}")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    kind: str
-    image_size: int
-    channels: int
-    uri: str = ""
-    heldout_fraction: float = 0.1
-    split_seed: int = 0
-    shards: Tuple[str, ...] = ()  # sha256 of data shard blobs, for data sets fetched from the swarm
 
 
 @dataclass(frozen=True)
@@ -184,7 +130,7 @@ class SwarmManifest:
         return {
             **latent,
             "name": self.name, "protocol_version": self.protocol_version, "description": self.description,
-            "dataset": {**vars(self.dataset), "shards": list(self.dataset.shards)},
+            "dataset": self.dataset.to_dict(),
             "clustering": dict(vars(self.clustering)), "text_encoder": self.text_encoder,
             "experts": [dict(vars(spec)) for spec in self.experts], "router": dict(vars(self.router)),
             "default_expert": self.default_expert,
@@ -249,7 +195,7 @@ class SwarmManifest:
                                        f"this ddm-swarm speaks version {PROTOCOL_VERSION}")
         manifest = cls(
             name=name, protocol_version=version, description=top.get("description", str, ""),
-            dataset=_dataset(top.sub("dataset")), clustering=_clustering(top.sub("clustering")),
+            dataset=parse_dataset(top.sub("dataset")), clustering=_clustering(top.sub("clustering")),
             text_encoder=top.get("text_encoder", str, "minilm"),
             experts=tuple(_model(item, f"experts[{i}]") for i, item in enumerate(top.get("experts", list))),
             router=_model(top.get("router", Mapping), "router"),
@@ -276,6 +222,7 @@ class SwarmManifest:
         if not self.default_expert:
             object.__setattr__(self, "default_expert", names[0])
         self.expert_spec(self.default_expert)
+        check_clusters(self.dataset, self.num_clusters)
         for cluster, model in self.cluster_experts:
             if not 0 <= cluster < self.num_clusters:
                 raise InvalidManifest(f"manifest field 'cluster_experts' names cluster {cluster}, "
@@ -288,22 +235,6 @@ def _strings(values: list, name: str) -> list:
     if not all(isinstance(v, str) and v for v in values):
         raise InvalidManifest(f"manifest field '{name}' must be a list of non-empty strings")
     return values
-
-
-def _dataset(fields: _Fields) -> DatasetSpec:
-    spec = DatasetSpec(
-        kind=fields.get("kind", str), image_size=fields.get("image_size", int), channels=fields.get("channels", int),
-        uri=fields.get("uri", str, ""), heldout_fraction=fields.get("heldout_fraction", float, 0.1),
-        split_seed=fields.get("split_seed", int, 0), shards=tuple(fields.get("shards", list, [])),
-    )
-    fields.done()
-    if spec.kind not in DATASET_KINDS:
-        raise InvalidManifest(f"manifest field 'dataset.kind' must be one of {list(DATASET_KINDS)}, got {spec.kind!r}")
-    if not 0 < spec.heldout_fraction < 1:
-        raise InvalidManifest("manifest field 'dataset.heldout_fraction' must be in (0, 1)")
-    _positive(spec.image_size, "dataset.image_size")
-    _positive(spec.channels, "dataset.channels")
-    return spec
 
 
 def _vae(data: Optional[Mapping]) -> Optional[VaeSpec]:
