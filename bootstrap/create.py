@@ -79,6 +79,19 @@ class CreatedSwarm:
     images_read: int
     seconds: float
 
+    def summary(self) -> str:
+        """A few lines for the operator: the swarm id, what went where, what was skipped."""
+        dataset = self.manifest.dataset
+        shards = dataset.all_shards()
+        sizes = ", ".join(str(c.train_samples + c.heldout_samples) for c in dataset.clusters)
+        return (f"swarm {self.manifest.name} {self.manifest.swarm_id}\n"
+                f"  {dataset.total_samples} images in {len(dataset.clusters)} clusters ({sizes}), "
+                f"{sum(c.heldout_samples for c in dataset.clusters)} held out, "
+                f"{sum(s.samples for s in dataset.router_sample)} in the router sample\n"
+                f"  {len(shards)} shards, {sum(s.blob.size for s in shards) / 2**20:.1f} MiB in {self.shard_folder}\n"
+                f"  read {self.images_read} samples in {self.seconds:.1f} s: {self.report.summary()}\n"
+                f"  manifest: {self.manifest_path}")
+
 
 def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clusters: int, image_size: int = 32,
                            name: Optional[str] = None, description: Optional[str] = None,

@@ -153,7 +153,7 @@ def test_broken_images_and_missing_captions_are_skipped_and_reported(tmp_path):
     assert created.report.kept == 16 and created.manifest.dataset.total_samples == 16
     assert created.report.skipped == {"unreadable image": 2, "missing caption": 2}
     assert any("0003.png" in where for where in created.report.examples["unreadable image"])
-    assert "skipped 4" in created.report.summary()
+    assert "skipped 4 (missing caption: 2, unreadable image: 2)" in created.summary()
 
 
 def test_a_source_without_one_usable_captioned_image_is_a_clear_error(tmp_path):
