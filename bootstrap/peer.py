@@ -1,7 +1,8 @@
 """The bootstrap peer: a long-lived DHT peer with a stable peer id that others join through.
 
 It installs the swarm's validator like every peer, announces the swarm's name beacon, and keeps
-its presence fresh. Its libp2p key lives at `--identity` (so the peer id, and hence the multiaddrs
+its presence fresh. Given the swarm's shard folder (what `swarm create` wrote beside the manifest),
+it seeds the data shards (`node.data.seeding`), so nodes fetch their job's shards from it. Its libp2p key lives at `--identity` (so the peer id, and hence the multiaddrs
 that nodes are given, survive restarts); its ed25519 signing key next to it.
 """
 
@@ -11,8 +12,9 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
+from node.data.seeding import ShardSeeder
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
 from node.swarm.presence import Presence
@@ -23,7 +25,8 @@ logger = logging.getLogger("ddm_swarm.bootstrap")
 
 class BootstrapPeer:
     def __init__(self, manifest: SwarmManifest, identity_path: Path, *, host: str = "0.0.0.0", port: int = 31337,
-                 initial_peers: Sequence[str] = (), announce_maddrs: Sequence[str] = ()):
+                 initial_peers: Sequence[str] = (), announce_maddrs: Sequence[str] = (),
+                 shards: Optional[Path] = None):
         identity_path = Path(identity_path)
         signer_path = identity_path.with_name(identity_path.name + ".signer.pem")
         with identities_for_join(signer_path, identity_path) as (signer, p2p_key):
@@ -31,6 +34,14 @@ class BootstrapPeer:
                                               p2p_identity_path=p2p_key, announce_maddrs=announce_maddrs)
         self.presence = Presence(self.membership, role="bootstrap")
         self._stop = threading.Event()
+        self.seeder: Optional[ShardSeeder] = None
+        if shards is not None:
+            try:
+                self.seeder = ShardSeeder(self.membership, self.presence, shards, identity_path.with_name(
+                    identity_path.name + ".blobs"))
+            except BaseException:
+                self.membership.shutdown()
+                raise
 
     @property
     def maddrs(self) -> List[str]:
@@ -50,5 +61,7 @@ class BootstrapPeer:
                     logger.warning(f"announcement failed, retrying in {period:.0f} s: {error}")
                 self._stop.wait(period)
         finally:
+            if self.seeder is not None:
+                self.seeder.stop()
             self.presence.leave()
             self.membership.shutdown()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 
 import torch
+from ddm_models.errors import ModelError
 
 
-class UnknownDevice(ValueError):
+class UnknownDevice(ModelError, ValueError):
     """A device string that is neither "auto", "cpu" nor "cuda[:N]", or a CUDA device that is absent."""
 
 

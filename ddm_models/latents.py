@@ -31,11 +31,12 @@ from safetensors.torch import save_file
 
 from ddm_models.data import ImageDataset
 from ddm_models.local_cache import exclusive, write_atomically
+from ddm_models.errors import ModelError
 
 CACHE_FORMAT = "ddm-swarm/latents/1"
 
 
-class LatentError(RuntimeError):
+class LatentError(ModelError, RuntimeError):
     """Something about a VAE or its latents is wrong; the message says what."""
 
 

@@ -241,3 +241,28 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | Pa
             chunk = ((chunk.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             metric.update(chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk, real=is_real)
     return float(metric.compute())
+
+
+def thumbnail_features(images: torch.Tensor, side: int = 16) -> torch.Tensor:
+    """A fixed feature space for colour images: (B, 3 * side^2) area-downsampled pixels in [-1, 1],
+    centred and L2-normalised per image (so overall brightness does not decide the neighbour)."""
+    small = torch.nn.functional.interpolate(images.float(), size=(side, side), mode="area").flatten(1)
+    small = small - small.mean(dim=1, keepdim=True)
+    return small / small.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def prompt_agreement(generated: torch.Tensor, prompts: list[str], references: torch.Tensor,
+                     reference_captions: list[str], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """How often the real image nearest to a generated one (`thumbnail_features`, cosine) is one the
+    prompt names: "top1" (the nearest), "top5" (one of the 5 nearest), against chance for the same
+    reference set ("chance_top1", "chance_top5": the share of references the prompt names, times k).
+    generated: (B, C, H, W) in [-1, 1]; references: (N, C, H', W'); captions: the references' own."""
+    similarity = thumbnail_features(generated) @ thumbnail_features(references).T  # (B, N)
+    order = similarity.argsort(dim=1, descending=True)
+    figures: dict[str, float] = {}
+    for k in ks:
+        hits = [any(reference_captions[j] == prompt for j in order[i, :k].tolist()) for i, prompt in enumerate(prompts)]
+        named = [sum(caption == prompt for caption in reference_captions) / len(reference_captions) for prompt in prompts]
+        figures[f"top{k}"] = sum(hits) / len(hits)
+        figures[f"chance_top{k}"] = min(1.0, k * sum(named) / len(named))
+    return figures

@@ -29,7 +29,7 @@ PEER_STATES = ("joining", "claiming", "resuming", "training", "moving", "handing
                "online", "offline")
 # the states in which a peer holds and serves checkpoints (it has joined, and it is not leaving)
 SERVING_STATES = ("claiming", "resuming", "training", "moving", "serving", "online")
-PEER_ROLES = ("trainer", "client", "bootstrap")
+PEER_ROLES = ("trainer", "client", "bootstrap", "seeder")
 
 R = TypeVar("R", bound="SignedRecord")
 _REGISTRY: Dict[str, Type["SignedRecord"]] = {}

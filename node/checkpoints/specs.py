@@ -8,7 +8,7 @@ from typing import Any, Dict, Tuple
 from ddm_models.configs import EXPERT_SIZES, ROUTER_SIZES, ExpertConfig, InvalidConfig, RouterConfig
 from ddm_models.recipe import TrainingSettings
 from ddm_models.sampling import Routing, RoutingError
-from ddm_models.text import UnknownTextEncoder, text_encoder_spec
+from ddm_models.text import TextEncoderError, UnknownTextEncoder, text_encoder_dims, text_encoder_spec
 from node.errors import InvalidJobSetup
 from protocol.manifest import ModelSpec, SwarmManifest
 
@@ -21,15 +21,30 @@ def _split_spec(spec: ModelSpec, sizes: dict, kind: str) -> Tuple[Any, Dict[str,
     return sizes.get(size), architecture
 
 
+def _from_the_swarm(manifest: SwarmManifest) -> Dict[str, Any]:
+    """What a model's config takes from the swarm unless its spec says otherwise: the image shape of
+    the data (pixel-space swarms; a latent swarm's specs state their latent shape) and the widths of
+    the text encoder's states."""
+    fields: Dict[str, Any] = {}
+    if manifest.vae is None:
+        fields.update(in_channels=manifest.dataset.channels, sample_size=manifest.dataset.image_size)
+    try:
+        dim, pooled = text_encoder_dims(manifest.text_encoder)
+    except TextEncoderError:  # an encoder whose config is not cached: the spec's (or the size's) widths stand
+        return fields
+    return {**fields, "text_dim": dim, "text_pooled_dim": pooled}
+
+
 def expert_config(spec: ModelSpec, manifest: SwarmManifest) -> ExpertConfig:
     base, overrides = _split_spec(spec, EXPERT_SIZES, "expert")
     try:
-        fields = {**(base or ExpertConfig()).to_dict(), **overrides, "name": spec.name, "objective": spec.objective}
+        fields = {**(base or ExpertConfig()).to_dict(), **_from_the_swarm(manifest), **overrides, "name": spec.name,
+                  "objective": spec.objective}
         config = ExpertConfig.from_dict(fields)
     except InvalidConfig as error:
         raise InvalidJobSetup(f"model '{spec.name}' in swarm '{manifest.name}': {error}") from None
     image = (manifest.dataset.channels, manifest.dataset.image_size, manifest.dataset.image_size)
-    if tuple(config.image_shape) != image:
+    if manifest.vae is None and tuple(config.image_shape) != image:
         raise InvalidJobSetup(f"model '{spec.name}' expects images {config.image_shape}, the swarm's data are {image}")
     return config
 
@@ -37,8 +52,9 @@ def expert_config(spec: ModelSpec, manifest: SwarmManifest) -> ExpertConfig:
 def router_config(manifest: SwarmManifest) -> RouterConfig:
     spec = manifest.router
     base, overrides = _split_spec(spec, ROUTER_SIZES, "router")
+    swarm = {k: v for k, v in _from_the_swarm(manifest).items() if k != "text_dim"}
     try:
-        fields = {**(base or RouterConfig()).to_dict(), **overrides, "num_clusters": manifest.num_clusters}
+        fields = {**(base or RouterConfig()).to_dict(), **swarm, **overrides, "num_clusters": manifest.num_clusters}
         return RouterConfig.from_dict(fields)
     except InvalidConfig as error:
         raise InvalidJobSetup(f"router '{spec.name}' in swarm '{manifest.name}': {error}") from None

@@ -109,8 +109,9 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
     jobs = manifest.jobs
     watcher: Optional[SwarmMembership] = None
     try:
+        shards = ["--shards", str(out / "shards")] if manifest.dataset.kind == "shards" else []
         boot = processes.start("bootstrap", ["bootstrap", "--swarm", swarm, "--host", "127.0.0.1", "--port", "0",
-                                             "--identity", str(out / "bootstrap.key")])
+                                             "--identity", str(out / "bootstrap.key"), *shards])
         peer = _bootstrap_maddr(out / "logs" / "bootstrap.log", boot)
         console.print(f"bootstrap peer up: {peer}")
         for index, job in enumerate(jobs):
@@ -147,7 +148,8 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
         ensemble = assemble_ensemble(manifest, initial_peers=[peer], cache_dir=out / "client-cache")
         console.print("ensemble assembled; stopping the swarm so that sampling has the cores")
         processes.stop_all()
-        grid, accuracy = _evaluate(ensemble, out, per_digit, console)
+        evaluate = _evaluate_captions if manifest.dataset.kind == "shards" else _evaluate
+        grid, accuracy = evaluate(ensemble, out, per_digit, console)
     finally:
         if watcher is not None:  # its DHT process would keep this one from exiting
             watcher.shutdown()
@@ -173,11 +175,44 @@ def _evaluate(ensemble, out: Path, per_digit: int, console: Console):
     return grid, accuracy
 
 
+def _evaluate_captions(ensemble, out: Path, per_prompt: int, console: Console):
+    """A swarm trained on captioned images: prompts are captions of real images of every cluster;
+    the figure is how often the real image nearest to a sample is the one prompted (see
+    `ddm_models.metrics.prompt_agreement`), per routing. References: the data the demo's bootstrap
+    seeded (its shard folder)."""
+    from ddm_models.captioned_data import ShardFile, load_captioned_shards
+    from ddm_models.images import save_prompt_grid
+    from ddm_models.metrics import prompt_agreement
+
+    spec = ensemble.manifest.dataset
+    files = [ShardFile(out / "shards" / f"{s.blob.sha256}.tar", sha256=s.blob.sha256, cluster=c.cluster)
+             for c in spec.clusters for s in c.train]
+    references = load_captioned_shards(files, spec.image_size, spec.channels, out / "client-cache" / "decoded")
+    captions = references.captions_at(list(range(len(references))))
+    unique = sorted(set(captions))
+    generator = torch.Generator().manual_seed(0)
+    picked = [unique[i] for i in torch.randperm(len(unique), generator=generator)[:8 * per_prompt].tolist()]
+    images = references.images_at(slice(0, len(references)))
+    figures, grid = {}, out / "demo-grid.png"
+    for routing in ("top2", "top1", "full"):
+        result = ensemble.sample(picked, routing=routing, seed=0)
+        agreement = prompt_agreement(result.images, picked, images, captions)
+        figures.update({f"{routing} {name}": value for name, value in agreement.items() if not name.startswith("chance")})
+        figures.setdefault("chance top1", agreement["chance_top1"])
+        figures.setdefault("chance top5", agreement["chance_top5"])
+        if routing == "top2":
+            save_prompt_grid(result.images[:16], picked[:16], grid, scale=3)
+    console.print(f"{len(picked)} prompts, {len(references)} reference images")
+    (out / "demo-result.json").write_text(json.dumps({"agreement": figures, "prompts": picked,
+                                                      "experts": ensemble.describe()}, indent=2))
+    return grid, figures
+
+
 @app.command()
 def demo(
     minutes: float = typer.Option(6.0, help="Training time of the expert nodes (the whole demo takes ~3 min more)."),
     out: Path = typer.Option(Path("ddm-demo"), help="Folder for the nodes' data, logs and the result grid."),
-    per_digit: int = typer.Option(8, help="Samples per digit in the grid and the accuracy measurement."),
+    per_digit: int = typer.Option(8, help="Samples per digit (digits), or rows of 8 prompts (emoji), to measure."),
     router_share: float = typer.Option(0.3, help="The router node trains this fraction of the time."),
     swarm: str = typer.Option("local", "--swarm", "-s", help="Bundled swarm name or manifest file."),
 ) -> None:
@@ -189,18 +224,21 @@ def demo(
     setup_logging()
     try:
         manifest = load_manifest(swarm)
-        if manifest.dataset.kind not in ("embedded-digits", "small-digits"):
-            raise NodeError("the demo runs on swarms with embedded digit data (like 'local')")
+        if manifest.dataset.kind not in ("embedded-digits", "small-digits", "shards"):
+            raise NodeError("the demo runs on the bundled swarms: 'local' (digits) or 'emoji' (captioned colour images)")
         result = run_demo(manifest, swarm, out, minutes=minutes, router_share=router_share, per_digit=per_digit,
                           console=console)
     except Exception as error:
         fail(error)
-    table = Table(title="conditional accuracy (the digit classifier agrees with the prompt)")
+    captioned = manifest.dataset.kind == "shards"
+    table = Table(title="text-image agreement (the nearest real image is the one prompted)" if captioned else
+                  "conditional accuracy (the digit classifier agrees with the prompt)")
     table.add_column("routing")
-    table.add_column("accuracy", justify="right")
+    table.add_column("agreement" if captioned else "accuracy", justify="right")
     for routing, value in result.accuracy.items():
         table.add_row(routing, f"{value:.3f}")
     results = Console()
     results.print(table)
-    results.print(f"grid of the digits 0-9 (top-2 routing): [bold]{result.grid}[/]")
+    what = "prompts and images" if captioned else "the digits 0-9"
+    results.print(f"grid of {what} (top-2 routing): [bold]{result.grid}[/]")
     results.print(f"demo finished in {result.seconds / 60:.1f} minutes; every process it started is stopped")

@@ -74,7 +74,7 @@ def obtain_ensemble(console: Console, swarm: str, initial_peers: Optional[List[s
 
 def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_peers, routing, steps, guidance,
                  seed: int, per_prompt: int, out: Path, cache_dir, verify: bool, from_dir, scale: int) -> Path:
-    from ddm_models.images import save_grid
+    from ddm_models.images import save_grid, save_prompt_grid
 
     prompts = check_prompts(prompts, per_prompt)
     ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, from_dir)
@@ -83,9 +83,12 @@ def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_pe
     rows = [p for p in prompts for _ in range(per_prompt)]
     result = ensemble.sample(rows, routing=routing, steps=steps, guidance=guidance, seed=seed)
     if result.images.shape[1] not in (1, 3):
-        raise NodeError("this swarm's experts produce latents; decoding them to pixels needs the swarm's VAE, "
-                        "which is not installed here")
-    path = save_grid(result.images, per_prompt, out, scale=scale)
+        raise NodeError(f"the ensemble produced {result.images.shape[1]}-channel samples: this swarm's experts "
+                        "work on latents but its manifest names no VAE to decode them")
+    if result.images.shape[1] == 3:  # colour images of free-text prompts: each prompt written under its images
+        path = save_prompt_grid(result.images, rows, out, columns=per_prompt, scale=scale)
+    else:
+        path = save_grid(result.images, per_prompt, out, scale=scale)
     used = ", ".join(f"expert/{k}: {n}" for k, n in sorted(result.evaluations.items()))
     results.print(f"expert evaluations (sample x step): {used}")
     results.print(f"wrote {len(rows)} images to [bold]{path}[/] (one row per prompt)")

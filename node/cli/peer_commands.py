@@ -102,3 +102,53 @@ def status(
         out.print(table)
     for warning in snapshot["warnings"]:
         out.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command()
+def seed(
+    folder: Path = typer.Argument(..., help="Folder of data shards (<sha256>.tar, as `swarm create` writes them)."),
+    swarm: str = SwarmOption,
+    initial_peers: Optional[List[str]] = InitialPeersOption,
+    data_dir: Path = typer.Option(Path("ddm-seed"), help="Where this peer keeps its identity and blob store."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int = typer.Option(0, help="TCP port to listen on (0 picks a free one)."),
+) -> None:
+    """Serve a swarm's data shards from a folder (only the shards its manifest pins) until Ctrl-C."""
+    import signal
+    import threading
+
+    from node.data.seeding import ShardSeeder
+    from node.identity_files import identities_for_join
+    from node.swarm.manifest_files import load_manifest
+    from node.swarm.membership import SwarmMembership
+    from node.swarm.presence import Presence
+
+    setup_logging()
+    stop = threading.Event()
+    try:
+        manifest = load_manifest(swarm)
+        peers = initial_peers or list(manifest.bootstrap_peers)
+        if not peers:
+            raise NodeError("seed needs --initial-peers: the multiaddr of a bootstrap peer or any node of the swarm")
+        with identities_for_join(data_dir / "identity.pem", data_dir / "p2p.key") as (identity, p2p_key):
+            membership = SwarmMembership(manifest, identity, initial_peers=peers, host=host, port=port,
+                                         p2p_identity_path=p2p_key)
+        try:
+            presence = Presence(membership, role="seeder")
+            presence.announce("online")
+            seeder = ShardSeeder(membership, presence, folder, data_dir / "blobs")
+        except BaseException:
+            membership.shutdown()
+            raise
+    except Exception as error:
+        fail(error)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"seeding {len(seeder.held)} shards of swarm '{manifest.name}' as {membership.peer_id} (Ctrl-C to stop)",
+          flush=True)
+    try:
+        stop.wait()
+    finally:
+        seeder.stop()
+        presence.leave()
+        membership.shutdown()

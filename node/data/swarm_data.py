@@ -37,6 +37,11 @@ class SwarmData:
         return (subset(self.dataset, train, f"{self.dataset.name}/cluster-{cluster}"),
                 subset(self.dataset, heldout, f"{self.dataset.name}/cluster-{cluster}/heldout"))
 
+    @property
+    def held(self) -> frozenset:
+        """Blobs this data set keeps in the node's store: none (every peer builds it itself)."""
+        return frozenset()
+
     def router_data(self) -> Tuple[ImageDataset, torch.Tensor, Tuple[ImageDataset, torch.Tensor]]:
         """All training images with their cluster labels, and the held-out ones likewise."""
         clusters = torch.as_tensor(self.split.assignments, dtype=torch.long)
@@ -85,3 +90,16 @@ def prepare_swarm_data(manifest: SwarmManifest, cache_dir: Path) -> SwarmData:
                               "install the versions the swarm names")
     train_idx, heldout_idx = heldout_split(len(dataset), manifest.dataset.heldout_fraction, manifest.dataset.split_seed)
     return SwarmData(dataset, split, train_idx, heldout_idx)
+
+
+def job_data(manifest: SwarmManifest, cache_dir: Path, fetch=None):
+    """The swarm's data as a job needs it: `SwarmData` for the data sets every peer builds itself,
+    `ShardData` (fetching only the job's shards through `fetch`) for swarms made by `swarm create`."""
+    if manifest.dataset.kind == "shards":
+        from node.data.shards import ShardData  # the shard path needs the blob room; digit swarms do not
+
+        if fetch is None:
+            raise InvalidJobSetup(f"swarm '{manifest.name}' trains on data shards, which need a running node "
+                                  "to fetch them")
+        return ShardData(manifest, fetch, Path(cache_dir))
+    return prepare_swarm_data(manifest, cache_dir)

@@ -52,6 +52,7 @@ class Ensemble:
     files: Dict[str, Path] = field(default_factory=dict)  # blob sha256 -> file
     text_encoder: Optional[TextEncoder] = None
     rejected: List[Tuple[str, str]] = field(default_factory=list)  # (blob sha256, why it was not used)
+    codec: Optional[object] = None  # the swarm's VAE (`ddm_models.latents.LatentCodec`), loaded when first needed
 
     def sampler(self, routing: Optional[str] = None) -> EnsembleSampler:
         chosen = Routing.parse(routing or self.manifest.sampling.routing)
@@ -61,7 +62,11 @@ class Ensemble:
         if len(self.experts) > 1 and router is None:
             raise EnsembleUnavailable("several experts but no router checkpoint in the swarm yet: wait for the "
                                       "router job, or generate from one cluster")
-        return EnsembleSampler(self.experts, router, chosen, text_encoder=self.text_encoder)
+        if self.codec is None and self.manifest.vae is not None:  # a latent swarm: samples are decoded to RGB
+            from ddm_models.latents import LatentCodec
+
+            self.codec = LatentCodec.from_manifest_spec(self.manifest.vae)
+        return EnsembleSampler(self.experts, router, chosen, text_encoder=self.text_encoder, codec=self.codec)
 
     def sample(self, prompts: List[str], *, routing: Optional[str] = None, steps: Optional[int] = None,
                guidance: Optional[float] = None, seed: int = 0) -> SampleResult:

@@ -39,11 +39,12 @@ from node.blobs.store import BlobStore
 from node.trainer.pipeline import CheckpointPipeline
 from node.checkpoints.publishing import CHECKPOINT_PAUSE_S, publish_checkpoint
 from node.swarm.leases import Lease, claim_job, keep_previous_job, should_move
-from node.errors import DiskFull
+from node.errors import DiskFull, NodeError
 from node.files import atomic_write_bytes, hold_exclusive_lock
 from node.trainer.handover import hand_over, handover_wait_s, needs_hand_over
 from node.checkpoints.specs import check_model_specs, expert_config, router_config, training_options
-from node.data.swarm_data import prepare_swarm_data
+from node.data.shards import ShardUnavailable, fetch_from_urls
+from node.data.swarm_data import job_data
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
 from node.checkpoints.mirror import Mirror
@@ -52,6 +53,7 @@ from node.trainer.state import NodeOptions, NodeState, NodeStatus, TrainingSumma
 from node.swarm.presence import Presence
 from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
 from node.trainer.resume import announce_again, resume_from_swarm
+from protocol.hashing import BlobRef
 from protocol.jobs import InvalidJob, Job
 from protocol.manifest import SwarmManifest
 
@@ -192,7 +194,7 @@ class SwarmNode:
         self.announcer.hold(self.lease)
         self.mirror.own_job = job
         self._set(state=NodeState.RESUMING, job=job, model=self.lease.model)
-        self.data = prepare_swarm_data(self.manifest, self.data_dir / "cache")
+        self.data = job_data(self.manifest, self.data_dir / "cache", fetch=self._fetch_shard)
         self.trainer = self._build_trainer(job)
         self._resume(job)
         if not self._moving:  # the first job; a node that moves keeps its announcer and mirror
@@ -266,11 +268,25 @@ class SwarmNode:
         logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
                     f"(signer {record.signer[:12]}…)")
 
+    def _fetch_shard(self, ref: BlobRef) -> Path:
+        """A data shard of this node's job: from the swarm, else from the manifest's mirror URLs;
+        then served on (see `node.data.shards`)."""
+        try:
+            path = self.blobs.fetch(ref)
+        except NodeError as error:
+            if not self.manifest.dataset.shard_urls:
+                raise ShardUnavailable(f"data shard {ref.sha256[:12]}… of {self.lease.job}: {error}") from None
+            logger.info(f"data shard {ref.sha256[:12]}… not in the swarm ({error}); trying the mirror URLs")
+            path = fetch_from_urls(ref, self.manifest.dataset.shard_urls, self.store)
+        self.announcer.provide(ref.sha256, now=True)
+        return path
+
     def _own_blobs(self) -> Set[str]:
         """Blobs this node must keep: its published checkpoints, the one the DHT last confirmed for
         it, the checkpoint it resumed from, and those of jobs it moved away from."""
         own = set(self.published.keep()) if self.published else set()
         own |= self._left_behind
+        own |= self.data.held if self.data is not None else set()  # the data shards of this node's jobs
         if self.lease is not None and self.lease.job in self.announcer.confirmed:
             own.add(self.announcer.confirmed[self.lease.job])
         if self.parent_blob:
