@@ -94,6 +94,17 @@ def fetch_from_urls(ref: BlobRef, urls: Sequence[str], store: BlobStore) -> Path
                            f"{len(urls)} mirror URL(s): {'; '.join(reasons) or 'no URL in the manifest'}")
 
 
+def fetch_shard(ref: BlobRef, blobs, urls: Sequence[str], job: str) -> Path:
+    """The verified shard `ref` from the swarm (`blobs`: a `BlobService`), else from the mirror `urls`."""
+    try:
+        return blobs.fetch(ref)
+    except NodeError as error:
+        if not urls:
+            raise ShardUnavailable(f"data shard {ref.sha256[:12]}… of {job}: {error}") from None
+        logger.info(f"data shard {ref.sha256[:12]}… not in the swarm ({error}); trying the mirror URLs")
+        return fetch_from_urls(ref, urls, blobs.store)
+
+
 def _copy_at_most(source, target, limit: int) -> int:
     """Copy up to `limit` bytes (a mirror that sends more than the pinned size is cut off)."""
     copied = 0

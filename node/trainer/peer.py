@@ -18,7 +18,6 @@ stays in its store (see `node.checkpoints.published`).
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import signal
 import threading
@@ -39,22 +38,22 @@ from node.blobs.store import BlobStore
 from node.trainer.pipeline import CheckpointPipeline
 from node.checkpoints.publishing import CHECKPOINT_PAUSE_S, publish_checkpoint
 from node.swarm.leases import Lease, claim_job, keep_previous_job, should_move
-from node.errors import DiskFull, NodeError
-from node.files import atomic_write_bytes, hold_exclusive_lock
+from node.errors import DiskFull
+from node.files import hold_exclusive_lock
 from node.trainer.handover import hand_over, handover_wait_s, needs_hand_over
 from node.checkpoints.specs import check_model_specs, expert_config, router_config, training_options
-from node.data.shards import ShardUnavailable, fetch_from_urls
+from node.data.shards import fetch_shard
 from node.data.swarm_data import job_data
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
 from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
-from node.trainer.state import NodeOptions, NodeState, NodeStatus, TrainingSummary
+from node.trainer.state import JobFile, NodeOptions, NodeState, NodeStatus, TrainingSummary
 from node.swarm.presence import Presence
 from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
 from node.trainer.resume import announce_again, resume_from_swarm
 from protocol.hashing import BlobRef
-from protocol.jobs import InvalidJob, Job
+from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
 
 logger = logging.getLogger("ddm_swarm.node")
@@ -66,6 +65,7 @@ class SwarmNode:
         self.manifest, self.options, self.on_status = manifest, options, on_status or (lambda status: None)
         self.status = NodeStatus()
         self.data_dir = Path(options.data_dir)
+        self.job_file = JobFile(self.data_dir / "node.json")  # the job this data dir trains, for restarts
         self.jobs: List[Job] = manifest.jobs
         self.stop_event = threading.Event()
         self.leave_now = threading.Event()
@@ -174,15 +174,12 @@ class SwarmNode:
                     f"(signer {identity.signer_id[:12]}…)")
 
     # --- claiming and resuming -------------------------------------------------------------------
-    def _node_file(self) -> Path:
-        return self.data_dir / "node.json"
-
     def _model_for(self, job: Job) -> str:
         return self.manifest.model_for(job, self.options.model).name
 
     def _claim_and_resume(self) -> None:
         self._set(state=NodeState.CLAIMING)
-        forced = self.options.job or self._previous_job()
+        forced = self.options.job or self.job_file.read(self.jobs, self.manifest.name)
         if forced and not self.options.job and not keep_previous_job(
                 forced, self.jobs, self.membership.claims(), self.membership.identity.signer_id, get_dht_time()):
             logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
@@ -190,7 +187,7 @@ class SwarmNode:
         self.lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced,
                                after=self.lease.last_expiry if self.lease else 0.0)
         job = self.lease.job
-        atomic_write_bytes(self._node_file(), json.dumps({"job": str(job), "model": self.lease.model}).encode())
+        self.job_file.write(job, self.lease.model)
         self.announcer.hold(self.lease)
         self.mirror.own_job = job
         self._set(state=NodeState.RESUMING, job=job, model=self.lease.model)
@@ -202,20 +199,6 @@ class SwarmNode:
             if self.options.mirror:
                 self.mirror.start()
         self._moving, self._uncovered_seen = False, 0
-
-    def _previous_job(self) -> Optional[Job]:
-        """The job this data dir trained before (node.json), so a restart continues it."""
-        if not self._node_file().exists():
-            return None
-        try:
-            job = Job.parse(json.loads(self._node_file().read_text())["job"])
-        except (OSError, ValueError, KeyError, TypeError, InvalidJob) as error:
-            raise UnreadableNodeFile(f"{self._node_file()} is corrupt ({type(error).__name__}: {error}); delete it "
-                                     "(or pass --job) and restart: the node then claims a job afresh") from None
-        if job not in self.jobs:
-            raise UnreadableNodeFile(f"{self._node_file()} names job {job}, which swarm '{self.manifest.name}' "
-                                     f"does not have ({', '.join(map(str, self.jobs))}); delete it or pass --job")
-        return job
 
     def _build_trainer(self, job: Job):
         text = build_text_encoder(self.manifest.text_encoder)
@@ -269,15 +252,8 @@ class SwarmNode:
                     f"(signer {record.signer[:12]}…)")
 
     def _fetch_shard(self, ref: BlobRef) -> Path:
-        """A data shard of this node's job: from the swarm, else from the manifest's mirror URLs;
-        then served on (see `node.data.shards`)."""
-        try:
-            path = self.blobs.fetch(ref)
-        except NodeError as error:
-            if not self.manifest.dataset.shard_urls:
-                raise ShardUnavailable(f"data shard {ref.sha256[:12]}… of {self.lease.job}: {error}") from None
-            logger.info(f"data shard {ref.sha256[:12]}… not in the swarm ({error}); trying the mirror URLs")
-            path = fetch_from_urls(ref, self.manifest.dataset.shard_urls, self.store)
+        """A data shard of this node's job (see `node.data.shards`), then served on."""
+        path = fetch_shard(ref, self.blobs, self.manifest.dataset.shard_urls, f"{self.lease.job}")
         self.announcer.provide(ref.sha256, now=True)
         return path
 

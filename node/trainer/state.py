@@ -1,14 +1,18 @@
-"""What a node is told (`NodeOptions`), what it shows while it runs (`NodeStatus`) and what one run
-trained (`TrainingSummary`, the command's last line for scripts and benchmarks)."""
+"""What a node is told (`NodeOptions`), where it is in its life (`NodeState`), what it shows while it
+runs (`NodeStatus`), what one run trained (`TrainingSummary`, the command's last line for scripts
+and benchmarks), and the job its data dir trains (`JobFile`, so a restart continues it)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
-from protocol.jobs import Job
+from node.checkpoints.published import UnreadableNodeFile
+from node.files import atomic_write_bytes
+from protocol.jobs import InvalidJob, Job
 
 
 class NodeState(str, Enum):
@@ -87,3 +91,29 @@ class TrainingSummary:
                 "images_per_s": round(self.images_per_s, 3), "checkpoints": self.checkpoints,
                 "checkpoint_seconds": round(self.checkpoint_seconds, 3),
                 "checkpoint_work_seconds": round(self.checkpoint_work_seconds, 3)}
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """node.json in a data dir: the job (and model) this data dir trains, written atomically when
+    the node claims it, read when it restarts."""
+
+    path: Path
+
+    def write(self, job: Job, model: str) -> None:
+        atomic_write_bytes(self.path, json.dumps({"job": str(job), "model": model}).encode())
+
+    def read(self, jobs: List[Job], swarm: str) -> Optional[Job]:
+        """The job trained before (None on a first start); `UnreadableNodeFile` if the file is corrupt
+        or names a job the swarm does not have."""
+        if not self.path.exists():
+            return None
+        try:
+            job = Job.parse(json.loads(self.path.read_text())["job"])
+        except (OSError, ValueError, KeyError, TypeError, InvalidJob) as error:
+            raise UnreadableNodeFile(f"{self.path} is corrupt ({type(error).__name__}: {error}); delete it "
+                                     "(or pass --job) and restart: the node then claims a job afresh") from None
+        if job not in jobs:
+            raise UnreadableNodeFile(f"{self.path} names job {job}, which swarm '{swarm}' does not have "
+                                     f"({', '.join(map(str, jobs))}); delete it or pass --job")
+        return job
