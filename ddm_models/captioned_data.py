@@ -38,7 +38,8 @@ CACHE_VERSION = 1  # bump when decoding changes (crop, resampling), so old entri
 class CaptionedDataset:
     """Images, each with its own caption.
 
-    pixels: (N, C, H, W) uint8 in [0, 255]; captions: N strings; clusters: (N,) int64 cluster of
+    pixels: (N, C, H, W) uint8 in [0, 255], or float32 latents of a VAE (already scaled: what the
+    experts see, returned as they are; see `with_latents`); captions: N strings; clusters: (N,) int64 cluster of
     each image, or None when unknown (a router needs them, an expert does not); keys: N sample keys
     of the shards they came from (for messages), or None.
     """
@@ -50,8 +51,8 @@ class CaptionedDataset:
     keys: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.pixels.dtype != torch.uint8 or self.pixels.ndim != 4:
-            raise DataSetError(f"{self.name}: pixels must be uint8 (N, C, H, W), got {self.pixels.dtype} "
+        if self.pixels.dtype not in (torch.uint8, torch.float32) or self.pixels.ndim != 4:
+            raise DataSetError(f"{self.name}: pixels must be uint8 (N, C, H, W) or float32 latents, got {self.pixels.dtype} "
                                f"{tuple(self.pixels.shape)}")
         n = self.pixels.shape[0]
         if len(self.captions) != n or not all(isinstance(c, str) for c in self.captions):
@@ -72,8 +73,14 @@ class CaptionedDataset:
         return tuple(self.pixels.shape[1:])
 
     def images_at(self, index: torch.Tensor | slice) -> torch.Tensor:
-        """The images at `index` (int indices or a slice), (B, C, H, W) float32 in [-1, 1]."""
+        """The images at `index` (int indices or a slice), (B, C, H, W) float32 in [-1, 1] (latents as stored)."""
+        if self.pixels.dtype == torch.float32:
+            return self.pixels[index]
         return self.pixels[index].float() * (2.0 / 255.0) - 1.0
+
+    def with_latents(self, latents: torch.Tensor) -> CaptionedDataset:
+        """The same samples seen through a VAE: `latents` (N, C_z, h, w) float32 in place of the pixels."""
+        return dataclasses.replace(self, pixels=latents.float().contiguous(), name=f"{self.name}/latents")
 
     def captions_at(self, index: torch.Tensor | Sequence[int]) -> list[str]:
         """The captions of the images at `index` (int indices), in order."""

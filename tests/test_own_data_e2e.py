@@ -10,36 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from node.data.shards import expert_shards, router_shards
 from node.swarm.manifest_files import read_manifest_file
 from protocol.records import decode_record
+from tests.captioned_folders import make_folder
 from tests.swarm_harness import BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli, wait_until
 
 pytestmark = pytest.mark.timeout(600)
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 30)}
-SHAPES = ("circle", "square")
-
-
-def make_folder(root: Path) -> Path:
-    """24 images per shape, imagefolder layout with metadata.jsonl captions ("a red circle")."""
-    root.mkdir(parents=True)
-    lines = []
-    for colour, rgb in COLOURS.items():
-        for shape in SHAPES:
-            for variant in range(6):
-                image = Image.new("RGB", (24, 24), "white")
-                draw = ImageDraw.Draw(image)
-                box = (3 + variant % 3, 3 + variant // 3, 19 + variant % 3, 19 + variant // 3)
-                (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=rgb)
-                name = f"{colour}-{shape}-{variant}.png"
-                image.save(root / name)
-                lines.append(json.dumps({"file_name": name, "text": f"a {colour} {shape}"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("own-data")

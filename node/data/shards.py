@@ -127,6 +127,20 @@ class ShardData:
     fetch: Fetch
     cache_dir: Path
     held: Set[str] = field(default_factory=set)
+    _codec: Optional[object] = None  # the manifest's VAE, loaded on first use
+
+    def _through_vae(self, data: CaptionedDataset) -> CaptionedDataset:
+        """A latent swarm's samples as its experts see them: encoded once by the manifest's VAE and
+        cached in the data dir (keyed by the samples and the VAE's weights)."""
+        if self.manifest.vae is None:
+            return data
+        from ddm_models.latents import LatentCodec, cached_latents  # diffusers' VAE: only latent swarms need it
+
+        if self._codec is None:
+            self._codec = LatentCodec.from_manifest_spec(self.manifest.vae)
+        latents = cached_latents(self._codec, data.images_at(slice(None)), self.cache_dir / "latents",
+                                 name=data.name.replace("/", "-"), inputs_sha256=data.fingerprint())
+        return data.with_latents(latents)
 
     def _load(self, shards: Sequence[Tuple[ShardRef, Optional[int]]], name: str,
               max_items: Optional[int] = None) -> CaptionedDataset:
@@ -136,8 +150,8 @@ class ShardData:
             self.held.add(shard.blob.sha256)
             files.append(ShardFile(path, sha256=shard.blob.sha256, cluster=cluster))
         spec = self.manifest.dataset
-        return load_captioned_shards(files, spec.image_size, spec.channels, self.cache_dir / "decoded",
-                                     name=name, max_items=max_items)
+        return self._through_vae(load_captioned_shards(files, spec.image_size, spec.channels,
+                                                       self.cache_dir / "decoded", name=name, max_items=max_items))
 
     def expert_data(self, cluster: int) -> Tuple[CaptionedDataset, CaptionedDataset]:
         """(train, held-out) samples of one cluster."""
