@@ -164,8 +164,26 @@ def main() -> None:
     report(console, results, args)
 
 
+def markdown(results: Dict[str, dict]) -> str:
+    """The scale table for BENCHMARKS.md."""
+    def cell(value) -> str:
+        return "-" if value is None else str(value)
+    lines = ["| run | N | K | half-life | full coverage (s) | coverage mean / min | takeover after crash / clean leave, "
+             "median (s) | claim procedure, median (s) | DHT ops / peer / min | find RPCs / peer / min | "
+             "kB / peer / min | best checkpoint servable |", "|" + "---|" * 12]
+    for name, r in sorted(results.items()):
+        lines.append("| " + " | ".join(cell(v) for v in (
+            name, r["n"], r["k"], f"{r['half_life_min']:g} min" if r["half_life_min"] else "-", r["full_coverage_s"],
+            f"{r['coverage_mean']} / {r['coverage_min']}",
+            f"{cell(r['takeover_crash_s']['median'])} / {cell(r['takeover_clean_s']['median'])}",
+            r["claim_s"]["median"], r["ops_per_peer_min"], r["rpcs_per_peer_min"], r["kbytes_per_peer_min"],
+            r["obtainable_best_share"])) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(console: Console, results: Dict[str, dict], args: argparse.Namespace) -> None:
     console.print(table(results))
+    (args.out / "swarm_sim.md").write_text(markdown(results))
     written = plots(results, args.out)
     summary = {name: {k: v for k, v in r.items() if k not in ("series",)} for name, r in results.items()}
     print(json.dumps({"benchmark": "swarm_sim", "grid": args.grid, "plots": written, "runs": summary}))
