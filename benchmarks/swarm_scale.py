@@ -198,7 +198,7 @@ def start_peer(manifest: SwarmManifest, initial_peers: List[str], job: Job, size
     ready_s = time.perf_counter() - start
     peer = LightPeer(membership, None, job, size_before, join_s, ready_s, os.getloadavg()[0])  # type: ignore[arg-type]
     peer.announcer = Announcer(membership, presence, lambda: peer.step)
-    peer.announcer.lease = lease
+    peer.announcer.hold(lease)
     peer.announce_new_checkpoint()
     peer.announcer.start()
     return peer

@@ -24,6 +24,22 @@ from protocol.records import CheckpointRecord, ProviderRecord, RouterRecord, Sig
 logger = logging.getLogger("ddm_swarm.announcer")
 
 
+def provider_ttl_s(period_s: float) -> float:
+    """Lifetime of a provider record: a few lease periods, but at least a minute (a dead provider
+    costs a fetcher one connection timeout, a missing one costs it the blob)."""
+    return max(3 * period_s, 60.0)
+
+
+def provider_due(expires_at: float, now: float, period_s: float) -> bool:
+    """Whether a tick at `now` re-announces a provider record that expires at `expires_at`."""
+    return expires_at - now < max(2 * period_s, provider_ttl_s(period_s) / 2)
+
+
+def record_due(expires_at: float, now: float, period_s: float, record_ttl_s: float) -> bool:
+    """Whether a tick at `now` re-publishes the node's checkpoint record that expires at `expires_at`."""
+    return expires_at - now < max(2 * period_s, record_ttl_s / 4)
+
+
 class Announcer:
     def __init__(self, membership: SwarmMembership, presence: Presence, current_step: Callable[[], int]):
         self.membership, self.presence, self.current_step = membership, presence, current_step
@@ -88,9 +104,7 @@ class Announcer:
     # --- the loop --------------------------------------------------------------------------------
     @property
     def provider_ttl(self) -> float:
-        # a provider record outlives a few lease periods, but at least a minute: a dead provider costs a
-        # fetcher one connection timeout, a missing one costs it the blob
-        return max(3 * self.period, 60.0)
+        return provider_ttl_s(self.period)
 
     def _provider_record(self, sha: str) -> ProviderRecord:
         expires = get_dht_time() + self.provider_ttl
@@ -143,14 +157,14 @@ class Announcer:
             logger.warning(f"could not renew the lease/presence: {error}")
         now = get_dht_time()
         for sha, expiry in list(self._provided.items()):
-            if expiry - now < max(2 * self.period, self.provider_ttl / 2):
+            if provider_due(expiry, now, self.period):
                 record = self._provider_record(sha)
                 self._publish(record, f"provider {sha[:8]}")
                 if sha in self._provided:
                     self._provided[sha] = record.expires_at
         ttl = self.membership.manifest.timing.record_ttl_s
         for job, record in list(self._latest.items()):
-            if record.expires_at - now < max(2 * self.period, ttl / 4):  # type: ignore[attr-defined]
+            if record_due(record.expires_at, now, self.period, ttl):  # type: ignore[attr-defined]
                 self._latest[job] = record.renewed(self.membership.identity, now + ttl)
                 self._publish(self._latest[job], f"{record.KIND} refresh")
 

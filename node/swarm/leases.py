@@ -64,6 +64,34 @@ def keep_previous_job(previous: Job, jobs: List[Job], claims: Iterable[Claim], m
     return not (others(previous) and any(not others(job) for job in jobs if job != previous))
 
 
+# a trainer moves once its coverage check (once a lease period) found a job uncovered this many times in a row
+MOVE_AFTER_CHECKS = 2
+
+
+def next_move_streak(streak: int, move: bool) -> Tuple[int, bool]:
+    """The count of coverage checks in a row in which `should_move` said yes, after one more check
+    whose answer was `move`; and whether the trainer moves now."""
+    streak = streak + 1 if move else 0
+    return streak, streak >= MOVE_AFTER_CHECKS
+
+
+def job_after_lost_race(lost: Job, jobs: List[Job], claims: Iterable[Claim], progress: Dict[Job, int], me: str,
+                        now: float, proven: Optional[Dict[Job, Set[str]]] = None) -> Job:
+    """The job a node takes after losing the race for `lost`: `choose_job` among the other jobs,
+    counting only the other peers' claims (its own is being released)."""
+    others = [c for c in claims if c.signer != me]
+    return choose_job([j for j in jobs if j != lost] or jobs, others, progress, me, now, proven)
+
+
+def claim_expiry(state: str, now: float, last_expiry: float, lease_expiry_s: float) -> float:
+    """Expiration of the claim record a lease publishes: a renewal ("training") lives 3T from `now`,
+    a release ("released") is a tombstone that outlives the lease it replaces; either way later
+    than the node's last claim record, since per subkey the latest expiration wins in hivemind."""
+    if state == "released":
+        return last_expiry + 1.0
+    return max(now + lease_expiry_s, last_expiry + 1e-3)
+
+
 def should_move(job: Job, jobs: List[Job], claims: Iterable[Claim], me: str, now: float) -> bool:
     """True if `me` lost a race for `job`: others hold it too, some job has no holder, and `me` is
     not the claimer with the smallest signer id (a rule every node applies identically)."""
@@ -87,8 +115,8 @@ class Lease:
     released: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def _publish(self, state: str, step: int, expires: float) -> None:
-        expires = max(expires, self.last_expiry + 1e-3)  # per subkey, the latest expiration wins in hivemind
+    def _publish(self, state: str, step: int) -> None:
+        expires = claim_expiry(state, get_dht_time(), self.last_expiry, self.membership.manifest.timing.lease_expiry_s)
         claim = Claim(self.membership.swarm_id, self.job, self.model, self.membership.peer_id, step, state, expires)
         self.membership.publish(claim.signed_by(self.membership.identity))
         self.last_expiry = expires
@@ -98,7 +126,7 @@ class Lease:
         with self._lock:
             if self.released:
                 return False
-            self._publish("training", step, get_dht_time() + self.membership.manifest.timing.lease_expiry_s)
+            self._publish("training", step)
             return True
 
     def release(self, step: int) -> None:
@@ -109,7 +137,7 @@ class Lease:
                 return
             self.released = True
             try:
-                self._publish("released", step, self.last_expiry + 1.0)
+                self._publish("released", step)
             except Exception as error:  # leaving must not fail because the swarm is gone
                 logger.warning(f"could not release the claim on {self.job}: {error}")
 
@@ -144,8 +172,7 @@ def claim_job(membership: SwarmMembership, jobs: List[Job], model_for_job, *, fo
         if not should_move(lease.job, jobs, claims, me, get_dht_time()):
             break
         lease.release(0)
-        others = [c for c in claims if c.signer != me]
-        job = choose_job([j for j in jobs if j != lease.job] or jobs, others, progress, me, get_dht_time(), proven)
+        job = job_after_lost_race(lease.job, jobs, claims, progress, me, get_dht_time(), proven)
         logger.info(f"{lease.job} is taken by a peer that started at the same time; moving to {job}")
         lease = Lease(membership, job, model_for_job(job), last_expiry=lease.last_expiry)
         lease.renew(progress.get(job, 0))

@@ -37,7 +37,7 @@ from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.trainer.pipeline import CheckpointPipeline
 from node.checkpoints.publishing import CHECKPOINT_PAUSE_S, publish_checkpoint
-from node.swarm.leases import Lease, claim_job, keep_previous_job, should_move
+from node.swarm.leases import Lease, claim_job, keep_previous_job, next_move_streak, should_move
 from node.errors import DiskFull
 from node.files import hold_exclusive_lock
 from node.trainer.handover import hand_over, handover_wait_s, needs_hand_over
@@ -319,8 +319,8 @@ class SwarmNode:
         except Exception:  # the DHT is slow or away: look again next period
             return False
         move = should_move(self.lease.job, self.jobs, claims, self.membership.identity.signer_id, get_dht_time())
-        self._uncovered_seen = self._uncovered_seen + 1 if move else 0
-        return self._uncovered_seen >= 2
+        self._uncovered_seen, moves = next_move_streak(self._uncovered_seen, move)
+        return moves
 
     def checkpoint(self) -> None:
         """Freeze this step's weights; then (on the checkpoint thread, while training goes on) write
