@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+from node.swarm.reachability import NetworkOptions
 from protocol.jobs import Job
 
 
@@ -50,6 +51,7 @@ class NodeOptions:
     seed: int = 0
     device: str = "cpu"
     slice_s: float = 2.0  # train this long between looks at the outside world
+    network: NetworkOptions = field(default_factory=NetworkOptions)  # how this node is reached
 
 
 @dataclass
