@@ -46,7 +46,8 @@ DIRECT_PROTOCOL = f"/ddm-swarm/blob-direct/{PROTOCOL_VERSION}"
 TICKET_BYTES = 16
 TICKET_LIFETIME_S = 600.0
 MAX_OFFER_BYTES = 256
-NO_ROUTE_RETRY_S = 300.0  # a provider without a usable route is asked again after this long
+NO_ROUTE_RETRY_S = 300.0
+MAX_HANDSHAKES = 64  # a provider without a usable route is asked again after this long
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ class DirectServer:
 
     def __init__(self, blob_server: BlobServer, host: str = "0.0.0.0", port: int = 0) -> None:
         self.blob_server, self.host, self.port = blob_server, host, port
-        self._tickets: Dict[bytes, Tuple[str, float]] = {}  # ticket -> (peer id, expires at, monotonic)
+        self._tickets: Dict[bytes, Tuple[str, float]] = {}  # ticket -> (peer id, expiry on the monotonic clock)
         self._server: Optional[asyncio.base_events.Server] = None
+        self._handshakes = 0  # connections that have not shown a ticket yet
         self._p2p = None
 
     async def start(self, p2p) -> None:
@@ -97,11 +99,17 @@ class DirectServer:
             close_quietly(writer)
 
     async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._handshakes >= MAX_HANDSHAKES:  # anyone can connect: unticketed ones must not pile up
+            close_quietly(writer)
+            return
+        self._handshakes += 1
         try:
             ticket = await asyncio.wait_for(reader.readexactly(TICKET_BYTES), 5.0)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             close_quietly(writer)
             return
+        finally:
+            self._handshakes -= 1
         holder = self._tickets.get(ticket)
         if holder is None or holder[1] < time.monotonic():
             close_quietly(writer)  # not asked for over p2p: no answer at all
