@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from node.cli.app import InitialPeersOption, SwarmOption, app, fail, setup_logging, swarm_app
+from node.cli.network_options import AnnounceOption, NatTraversalOption, PortMapOption, network_options
 
 
 @app.command()
@@ -20,7 +21,10 @@ def bootstrap(
     port: int = typer.Option(31337, help="TCP port to listen on (0 picks a free one)."),
     swarm: str = SwarmOption,
     initial_peers: Optional[List[str]] = InitialPeersOption,
-    announce: Optional[List[str]] = typer.Option(None, help="Multiaddr to announce instead of the listening one."),
+    announce: Optional[List[str]] = AnnounceOption,
+    relay_service: Optional[bool] = typer.Option(True, help="Relay for peers behind NATs, with p2pd's limits."),
+    nat_traversal: bool = NatTraversalOption,
+    port_map: bool = PortMapOption,
     shards: Optional[Path] = typer.Option(None, help="Folder of the swarm's data shards to seed (default: the one "
                                           "`swarm create` wrote beside the manifest; a bundled swarm's is re-created "
                                           "from its package)."),
@@ -32,9 +36,10 @@ def bootstrap(
     setup_logging()
     try:
         manifest = load_manifest(swarm)
+        network = network_options(announce, "public", True, False, relay_service, nat_traversal, port_map)
         folder = shard_folder_for(swarm, manifest, shards)
         peer = BootstrapPeer(manifest, identity, host=host, port=port, initial_peers=initial_peers or (),
-                             announce_maddrs=announce or (), shards=folder)
+                             network=network, shards=folder)
     except Exception as error:
         fail(error)
     print(f"ddm-swarm bootstrap peer for swarm '{manifest.name}' ({manifest.swarm_id[:12]}…)", flush=True)

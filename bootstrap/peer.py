@@ -18,6 +18,8 @@ from node.data.seeding import ShardSeeder
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
 from node.swarm.presence import Presence
+from node.network import NetworkLoop
+from node.swarm.reachability import DialBackService, NetworkOptions
 from protocol.manifest import SwarmManifest
 
 logger = logging.getLogger("ddm_swarm.bootstrap")
@@ -25,14 +27,23 @@ logger = logging.getLogger("ddm_swarm.bootstrap")
 
 class BootstrapPeer:
     def __init__(self, manifest: SwarmManifest, identity_path: Path, *, host: str = "0.0.0.0", port: int = 31337,
-                 initial_peers: Sequence[str] = (), announce_maddrs: Sequence[str] = (),
+                 initial_peers: Sequence[str] = (), network: Optional[NetworkOptions] = None,
                  shards: Optional[Path] = None):
+        # the swarm's public entry point: a DHT server and a relay for peers behind NATs (p2pd's limits)
+        network = network or NetworkOptions()
+        if network.reachability == "auto":
+            network.reachability = "public"
         identity_path = Path(identity_path)
         signer_path = identity_path.with_name(identity_path.name + ".signer.pem")
         with identities_for_join(signer_path, identity_path) as (signer, p2p_key):
             self.membership = SwarmMembership(manifest, signer, initial_peers=initial_peers, host=host, port=port,
-                                              p2p_identity_path=p2p_key, announce_maddrs=announce_maddrs)
+                                              p2p_identity_path=p2p_key, network=network, reachable=network.reachability == "public")
         self.presence = Presence(self.membership, role="bootstrap")
+        # joining nodes ask it whether they can be dialed back (node.swarm.reachability)
+        self.loop = NetworkLoop()
+        self._p2p = self.loop.run(self.membership.dht.replicate_p2p(), timeout=60)
+        self.dial_back = DialBackService()
+        self.loop.run(self.dial_back.start(self._p2p), timeout=60)
         self._stop = threading.Event()
         self.seeder: Optional[ShardSeeder] = None
         if shards is not None:
@@ -64,4 +75,6 @@ class BootstrapPeer:
             if self.seeder is not None:
                 self.seeder.stop()
             self.presence.leave()
+            self.loop.run(self.dial_back.stop(), timeout=10)
+            self.loop.stop()
             self.membership.shutdown()

@@ -2,6 +2,10 @@
 its own interface `eth0` and address, joined by veth pairs to a bridge that lives in a namespace of
 its own (so nothing is added to the machine's own network, and deleting the namespaces removes
 every interface). Needs root and `ip netns`; `unavailable_reason()` says why not otherwise.
+
+`HomeNetwork` adds a home behind a NAT router to such a LAN: the router masquerades the home's
+outgoing connections and lets nothing in that the home did not start (`nat_unavailable_reason()`
+says why it cannot be built, e.g. no `iptables`).
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ class NamespaceLan:
 
     SUBNET = "10.77.0"
 
-    def __init__(self, names: Sequence[str]):
-        self.tag = f"ddm{os.getpid()}"
+    def __init__(self, names: Sequence[str], tag: str = ""):
+        self.tag = f"ddm{os.getpid()}{tag}"
         self.switch = f"{self.tag}-switch"
         self.addresses: Dict[str, str] = {name: f"{self.SUBNET}.{i}" for i, name in enumerate(names, start=1)}
         self.created: List[str] = []
@@ -86,6 +90,18 @@ class NamespaceLan:
         out = self._run("-n", self.namespace(name), "-s", "-j", "link", "show", "eth0").stdout
         return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
 
+    def add_port(self, name: str, address: str) -> str:
+        """One more host `name` on the LAN at `address`; returns its namespace (deleted on exit)."""
+        host = self.namespace(name)
+        port = f"port{len(self.created)}"
+        self._add_namespace(host)
+        self._run("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host)
+        self._run("-n", self.switch, "link", "set", port, "master", "br0", "up")
+        self._run("-n", host, "addr", "add", f"{address}/24", "dev", "eth0")
+        self._run("-n", host, "link", "set", "eth0", "up")
+        self._run("-n", host, "link", "set", "lo", "up")
+        return host
+
     def _add_namespace(self, namespace: str) -> None:
         self._run("netns", "add", namespace)
         self.created.append(namespace)
@@ -96,3 +112,63 @@ class NamespaceLan:
         if done.returncode != 0:
             raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
         return done
+
+
+def nat_unavailable_reason() -> Optional[str]:
+    """None if a NAT router can be built in a namespace here, else why not (for pytest.skip)."""
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    if shutil.which("iptables") is None:
+        return "`iptables` is not installed (apt-get install -y iptables)"
+    probe = f"ddm{os.getpid()}-natprobe"
+    _ip("netns", "add", probe)
+    try:
+        done = subprocess.run(["ip", "netns", "exec", probe, "iptables", "-t", "nat", "-A", "POSTROUTING", "-j",
+                               "MASQUERADE"], capture_output=True, text=True, timeout=30)
+    finally:
+        _ip("netns", "del", probe)
+    if done.returncode != 0:
+        return f"iptables NAT is not permitted in a network namespace here: {done.stderr.strip()[:200]}"
+    return None
+
+
+class HomeNetwork:
+    """A home `name` at 10.77.1.2 behind a router whose WAN side is `wan_address` on `lan`.
+
+    The router masquerades (SNAT) whatever the home sends out, and its FORWARD chain drops every
+    packet from the WAN that does not belong to a connection the home opened: like a home router
+    with no port forwarded. The LAN's other hosts have no route to 10.77.1.0/24 at all."""
+
+    HOME, GATEWAY = "10.77.1.2", "10.77.1.1"
+
+    def __init__(self, lan: NamespaceLan, name: str = "home", wan_address: str = "10.77.0.254"):
+        self.lan, self.name, self.wan_address = lan, name, wan_address
+        self.router = lan.add_port(f"{name}-router", wan_address)
+        self.home = lan.namespace(name)
+        lan._add_namespace(self.home)
+        run = NamespaceLan._run
+        run("-n", self.router, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", self.home)
+        run("-n", self.router, "addr", "add", f"{self.GATEWAY}/24", "dev", "lan0")
+        run("-n", self.router, "link", "set", "lan0", "up")
+        run("-n", self.home, "addr", "add", f"{self.HOME}/24", "dev", "eth0")
+        run("-n", self.home, "link", "set", "eth0", "up")
+        run("-n", self.home, "link", "set", "lo", "up")
+        run("-n", self.home, "route", "add", "default", "via", self.GATEWAY)
+        for command in (["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                        ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"],
+                        ["iptables", "-P", "FORWARD", "DROP"],
+                        ["iptables", "-A", "FORWARD", "-i", "lan0", "-o", "eth0", "-j", "ACCEPT"],
+                        ["iptables", "-A", "FORWARD", "-i", "eth0", "-o", "lan0", "-m", "conntrack", "--ctstate",
+                         "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                        ["iptables", "-P", "INPUT", "DROP"],  # nothing on the router itself either
+                        ["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j",
+                         "ACCEPT"]):
+            done = subprocess.run(["ip", "netns", "exec", self.router, *command], capture_output=True, text=True,
+                                  timeout=30)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} in the router failed: {done.stderr.strip()}")
+
+    def prefix(self) -> List[str]:
+        """Command prefix that runs a program in the home, behind the NAT."""
+        return ["ip", "netns", "exec", self.home]

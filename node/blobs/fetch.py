@@ -27,6 +27,7 @@ from protocol.blob_wire import BLOB_STREAM_PROTOCOL, BlobRequest
 from protocol.errors import HashMismatch, InvalidBlobResponse
 from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
 from node.blobs.banlist import BanList
+from node.blobs.direct import DirectRoutes
 from node.blobs.partial import PartialDownload
 from node.blobs.schedule import ChunkScheduler, OrderedHasher
 from node.blobs.stream import StreamClosed, StreamReceiver, StreamStalled
@@ -84,7 +85,11 @@ class _Provider:
     active: bool = True
 
 
-async def _open(p2p, provider: _Provider, timeout: float):
+async def _open(p2p, provider: _Provider, timeout: float, direct: Optional[DirectRoutes] = None):
+    if direct is not None:  # the fast path where the provider offers one (see node.blobs.direct)
+        stream = await direct.open(p2p, provider.peer, timeout)
+        if stream is not None:
+            return stream
     try:
         _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(provider.peer, BLOB_STREAM_PROTOCOL),
                                                    timeout)
@@ -111,8 +116,9 @@ async def _expect_ok(stream: StreamReceiver, expected_length: int, timeout: floa
 class _Download:
     def __init__(self, p2p, ref: BlobRef, providers: Sequence[object], partial: PartialDownload, *,
                  bans: BanList, report: FetchReport, progress: Optional[Progress], executor: ThreadPoolExecutor,
-                 streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float) -> None:
-        self.p2p, self.ref, self.partial = p2p, ref, partial
+                 streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float,
+                 direct: Optional[DirectRoutes] = None) -> None:
+        self.p2p, self.ref, self.partial, self.direct = p2p, ref, partial, direct
         self.bans, self.report, self.progress, self.executor = bans, report, progress, executor
         self.streams_per_provider = streams_per_provider
         self.stall_timeout, self.min_rate, self.connect_timeout = stall_timeout, min_rate, connect_timeout
@@ -144,6 +150,14 @@ class _Download:
                 provider.active = False
                 self.reasons[provider.name] = f"banned earlier: {ban.reason}"
         return [provider for provider in self.providers if provider.active]
+
+    def _direct_failed(self, provider: _Provider, stream, error: Exception) -> bool:
+        """A fault on a direct TCP stream refuses the route, never bans: its bytes are unauthenticated
+        (an on-path forger could cause it). The stream's worker then starts over on p2p."""
+        if self.direct is None or not self.direct.carried(stream):
+            return False
+        self.direct.refuse(provider.name, f"{type(error).__name__}: {error}")
+        return True
 
     def _advance(self, chunk_bytes: int) -> None:
         self.done_bytes += chunk_bytes
@@ -191,9 +205,10 @@ class _Download:
         self.partial.record_verified(index)
         return True
 
-    async def _stream_worker(self, provider: _Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> None:
+    async def _stream_worker(self, provider: _Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> bool:
         """One stream to one provider: request chunks (two outstanding), read them, verify the previous
-        one on a worker thread while the next arrives."""
+        one on a worker thread while the next arrives. True: its direct route failed, start it again."""
+        restart = False
         loop = asyncio.get_running_loop()
         outstanding: list[int] = []  # requested on this stream, answers not read yet, in order
         verifying: Optional[asyncio.Future] = None  # (index, data, matches) of the last chunk read
@@ -213,7 +228,7 @@ class _Download:
             return index, data, await loop.run_in_executor(self.executor, self._verify_and_write, index, data)
 
         try:
-            stream = await _open(self.p2p, provider, self.connect_timeout)
+            stream = await _open(self.p2p, provider, self.connect_timeout, self.direct)
             while provider.active:
                 while len(outstanding) < 2:
                     index = scheduler.try_take() if outstanding or verifying else await scheduler.take()
@@ -241,20 +256,28 @@ class _Download:
                     settle(await pending)
                 verifying = asyncio.ensure_future(verify(outstanding.pop(0), data))
         except ProviderFault as error:
-            self._ban(provider, str(error))
+            restart = self._direct_failed(provider, stream, error)
+            if not restart:
+                self._ban(provider, str(error))
         except ProviderBusy as error:
             self.reasons.setdefault(provider.name, str(error))
         except (ProviderGone, StreamStalled, StreamClosed, ConnectionError) as error:
-            self._drop(provider, str(error))
+            restart = self._direct_failed(provider, stream, error)
+            if not restart:
+                self._drop(provider, str(error))
         finally:
             if verifying is not None:  # a chunk read before the stream failed is still worth keeping
                 try:
                     settle(await verifying)
                 except ProviderFault as error:
-                    self._ban(provider, str(error))
+                    if not self._direct_failed(provider, stream, error):
+                        self._ban(provider, str(error))
+                    else:
+                        restart = True
             scheduler.give_back(outstanding)
             if stream is not None:
                 stream.close()
+        return restart and provider.active
 
     async def fetch_chunks(self, missing: list[int], hasher: OrderedHasher) -> None:
         scheduler = ChunkScheduler(missing)
@@ -266,8 +289,9 @@ class _Download:
             while workers and not scheduler.finished:
                 finished, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
-                    workers.pop(task)
-                    task.result()  # workers catch provider errors; anything else is a bug worth seeing
+                    provider = workers.pop(task)
+                    if task.result():  # (provider errors are caught; anything else is a bug worth seeing)
+                        workers[asyncio.create_task(self._stream_worker(provider, scheduler, hasher))] = provider
         finally:
             for task in workers:
                 task.cancel()
@@ -280,7 +304,7 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
                      bans: Optional[BanList] = None, progress: Optional[Progress] = None,
                      report: Optional[FetchReport] = None, streams_per_provider: int = 2,
                      stall_timeout: float = 10.0, min_rate: float = 64 * 1024,
-                     connect_timeout: float = 15.0) -> Path:
+                     connect_timeout: float = 15.0, direct: Optional[DirectRoutes] = None) -> Path:
     """Fetch blob `ref` from `providers` (hivemind `PeerID`s) into `store`; return its path there.
 
     `ref` must come from a signed record: every chunk is checked against `ref.chunks_sha256`, the
@@ -288,7 +312,8 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
     to `bans` (and skipped while banned); one that sends nothing for `stall_timeout` seconds, or
     delivers a chunk slower than `min_rate` bytes/s, is dropped for this download; their chunks
     go to the others. `progress(verified_bytes, total_bytes)` is called as chunks are verified;
-    `report` (if given) is filled in as the download runs.
+    `report` (if given) is filled in as the download runs. With `direct`, chunks travel over direct
+    TCP where a provider offers it (`node.blobs.direct`), verified alike, with p2p as the fallback.
 
     Raises `BlobUnavailable` naming every provider and why it failed (the partial download is
     kept: a later call resumes it); `HashMismatch` if the signed ref is itself inconsistent;
@@ -303,7 +328,8 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"blob-{ref.sha256[:8]}")
     download = _Download(p2p, ref, providers, partial, bans=bans if bans is not None else BanList(), report=report,
                          progress=progress, executor=executor, streams_per_provider=streams_per_provider,
-                         stall_timeout=stall_timeout, min_rate=min_rate, connect_timeout=connect_timeout)
+                         stall_timeout=stall_timeout, min_rate=min_rate, connect_timeout=connect_timeout,
+                         direct=direct)
     hasher = OrderedHasher(ref.num_chunks, partial.read_chunk, executor)
     try:
         await download.obtain_digests()

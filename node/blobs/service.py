@@ -1,8 +1,12 @@
 """A node's blobs on the network: its `BlobStore`, served over hivemind streams and fetched from
-the providers the DHT names. Runs on the node's `NetworkLoop`; callable from any thread."""
+the providers the DHT names. Runs on the node's `NetworkLoop`; callable from any thread.
+
+With `direct_host`, blobs are also served on a direct TCP port there (`node.blobs.direct`); fetches
+use a provider's direct port where it offers one, and p2p otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -11,25 +15,34 @@ from typing import Callable, Iterable, List, Optional
 from hivemind.p2p import PeerID
 
 from node.blobs.banlist import BanList
+from node.blobs.direct import DirectRoutes, DirectServer
 from node.blobs.fetch import BlobUnavailable, fetch_blob
 from node.blobs.server import BlobServer
 from node.blobs.store import BlobStore, CorruptBlob
 from node.swarm.membership import SwarmMembership
+from node.swarm.reachability import connected_ip, dial_through_relay
 from node.network import NetworkLoop
 from protocol.hashing import BlobRef
 
 logger = logging.getLogger("ddm_swarm.blobs")
+HOLE_PUNCH_WAIT_S = 10.0
 
 
 class BlobService:
-    def __init__(self, membership: SwarmMembership, store: BlobStore, loop: NetworkLoop, *, serve: bool = True):
+    def __init__(self, membership: SwarmMembership, store: BlobStore, loop: NetworkLoop, *, serve: bool = True,
+                 direct_host: Optional[str] = None, direct_port: int = 0):
         self.membership, self.store, self.loop = membership, store, loop
         self.bans = BanList()
+        self.routes = DirectRoutes()
         self.server: Optional[BlobServer] = None
+        self.direct: Optional[DirectServer] = None
         self.p2p = loop.run(membership.dht.replicate_p2p(), timeout=60)
         if serve:
             self.server = BlobServer(store)
             loop.run(self.server.start(self.p2p), timeout=60)
+            if direct_host is not None:
+                self.direct = DirectServer(self.server, direct_host, direct_port)
+                loop.run(self.direct.start(self.p2p), timeout=60)
 
     def providers(self, sha256: str, extra: Iterable[str] = ()) -> List[PeerID]:
         """Peers the DHT names as providers of `sha256` (and `extra` peer ids), never this peer."""
@@ -54,11 +67,43 @@ class BlobService:
             providers = self.providers(ref.sha256, extra_providers)
         if not providers:
             raise BlobUnavailable(ref, {}, ref.num_chunks)
-        return self.loop.run(fetch_blob(self.p2p, ref, providers, self.store, bans=self.bans, progress=progress),
-                             timeout=timeout)
+        try:
+            return self.loop.run(fetch_blob(self.p2p, ref, providers, self.store, bans=self.bans, progress=progress,
+                                            direct=self.routes), timeout=timeout)
+        except BlobUnavailable:
+            # providers behind NATs are reached through the relays they reserve a slot on (the
+            # swarm's initial peers); the partial download resumes where the first try stopped
+            relayed = self.loop.run(self._through_relays(providers), timeout=60)
+            if not relayed:
+                raise
+            logger.info(f"blob {ref.sha256[:12]}: reached {len(relayed)} provider(s) through a relay")
+            return self.loop.run(fetch_blob(self.p2p, ref, relayed, self.store, bans=self.bans, progress=progress),
+                                 timeout=timeout)
+
+    async def _through_relays(self, providers: List[PeerID]) -> List[PeerID]:
+        """The providers this peer has no connection to that it could reach through a relay."""
+        connected = {info.peer_id for info in await self.p2p.list_peers()}
+        reached = []
+        for peer in providers:
+            if peer in connected:
+                continue
+            for relay in self.membership.initial_peers:
+                if await dial_through_relay(self.p2p, peer, relay):
+                    reached.append(peer)
+                    break
+        # p2pd's relay carries 128 KiB per circuit (its -relayDataLimit is not applied): blobs need
+        # the direct connection that hole punching makes out of the relayed one; give it a moment
+        deadline = time.monotonic() + HOLE_PUNCH_WAIT_S
+        while reached and time.monotonic() < deadline:
+            if all([await connected_ip(self.p2p, peer) for peer in reached]):
+                break
+            await asyncio.sleep(0.25)
+        return reached
 
     def stop(self) -> None:
         try:
+            if self.direct is not None:
+                self.loop.run(self.direct.stop(), timeout=10)
             if self.server is not None:
                 self.loop.run(self.server.stop(), timeout=10)
             self.loop.run(self.p2p.shutdown(), timeout=10)

@@ -10,6 +10,9 @@ import typer
 from rich.console import Console
 
 from node.cli.app import InitialPeersOption, SwarmOption, app, console, fail, setup_logging
+from node.cli.network_options import (AnnounceOption, AutoRelayOption, DirectPortOption, NatTraversalOption,
+                                      PortMapOption, ReachabilityOption, RelayOption, RelayServiceOption,
+                                      network_options)
 from node.errors import NodeError
 from protocol.errors import ProtocolError
 from protocol.jobs import Job
@@ -45,6 +48,14 @@ def node(
     threads: int = typer.Option(1, help="torch threads (one per core; several nodes on a machine share them)."),
     device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1 …"),
     seed: int = typer.Option(0, help="Training seed (a restart must use the same one)."),
+    announce: Optional[List[str]] = AnnounceOption,
+    reachability: str = ReachabilityOption,
+    relay: bool = RelayOption,
+    auto_relay: Optional[bool] = AutoRelayOption,
+    relay_service: Optional[bool] = RelayServiceOption,
+    nat_traversal: bool = NatTraversalOption,
+    port_map: bool = PortMapOption,
+    direct_port: int = DirectPortOption,
 ) -> None:
     """Join a swarm, claim the job that most needs work, train it, announce and serve checkpoints."""
     from node.cli.node_view import NodeView
@@ -58,7 +69,9 @@ def node(
         peers = initial_peers or list(manifest.bootstrap_peers)
         options = NodeOptions(data_dir=data_dir, initial_peers=peers, host=host, port=port,
                               job=parse_job(job, manifest), model=model, max_steps=max_steps, max_minutes=max_minutes,
-                              exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed, device=device)
+                              exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed, device=device,
+                              network=network_options(announce, reachability, relay, auto_relay, relay_service,
+                                                      nat_traversal, port_map, direct_port))
         swarm_node = SwarmNode(manifest, options)
         with NodeView(manifest.name, console) as view:
             swarm_node.on_status = view.update

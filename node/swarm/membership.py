@@ -20,6 +20,7 @@ from hivemind.p2p import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 
+from node.swarm.reachability import NetworkOptions, extra_p2pd_flags, p2p_options
 from node.swarm.validator import SwarmRecordValidator
 from node.errors import InvalidPeerAddress, JoinFailed, PublishFailed
 from protocol import keys
@@ -58,8 +59,9 @@ class _NodeDHT(DHT):
     SIGTERM reach only the node, which then shuts the DHT (and its p2pd) down in order, after
     releasing its claim. If the node dies instead, `_end_with_parent` ends this process and p2pd."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, p2pd_flags: Optional[dict] = None, **kwargs):
         self._node_pid = os.getpid()  # before DHT.__init__, which forks the DHT process when start=True
+        self._p2pd_flags = dict(p2pd_flags or {})
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
@@ -67,7 +69,8 @@ class _NodeDHT(DHT):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # watch from the first moment: the node may be killed while this process is still starting
         threading.Thread(target=_end_with_parent, args=(self._node_pid,), name="end-with-node", daemon=True).start()
-        super().run()
+        with extra_p2pd_flags(self._p2pd_flags):  # this process starts p2pd
+            super().run()
 
 
 # A killed node's DHT process and p2pd end within ~2 s (see _end_with_parent); a loaded machine may take longer.
@@ -79,31 +82,39 @@ class SwarmMembership:
 
     def __init__(self, manifest: SwarmManifest, identity: Identity, *, initial_peers: Sequence[str] = (),
                  host: str = "127.0.0.1", port: int = 0, p2p_identity_path: Optional[str] = None,
-                 announce_maddrs: Sequence[str] = (), client_mode: bool = False, nat_traversal: bool = False):
+                 client_mode: bool = False, network: Optional[NetworkOptions] = None, reachable: bool = True):
+        """`network` None: a short-lived client (status, generate): IPv4, hole punching, no relay
+        service. Otherwise as `network` says for a peer found `reachable` (or not) at start."""
         self.manifest, self.identity = manifest, identity
         self.swarm_id = manifest.swarm_id
         self.policy = RecordPolicy(manifest)
         self.records = RecordCache()  # a key is read again and again; verify each record's signature once
         self.initial_peers = check_initial_peers(initial_peers)
         self._lock = threading.Lock()  # hivemind's DHT handle is driven through one pipe: one call at a time
-        options = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"], nat_port_map=nat_traversal, auto_nat=nat_traversal,
-                       client_mode=client_mode, record_validators=[SwarmRecordValidator(manifest)])
+        flags: dict = {}
+        if network is None:
+            # AutoNAT brings hole punching (DCUtR) along: a relayed connection to a provider behind
+            # a NAT is upgraded to a direct one, which p2pd's relay (128 KiB per circuit) needs
+            options: dict = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"], nat_port_map=False, auto_nat=True)
+        else:
+            options, flags = p2p_options(network, host, port, reachable=reachable)
+            if not reachable and self.initial_peers:  # relays to reserve a slot on: the peers we join through
+                options["trusted_relays"] = list(self.initial_peers)
+        options.update(client_mode=client_mode, record_validators=[SwarmRecordValidator(manifest)])
         if p2p_identity_path:
             options["identity_path"] = p2p_identity_path
-        if announce_maddrs:
-            options["announce_maddrs"] = list(announce_maddrs)
-        self.dht = self._start_dht(options, p2p_identity_path)
+        self.dht = self._start_dht(options, flags, p2p_identity_path)
         self.peer_id = str(self.dht.peer_id)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
 
-    def _start_dht(self, options: dict, p2p_identity_path: Optional[str]) -> "_NodeDHT":
+    def _start_dht(self, options: dict, flags: dict, p2p_identity_path: Optional[str]) -> "_NodeDHT":
         """Start the DHT process and p2pd. A node restarted right after a kill may find its previous
         daemon still answering for its peer id (it stops within seconds of its node's death, see
         `_end_with_parent`): that case is retried for IDENTITY_RELEASE_S before it is an error."""
         deadline = time.monotonic() + IDENTITY_RELEASE_S
         while True:
             try:
-                return _NodeDHT(initial_peers=self.initial_peers or None, start=True, **options)
+                return _NodeDHT(initial_peers=self.initial_peers or None, start=True, p2pd_flags=flags, **options)
             except P2PDaemonError as error:
                 if self.initial_peers and "bootstrap" in str(error):
                     raise JoinFailed("none of the initial peers answered: " + ", ".join(self.initial_peers)

@@ -17,6 +17,7 @@ stays in its store (see `node.checkpoints.published`).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import signal
@@ -50,6 +51,7 @@ from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
 from node.trainer.state import JobFile, NodeOptions, NodeState, NodeStatus, TrainingSummary
 from node.swarm.presence import Presence
+from node.swarm.reachability import DialBackService, probe_reachability
 from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
 from node.trainer.resume import announce_again, resume_from_swarm
 from protocol.hashing import BlobRef
@@ -143,10 +145,16 @@ class SwarmNode:
     def _join(self) -> None:
         stop = self._teardown.callback
         # nothing is written to the data folder until the node has joined
+        network = self.options.network
+        self.reachability = asyncio.run(probe_reachability(self.options.initial_peers, self.options.host,
+                                                           self.options.port, network))
+        logger.info(f"reachability: {self.reachability.describe()}")
+        reachable = self.reachability.reachable
         with identities_for_join(self.data_dir / "identity.pem", self.data_dir / "p2p.key") as (identity, p2p_key):
-            self.membership = SwarmMembership(
+            self.membership = SwarmMembership(  # an unreachable node is a DHT client: it stores no keys
                 self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
-                port=self.options.port, p2p_identity_path=p2p_key)
+                port=self.options.port, p2p_identity_path=p2p_key, network=network, reachable=reachable,
+                client_mode=not reachable)
             stop(self.membership.shutdown)  # before the identity files are written: that can fail too
         self._data_dir_lock = hold_exclusive_lock(self.data_dir / "node.lock", f"data dir {self.data_dir}")
         for problem in self.membership.beacon_problems():
@@ -159,8 +167,13 @@ class SwarmNode:
         corrupt = self.store.verify_all()  # a crash or a bad disk must not leave us serving bad bytes
         if corrupt:
             logger.warning(f"quarantined {len(corrupt)} corrupt blob(s) found at start-up")
-        self.blobs = BlobService(self.membership, self.store, self.loop)
+        direct_host = None if network.direct_port is None or not reachable else self.options.host
+        self.blobs = BlobService(self.membership, self.store, self.loop, direct_host=direct_host,
+                                 direct_port=network.direct_port or 0)
         stop(self.blobs.stop)
+        self.dial_back = DialBackService()  # others ask this node whether they can be dialed
+        self.loop.run(self.dial_back.start(self.blobs.p2p), timeout=60)
+        stop(lambda: self.loop.run(self.dial_back.stop(), timeout=10))
         self.presence = Presence(self.membership, role="trainer")
         self.announcer = Announcer(self.membership, self.presence, lambda: self.trainer.step if self.trainer else 0)
         stop(self.announcer.stop, release=True)  # gives the job back, then the OFFLINE tombstone

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from node.checkpoints.published import UnreadableNodeFile
 from node.files import atomic_write_bytes
+from node.swarm.reachability import NetworkOptions
 from protocol.jobs import InvalidJob, Job
 
 
@@ -54,6 +55,7 @@ class NodeOptions:
     seed: int = 0
     device: str = "cpu"
     slice_s: float = 2.0  # train this long between looks at the outside world
+    network: NetworkOptions = field(default_factory=NetworkOptions)  # how this node is reached
 
 
 @dataclass

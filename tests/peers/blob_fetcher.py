@@ -1,7 +1,7 @@
 """A real downloading peer for the blob tests: joins the providers' DHT and runs `fetch_blob`.
 
     python tests/peers/blob_fetcher.py --store DIR --ref SHA256:SIZE:CHUNKS_SHA256 --providers PEER_ID ...
-        --initial-peers MADDR ... [--stall-timeout S] [--streams N]
+        --initial-peers MADDR ... [--stall-timeout S] [--streams N] [--direct]
 
 Prints JSON lines: {"event": "progress", "done": bytes, "total": bytes} as chunks verify, then
 {"event": "done", "path": ..., "report": {...}} or {"event": "error", "type": ..., "message": ...}.
@@ -18,6 +18,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 
 from node.blobs.banlist import BanList
+from node.blobs.direct import DirectRoutes
 from node.blobs.fetch import FetchReport, fetch_blob
 from node.blobs.store import BlobStore
 from protocol.hashing import BlobRef
@@ -34,13 +35,15 @@ async def run(args: argparse.Namespace) -> None:
               nat_port_map=False, auto_nat=False)
     p2p = await dht.replicate_p2p()
     report, bans = FetchReport(), BanList()
+    routes = DirectRoutes() if args.direct else None
     try:
         path = await fetch_blob(p2p, ref, [PeerID.from_base58(p) for p in args.providers], BlobStore(args.store),
                                 bans=bans, report=report, stall_timeout=args.stall_timeout,
-                                streams_per_provider=args.streams,
+                                streams_per_provider=args.streams, direct=routes,
                                 progress=lambda done, total: say(event="progress", done=done, total=total))
         say(event="done", path=str(path), report=dataclasses.asdict(report),
-            bans={ban.peer: ban.reason for ban in bans})
+            bans={ban.peer: ban.reason for ban in bans},
+            direct={"opened": routes.opened, "refusals": routes.refusals} if routes else None)
     except Exception as error:
         say(event="error", type=type(error).__name__, message=str(error), report=dataclasses.asdict(report))
     finally:
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--initial-peers", nargs="+", required=True)
     parser.add_argument("--stall-timeout", type=float, default=10.0)
     parser.add_argument("--streams", type=int, default=2)
+    parser.add_argument("--direct", action="store_true", help="use providers' direct TCP ports where offered")
     asyncio.run(run(parser.parse_args()))
 
 

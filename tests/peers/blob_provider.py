@@ -1,7 +1,7 @@
 """A real provider peer for the blob tests: a hivemind DHT on 127.0.0.1, a BlobStore, a BlobServer.
 
     python tests/peers/blob_provider.py --store DIR --put FILE [--behaviour honest|corrupt|stall|bad-digests]
-        [--stall-after-bytes N] [--rate-mb-s R] [--initial-peers MADDR ...]
+        [--stall-after-bytes N] [--rate-mb-s R] [--initial-peers MADDR ...] [--direct]
 
 Prints JSON lines on stdout: first {"event": "ready", "maddrs": [...], "peer_id": ..., "ref": {...}},
 then {"event": "stats", ...} whenever its server's counters change. Behaviours:
@@ -9,7 +9,9 @@ then {"event": "stats", ...} whenever its server's counters change. Behaviours:
 - corrupt: one byte of every chunk of its stored copy is flipped on disk (its digests stay right);
 - bad-digests: its stored digest list is wrong;
 - stall: serves `--stall-after-bytes` body bytes honestly, then stops sending, keeping streams open.
-`--rate-mb-s` throttles every range it sends (a slow but honest peer).
+`--rate-mb-s` throttles every range it sends (a slow but honest peer). `--direct` also serves on a
+direct TCP port (node.blobs.direct); behaviour corrupt-direct flips a byte of every range sent there
+(an on-path forger's work: its p2p answers stay honest).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 
 from hivemind.dht import DHT
 
+from node.blobs.direct import DirectServer
 from node.blobs.server import BlobServer
 from node.blobs.store import BlobStore
 from protocol.blob_wire import BlobResponse
@@ -60,6 +63,17 @@ class MisbehavingServer(BlobServer):
                     await asyncio.sleep(len(data) / (self.rate_mb_s * 1e6))
 
 
+class ForgingServer(BlobServer):
+    """Answers ranges with one byte of each flipped (what a forger on the direct path would send)."""
+
+    async def send_range(self, writer, path, start, end) -> None:
+        with open(path, "rb", buffering=0) as source:
+            data = bytearray(os.pread(source.fileno(), end - start, start))
+        data[0] ^= 0xFF
+        writer.write(BlobResponse.ok(end - start).encode() + bytes(data))
+        await writer.drain()
+
+
 def spoil(store: BlobStore, sha256: str, behaviour: str) -> None:
     """Damage this peer's own copy on disk, the way a faulty or malicious peer would hold it."""
     if behaviour == "corrupt":
@@ -88,6 +102,9 @@ async def serve(args: argparse.Namespace) -> None:
     stall_after = args.stall_after_bytes if args.behaviour == "stall" else None
     server = MisbehavingServer(store, stall_after=stall_after, rate_mb_s=args.rate_mb_s)
     await server.start(p2p)
+    if args.direct or args.behaviour == "corrupt-direct":
+        direct_side = ForgingServer(store) if args.behaviour == "corrupt-direct" else server
+        await DirectServer(direct_side, "127.0.0.1").start(p2p)
     say(event="ready", maddrs=[str(m) for m in dht.get_visible_maddrs()], peer_id=p2p.peer_id.to_base58(),
         ref=ref.to_wire(), chunks=chunk_count(ref.size), chunk_bytes=CHUNK_BYTES)
     last = None
@@ -103,10 +120,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", required=True)
     parser.add_argument("--put", required=True)
-    parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall"], default="honest")
+    parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall", "corrupt-direct"], default="honest")
     parser.add_argument("--stall-after-bytes", type=int, default=8 * CHUNK_BYTES)
     parser.add_argument("--rate-mb-s", type=float, default=None)
     parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--direct", action="store_true")
     args = parser.parse_args()
     try:
         asyncio.run(serve(args))
