@@ -130,7 +130,7 @@ class SwarmNode:
         left = self.lease.job
         self._left_behind |= set(self.published.keep())
         if left in self.announcer.confirmed:
-            self._left_behind.add(self.announcer.confirmed[left])
+            self._left_behind |= self.announcer.confirmed[left]
         self._give_back_job()
 
     def _on_signal(self, *_) -> None:
@@ -272,7 +272,7 @@ class SwarmNode:
         own = set(self.published.keep()) if self.published else set()
         own |= self._left_behind
         if self.lease is not None and self.lease.job in self.announcer.confirmed:
-            own.add(self.announcer.confirmed[self.lease.job])
+            own |= self.announcer.confirmed[self.lease.job]
         if self.parent_blob:
             own.add(self.parent_blob)
         return own
