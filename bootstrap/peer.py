@@ -50,5 +50,9 @@ class BootstrapPeer:
                     logger.warning(f"announcement failed, retrying in {period:.0f} s: {error}")
                 self._stop.wait(period)
         finally:
-            self.presence.leave()
-            self.membership.shutdown()
+            self.close()
+
+    def close(self) -> None:
+        """Leave the swarm: a tombstone for the presence record, then the DHT down."""
+        self.presence.leave()
+        self.membership.shutdown()
