@@ -15,7 +15,7 @@ from typing import List, Optional
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.announcer import Announcer
-from node.checkpoints.acceptance import check_header, find_acceptable, rank
+from node.checkpoints.acceptance import Search, check_header, find_acceptable, rank
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.swarm.membership import SwarmMembership
@@ -53,9 +53,12 @@ def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMember
         check_header(path, record, manifest)  # what its record says: job, model, step
         trainer.init_from_checkpoint(path)
 
+    search = Search()
     accepted = find_acceptable(newer, fetch=lambda record: blobs.fetch(record.blob), check=adopt,
                                membership=membership, store=store, manifest=manifest, rounds=RESUME_ROUNDS,
-                               pause_s=0.0)
+                               pause_s=0.0, search=search)
+    for sha, reason in search.refused:  # the operator sees why each newer checkpoint was not taken
+        logger.warning(f"cannot resume from {sha[:12]}: {reason}")
     return accepted.record if accepted else None
 
 
