@@ -135,7 +135,8 @@ def test_page_shows_every_job_with_its_trainer_progress_plot_and_samples_in_a_br
     rows = Rows()
     rows.feed(dom.stdout)
     assert set(rows.rows) == set(JOBS)  # every job of the manifest, trained or not
-    assert expert0["trainers"][0] in rows.rows["expert/0"] and "80" in rows.rows["expert/0"]
+    assert expert0["trainers"][0] in rows.rows["expert/0"] and "tiny-fm" in rows.rows["expert/0"]
+    assert "checkpoints ·" in rows.rows["expert/0"]  # the plot's label: its point count and range
     assert "none" in rows.rows["expert/1"] and "no checkpoint yet" in rows.rows["router"]
     assert '<svg class="plot"' in dom.stdout and 'src="/samples.png' in dom.stdout
     assert "http://" not in dom.stdout.replace(swarm["url"], "").replace("http://www.w3.org/2000/svg", "")
