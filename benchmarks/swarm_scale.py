@@ -172,11 +172,11 @@ class LightPeer:
 
 
 def light_record(membership: SwarmMembership, job: Job, step: int):
-    hasher = BlobHasher()
-    hasher.update(os.urandom(4096))
-    blob = hasher.finish()
+    blob, inference = BlobHasher(), BlobHasher()
+    blob.update(os.urandom(4096))
+    inference.update(os.urandom(512))
     manifest = membership.manifest
-    common = dict(step=step, samples_seen=64 * step, blob=blob, parent="")
+    common = dict(step=step, samples_seen=64 * step, blob=blob.finish(), inference=inference.finish(), parent="")
     if job.is_router:
         return new_checkpoint_record(membership, RouterRecord, model=manifest.router.name,
                                      spec_hash=manifest.router.spec_hash, num_clusters=manifest.num_clusters,

@@ -28,6 +28,10 @@ def bootstrap(
     shards: Optional[Path] = typer.Option(None, help="Folder of the swarm's data shards to seed (default: the one "
                                           "`swarm create` wrote beside the manifest; a bundled swarm's is re-created "
                                           "from its package)."),
+    web: Optional[int] = typer.Option(None, help="Serve the swarm's live status page (and /api/status) on this port."),
+    web_host: str = typer.Option("127.0.0.1", help="Address the status page listens on (with --web)."),
+    samples_every: Optional[float] = typer.Option(None, help="With --web: sample the ensemble every this many seconds "
+                                                            "(default: only when asked on the page)."),
 ) -> None:
     """Run a long-lived bootstrap peer with a stable peer id, seeding the swarm's data shards, and print its multiaddrs."""
     from bootstrap.peer import BootstrapPeer
@@ -47,8 +51,25 @@ def bootstrap(
     print("nodes join with:", flush=True)
     for maddr in peer.maddrs:
         print(f"  --initial-peers {maddr}", flush=True)
+    server = None
+    if web is not None:
+        from node.web.samples import SampleGrid
+        from node.web.server import StatusServer
+
+        try:
+            samples = SampleGrid(manifest, peer.maddrs, cache_dir=identity.parent / "web-cache")
+            server = StatusServer(peer.membership, host=web_host, port=web, samples=samples,
+                                  samples_every_s=samples_every).start()
+        except Exception as error:
+            peer.close()
+            fail(error)
+        print(f"status page: {server.url}", flush=True)
     print("ready (Ctrl-C to stop)", flush=True)
-    peer.run()
+    try:
+        peer.run()
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def shard_folder_for(swarm: str, manifest, given: Optional[Path]) -> Optional[Path]:

@@ -72,9 +72,13 @@ class BootstrapPeer:
                     logger.warning(f"announcement failed, retrying in {period:.0f} s: {error}")
                 self._stop.wait(period)
         finally:
-            if self.seeder is not None:
-                self.seeder.stop()
-            self.presence.leave()
-            self.loop.run(self.dial_back.stop(), timeout=10)
-            self.loop.stop()
-            self.membership.shutdown()
+            self.close()
+
+    def close(self) -> None:
+        """Leave the swarm: stop seeding, a tombstone for the presence record, then the DHT down."""
+        if self.seeder is not None:
+            self.seeder.stop()
+        self.presence.leave()
+        self.loop.run(self.dial_back.stop(), timeout=10)
+        self.loop.stop()
+        self.membership.shutdown()

@@ -1,8 +1,14 @@
-"""The publishable checkpoint: one safetensors file, self-describing, checked before use.
+"""The publishable checkpoint: safetensors files, self-describing, checked before use.
 
-Tensors: `ema/<param>` (the weights for generation), optionally `train/<param>` (the raw training
-weights) and `optim/<param>/exp_avg|exp_avg_sq` (AdamW moments), so another node can continue
-training from it. Metadata (safetensors' str -> str header): format, kind (expert | router),
+A checkpoint comes in two contents (the header's `contents`):
+- "training" (the state): `ema/<param>` (the weights for generation), optionally `train/<param>`
+  (the raw training weights) and `optim/<param>/exp_avg|exp_avg_sq` (AdamW moments), in float32, so
+  another node can continue training from it;
+- "inference" (the export): the EMA weights alone under their plain parameter names, in bfloat16 or
+  float16 (`INFERENCE_DTYPES`), about 1/8 of the state: what a generator downloads. It is derived
+  from a state file by `write_inference_export`, so both hold the same EMA weights
+  (`check_same_weights`).
+Metadata (safetensors' str -> str header): format, kind (expert | router),
 objective, config (canonical JSON), config_hash, cluster, step, samples_seen, held-out metric and
 its name, optimizer step, and a free JSON `extra`.
 
@@ -33,6 +39,8 @@ from ddm_models.errors import ModelError
 
 FORMAT = "ddm-swarm/checkpoint/1"
 KINDS = ("expert", "router")
+CONTENTS = ("training", "inference")
+INFERENCE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InvalidCheckpoint(ModelError, ValueError):
@@ -53,6 +61,7 @@ class CheckpointMetadata:
     heldout_metric_name: str = "loss"
     optimizer_step: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    contents: str = "training"  # or "inference": EMA weights only, 16-bit
 
     @property
     def objective(self) -> str:
@@ -70,7 +79,7 @@ class CheckpointMetadata:
             "heldout_metric": "" if self.heldout_metric is None else repr(float(self.heldout_metric)),
             "heldout_metric_name": self.heldout_metric_name,
             "optimizer_step": "" if self.optimizer_step is None else str(self.optimizer_step),
-            "extra": json.dumps(self.extra, sort_keys=True),
+            "extra": json.dumps(self.extra, sort_keys=True), "contents": self.contents,
         }
 
     @classmethod
@@ -95,7 +104,8 @@ class CheckpointMetadata:
                            heldout_metric=float(header["heldout_metric"]) if header["heldout_metric"] else None,
                            heldout_metric_name=header["heldout_metric_name"],
                            optimizer_step=int(header["optimizer_step"]) if header["optimizer_step"] else None,
-                           extra=json.loads(header["extra"]))
+                           extra=json.loads(header["extra"]),
+                           contents=header.get("contents", "training"))  # files before exports have none
         except (KeyError, ValueError, TypeError, InvalidConfig) as error:
             if isinstance(error, InvalidCheckpoint):
                 raise
@@ -111,6 +121,8 @@ class CheckpointMetadata:
             raise InvalidCheckpoint(f"{where}: held-out metric is {metadata.heldout_metric}")
         if not isinstance(metadata.extra, dict):
             raise InvalidCheckpoint(f"{where}: 'extra' must be a JSON object")
+        if metadata.contents not in CONTENTS:
+            raise InvalidCheckpoint(f"{where} has contents {metadata.contents!r}, expected one of {CONTENTS}")
         return metadata
 
 
@@ -180,9 +192,13 @@ def read_checkpoint(path: str | Path | bytes) -> tuple[CheckpointMetadata, dict[
     if header and "checksum" in header and header["checksum"] != content_checksum(header, tensors):
         raise InvalidCheckpoint(f"{where} is corrupt: its contents do not match the checksum written with them")
     metadata = CheckpointMetadata.from_header(header, where)
+    inference = metadata.contents == "inference"
     for name, tensor in tensors.items():
-        if not name.startswith(("ema/", "train/", "optim/")):
-            raise InvalidCheckpoint(f"{where} has an unexpected tensor {name!r}")
+        if ("/" in name) if inference else not name.startswith(("ema/", "train/", "optim/")):
+            raise InvalidCheckpoint(f"{where} has an unexpected tensor {name!r} for {metadata.contents} contents")
+        if inference and tensor.dtype not in INFERENCE_DTYPES.values():
+            raise InvalidCheckpoint(f"{where}: inference tensor {name!r} is {tensor.dtype}, expected one of "
+                                    f"{sorted(INFERENCE_DTYPES)}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidCheckpoint(f"{where}: tensor {name!r} has NaN or infinite values")
     return metadata, tensors
@@ -192,6 +208,40 @@ def _header_of(data: bytes) -> dict[str, str] | None:
     """The `__metadata__` of a safetensors buffer (8-byte little-endian header length, JSON header)."""
     length = int.from_bytes(data[:8], "little")
     return json.loads(data[8:8 + length]).get("__metadata__")
+
+
+def write_inference_export(state: str | Path, path: str | Path, dtype: str = "bfloat16") -> Path:
+    """Write the inference export of the checkpoint file `state` to `path` (atomically): its EMA
+    weights cast to `dtype` ("bfloat16" or "float16"), its metadata with contents "inference"."""
+    if dtype not in INFERENCE_DTYPES:
+        raise InvalidCheckpoint(f"inference exports are {sorted(INFERENCE_DTYPES)}, not {dtype!r}")
+    metadata, tensors = read_checkpoint(state)
+    if metadata.contents != "training":
+        raise InvalidCheckpoint(f"{state} is already an inference export")
+    weights = {name: value.to(INFERENCE_DTYPES[dtype]) if value.is_floating_point() else value
+               for name, value in state_dict_part(tensors, "ema").items()}
+    export = dataclasses.replace(metadata, contents="inference", optimizer_step=None)
+    return write_checkpoint(path, export, weights)
+
+
+def check_same_weights(state: str | Path, inference: str | Path) -> None:
+    """Raise `InvalidCheckpoint` unless the inference export `inference` is exactly the EMA weights
+    of the state file `state` (cast to the export's dtype) with the same metadata: what a peer holding
+    both blobs of one record checks, since a generator sees only the export."""
+    state_metadata, state_tensors = read_checkpoint(state)
+    export_metadata, export_tensors = read_checkpoint(inference)
+    if (state_metadata.contents, export_metadata.contents) != ("training", "inference"):
+        raise InvalidCheckpoint(f"{state} and {inference} are not a state file and its inference export")
+    expected_metadata = dataclasses.replace(state_metadata, contents="inference", optimizer_step=None)
+    if export_metadata != expected_metadata:
+        raise InvalidCheckpoint(f"{inference}: its metadata differs from the state file's")
+    ema = state_dict_part(state_tensors, "ema")
+    if set(ema) != set(export_tensors):
+        raise InvalidCheckpoint(f"{inference} holds other tensors than the state file's EMA weights")
+    for name, value in ema.items():
+        exported = export_tensors[name]
+        if exported.shape != value.shape or not torch.equal(exported, value.to(exported.dtype)):
+            raise InvalidCheckpoint(f"{inference}: {name} is not the state file's EMA weight")
 
 
 def state_dict_part(tensors: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
@@ -236,10 +286,27 @@ def check_training_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
             raise InvalidCheckpoint(f"{where}: optimizer state of {name} has the wrong shape")
 
 
+def _weights(model: torch.nn.Module, metadata: CheckpointMetadata, tensors: dict[str, torch.Tensor],
+             weights: str, where: str) -> dict[str, torch.Tensor]:
+    """The state dict to load into `model` (in the model's dtypes): `weights` ("ema" or "train") of
+    a training file, the 16-bit weights of an inference export (which has only the EMA)."""
+    if metadata.contents == "training":
+        state = state_dict_part(tensors, weights)
+        check_state_matches(model, state, where)
+        check_training_state(model, tensors, where)
+        return state
+    if weights != "ema":
+        raise InvalidCheckpoint(f"{where} is an inference export: it holds the EMA weights only, not {weights!r}")
+    expected = model.state_dict()
+    state = {name: value.to(expected[name].dtype) if name in expected else value for name, value in tensors.items()}
+    check_state_matches(model, state, where)
+    return state
+
+
 def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema",
-                dtype: torch.dtype | None = None):
-    """A `LoadedExpert` (eval mode) from a validated expert checkpoint; `weights` "ema" (for
-    generation) or "train"; `dtype` casts the weights (bf16 on a GPU: `devices.inference_dtype`)."""
+                dtype: torch.dtype | None = torch.float32):
+    """A `LoadedExpert` (eval mode, parameters in `dtype`) from a validated expert checkpoint, a
+    training file or an inference export; `weights` "ema" (for generation) or "train"."""
     from ddm_models.experts import build_expert
     from ddm_models.objectives import objective_for
     from ddm_models.sampling import LoadedExpert
@@ -249,18 +316,15 @@ def load_expert(path: str | Path | bytes, *, device: torch.device | str = "cpu",
     if metadata.kind != "expert":
         raise InvalidCheckpoint(f"{where} holds a {metadata.kind}, not an expert")
     model = build_expert(metadata.config)
-    state = state_dict_part(tensors, weights)
-    check_state_matches(model, state, where)
-    check_training_state(model, tensors, where)
-    model.load_state_dict(state)
+    model.load_state_dict(_weights(model, metadata, tensors, weights, where))
     return LoadedExpert(cluster=metadata.cluster, config=metadata.config,
                         objective=objective_for(metadata.config),
-                        model=model.to(device, dtype).eval().requires_grad_(False), metadata=metadata)
+                        model=model.to(device=device, dtype=dtype).eval().requires_grad_(False), metadata=metadata)
 
 
 def load_router(path: str | Path | bytes, *, device: torch.device | str = "cpu", weights: str = "ema",
-                dtype: torch.dtype | None = None):
-    """A `Router` (eval mode) from a validated router checkpoint, its weights cast to `dtype` if given."""
+                dtype: torch.dtype | None = torch.float32):
+    """A `Router` (eval mode, parameters in `dtype`) from a validated router checkpoint (either contents)."""
     from ddm_models.router import build_router
 
     where = "checkpoint bytes" if isinstance(path, bytes) else str(path)
@@ -268,8 +332,5 @@ def load_router(path: str | Path | bytes, *, device: torch.device | str = "cpu",
     if metadata.kind != "router":
         raise InvalidCheckpoint(f"{where} holds a {metadata.kind}, not a router")
     router = build_router(metadata.config)
-    state = state_dict_part(tensors, weights)
-    check_state_matches(router, state, where)
-    check_training_state(router, tensors, where)
-    router.load_state_dict(state)
-    return router.to(device, dtype).eval().requires_grad_(False)
+    router.load_state_dict(_weights(router, metadata, tensors, weights, where))
+    return router.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -216,6 +216,9 @@ class _Trainer:
         this trainer's."""
         metadata, tensors = read_checkpoint(path)
         where = "checkpoint" if isinstance(path, bytes) else str(path)
+        if metadata.contents != "training":
+            raise InvalidCheckpoint(f"{where} is an inference export (EMA weights in 16 bits): training continues "
+                                    "from a record's state blob")
         if metadata.kind != self.kind or metadata.config_hash != self.config.config_hash():
             raise InvalidCheckpoint(f"{where} is a {metadata.kind} with config {metadata.config_hash[:12]}, this "
                                     f"trainer needs a {self.kind} with config {self.config.config_hash()[:12]}")

@@ -153,13 +153,15 @@ class Claim(SignedRecord):
 
 @dataclass(frozen=True)
 class CheckpointRecord(SignedRecord):
-    """A trained expert checkpoint of one cluster, content-addressed by its blob."""
+    """A trained expert checkpoint of one cluster, content-addressed by its two blobs: the training
+    state (`blob`) and the inference export of the same EMA weights (`inference`)."""
 
     KIND: ClassVar[str] = "checkpoint"
     FIELDS: ClassVar = {**_common_fields(), "cluster": f.integer(0, 9999), "model": f.text(),
                         "objective": f.text(choices=OBJECTIVES), "spec_hash": f.sha256_hex(),
                         "step": f.integer(), "samples_seen": f.integer(), "heldout_loss": f.real(0.0),
-                        "blob": f.blob_ref(), "parent": f.sha256_hex(allow_empty=True), "created_at": f.real(0.0)}
+                        "blob": f.blob_ref(), "inference": f.blob_ref(), "parent": f.sha256_hex(allow_empty=True),
+                        "created_at": f.real(0.0)}
     swarm_id: str
     cluster: int
     model: str
@@ -168,7 +170,8 @@ class CheckpointRecord(SignedRecord):
     step: int
     samples_seen: int
     heldout_loss: float
-    blob: BlobRef
+    blob: BlobRef  # the training state (EMA, weights, AdamW moments): for resuming and mirrors
+    inference: BlobRef  # the EMA weights alone in 16 bits: what a generator fetches
     parent: str
     created_at: float
     expires_at: float
@@ -187,7 +190,7 @@ class RouterRecord(SignedRecord):
     KIND: ClassVar[str] = "router"
     FIELDS: ClassVar = {**_common_fields(), "model": f.text(), "spec_hash": f.sha256_hex(),
                         "num_clusters": f.integer(1, 9999), "step": f.integer(), "samples_seen": f.integer(),
-                        "heldout_accuracy": f.real(0.0, 1.0), "blob": f.blob_ref(),
+                        "heldout_accuracy": f.real(0.0, 1.0), "blob": f.blob_ref(), "inference": f.blob_ref(),
                         "parent": f.sha256_hex(allow_empty=True), "created_at": f.real(0.0)}
     swarm_id: str
     model: str
@@ -196,7 +199,8 @@ class RouterRecord(SignedRecord):
     step: int
     samples_seen: int
     heldout_accuracy: float
-    blob: BlobRef
+    blob: BlobRef  # the training state, as in CheckpointRecord
+    inference: BlobRef  # the EMA weights alone in 16 bits
     parent: str
     created_at: float
     expires_at: float

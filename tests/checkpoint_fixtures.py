@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ddm_models.checkpoint import CheckpointMetadata, checkpoint_tensors, write_checkpoint
+from safetensors import safe_open
+
+from ddm_models.checkpoint import (CheckpointMetadata, checkpoint_tensors, state_dict_part, write_checkpoint)
 from ddm_models.experts import build_expert
 from node.checkpoints.specs import expert_config
 from protocol.manifest import SwarmManifest
@@ -34,3 +36,14 @@ def write_expert_checkpoint(manifest: SwarmManifest, model: str, cluster: int, s
     metadata = CheckpointMetadata(kind="expert", config=config, cluster=cluster, step=step, samples_seen=32 * step,
                                   heldout_metric=0.01)
     return write_checkpoint(path, metadata, checkpoint_tensors(state, state))
+
+
+def write_export_as_is(state: Path, path: Path) -> Path:
+    """The inference export of the checkpoint file `state` as a lying peer would write it: its EMA
+    weights in bfloat16 and its header marked "inference", with no check of what it holds (so a
+    poisoned state gives an equally poisoned export)."""
+    with safe_open(str(state), framework="pt") as handle:
+        metadata = CheckpointMetadata.from_header(handle.metadata(), str(state))
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    weights = {name: value.to(torch.bfloat16) for name, value in state_dict_part(tensors, "ema").items()}
+    return write_checkpoint(path, dataclasses.replace(metadata, contents="inference", optimizer_step=None), weights)

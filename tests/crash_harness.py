@@ -146,7 +146,8 @@ class CrashLoop:
         announced = self._own_records("checkpoints", cluster=self.cluster) if (self.data_dir / "identity.pem").exists() \
             else []
         latest = max(announced, key=lambda r: (r.step, r.created_at), default=None)
-        present = latest is None or (store.has(latest.blob.sha256) and _verifies(store, latest.blob.sha256))
+        present = latest is None or all(store.has(ref.sha256) and _verifies(store, ref.sha256)
+                                        for ref in (latest.blob, latest.inference))  # the state and its export
         announced_step = latest.step if latest else -1
         return KillResult(kill, round(after_s, 1), self._phase(trained, announced_step), step_at_kill,
                           self._state_step(), announced_step, present, len(corrupt), len(stray))

@@ -51,9 +51,9 @@ blobs = st.builds(BlobRef, hex64, st.integers(0, 2**36), hex64)
 RECORDS = {
     "claim": st.builds(Claim, hex64, jobs, names, peer_ids, counts, st.sampled_from(["training", "released"]), times),
     "checkpoint": st.builds(CheckpointRecord, hex64, clusters, names, st.sampled_from(["fm", "ddpm"]), hex64,
-                            counts, counts, st.floats(0, 1e6), blobs, st.one_of(st.just(""), hex64), times, times),
+                            counts, counts, st.floats(0, 1e6), blobs, blobs, st.one_of(st.just(""), hex64), times, times),
     "router": st.builds(RouterRecord, hex64, names, hex64, st.integers(1, 9999), counts, counts, st.floats(0, 1),
-                        blobs, st.one_of(st.just(""), hex64), times, times),
+                        blobs, blobs, st.one_of(st.just(""), hex64), times, times),
     "provider": st.builds(ProviderRecord, hex64, hex64, peer_ids, maddr_lists, times),
     "peer": st.builds(PeerRecord, hex64, peer_ids, maddr_lists, st.sampled_from(["trainer", "client", "bootstrap"]),
                       st.one_of(st.just(""), jobs), st.sampled_from(["joining", "online", "offline"]), names, times),
@@ -206,9 +206,9 @@ def check_record_bytes(data: bytes) -> None:
     def accepted(record: SignedRecord) -> None:
         _assert(record.encode() == data, "an accepted record re-encodes to its bytes")
         _assert(_canonical_hex(record.signer), "the signer id is canonical hex")  # type: ignore[attr-defined]
-        blob = getattr(record, "blob", None)
-        if blob is not None:
-            _assert(_canonical_hex(blob.sha256), "the blob sha256 is canonical hex")
+        for blob in (getattr(record, "blob", None), getattr(record, "inference", None)):
+            if blob is not None:
+                _assert(_canonical_hex(blob.sha256), "the blob sha256 is canonical hex")
         job = getattr(record, "job", None)
         if job is not None:
             _assert(Job.parse(str(job)) == job, "the job names its cluster one way only")

@@ -32,6 +32,6 @@ def checkpoint_fields(m: SwarmManifest, **overrides) -> dict:
     now = time.time()
     fields = dict(swarm_id=m.swarm_id, cluster=1, model=spec.name, objective=spec.objective,
                   spec_hash=spec.spec_hash, step=100, samples_seen=6400, heldout_loss=0.25,
-                  blob=blob_ref_of(b"weights"), parent="", created_at=now, expires_at=now + 600)
+                  blob=blob_ref_of(b"weights"), inference=blob_ref_of(b"bf16 weights"), parent="", created_at=now, expires_at=now + 600)
     fields.update(overrides)
     return fields

@@ -122,10 +122,10 @@ class BootstrapProcess(LineProcess):
     """`ddm-swarm bootstrap` as a user runs it."""
 
     def __init__(self, manifest_path: Path, identity: Path, port: int = 0, initial_peers: List[str] = (),
-                 host: str = "127.0.0.1", prefix: List[str] = ()):
+                 host: str = "127.0.0.1", prefix: List[str] = (), extra: List[str] = ()):
         super().__init__([*prefix, sys.executable, "-m", "node.cli", "bootstrap", "--swarm", str(manifest_path),
                           "--identity", str(identity), "--host", host, "--port", str(port),
-                          *sum([["--initial-peers", p] for p in initial_peers], [])])
+                          *sum([["--initial-peers", p] for p in initial_peers], []), *extra])
         self.maddrs: List[str] = []
         while True:
             line = self.wait_for(lambda l: "--initial-peers" in l or l.startswith("ready"), timeout=60)

@@ -96,7 +96,8 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
                         "--step", str(10**6 + 2), str(10**6 + 1), str(10**6), "--store", str(tmp / "liar-store")],
                        env=child_env())
     swarm["others"].append(liar)
-    swarm["liar_shas"] = json.loads(liar.wait_for(lambda line: line.startswith("{"), timeout=90))["sha256s"]
+    announced_line = json.loads(liar.wait_for(lambda line: line.startswith("{"), timeout=90))
+    swarm["liar_shas"], swarm["liar_exports"] = announced_line["sha256s"], announced_line["inference_sha256s"]
     adversary = DhtPeer(swarm["path"], swarm["peers"], adversary=True)
     swarm["others"].append(adversary)
     assert adversary.call("flood", timeout=300, family="checkpoints", count=FLOOD, options={"cluster": 0})["stored"]
@@ -128,9 +129,10 @@ def test_honest_ensemble_assembles_despite_every_adversary(swarm):
     honest = {signer_of(swarm, name) for name in ("a", "b", "d")}
     assert {r.signer for r in used} <= honest
     assert not {r.blob.sha256 for r in used} & set(swarm["liar_shas"])
-    # the generator too downloaded the poisoned checkpoints (the highest steps) and refused each for what it is
+    assert not {r.inference.sha256 for r in used} & set(swarm["liar_exports"])
+    # the generator too downloaded the poisoned exports (the highest steps) and refused each for what it is
     output = " ".join((result.stdout + result.stderr).split())
-    nan_sha, narrow_sha, _ = swarm["liar_shas"]
+    nan_sha, narrow_sha, _ = swarm["liar_exports"]
     for sha, reason in ((nan_sha, "NaN"), (narrow_sha, "another architecture")):
         said = output.find(f"not used {sha[:16]}")
         assert said >= 0 and reason in output[said:said + 400], output[-3000:]

@@ -16,6 +16,7 @@ import pytest
 
 from ddm_models.checkpoint import read_checkpoint
 from node.blobs.store import BlobStore
+from protocol.records import decode_record
 from tests.crash_harness import TRAINING, tiny_crash_manifest
 from tests.swarm_harness import ROOT, BootstrapProcess, NodeProcess, run_cli, wait_until
 
@@ -106,7 +107,7 @@ def peers(swarm) -> list:
 def test_a_cached_checkpoint_that_rotted_on_disk_is_fetched_again_and_never_used(swarm):
     node = start_node(swarm, "--max-steps", "8")  # trains to step 8, then only serves: its record stays put
     node.wait_for(lambda line: "[serving]" in line, timeout=300)
-    sha = published(swarm)["blob"]
+    sha = decode_record(bytes.fromhex(published(swarm)["record"])).inference.sha256  # what a generator fetches
     cache = swarm["tmp"] / "client-cache"
     own = BlobStore(swarm["data_dir"] / "blobs")
     rotted = BlobStore(cache / "blobs").put_file(own.path(sha))  # as if an earlier fetch had cached it
@@ -120,7 +121,7 @@ def test_a_cached_checkpoint_that_rotted_on_disk_is_fetched_again_and_never_used
     assert result.returncode == 0, result.stdout + result.stderr
     assert "corrupt" in result.stderr and "again" in result.stderr  # said so, quarantined it, fetched it anew
     saved = json.loads((out / "ensemble.json").read_text())["checkpoints"]
-    assert [entry["file"].split("-")[-1] for entry in saved] == [f"{sha[:12]}.safetensors"]
+    assert [decode_record(bytes.fromhex(entry["record"])).inference.sha256 for entry in saved] == [sha]
     assert (out / saved[0]["file"]).read_bytes() == own.path(sha).read_bytes()
 
 

@@ -24,7 +24,7 @@ def record_for(path, *, cluster=0, step=40, model="tiny-fm"):
     spec = MANIFEST.expert_spec(model)
     now = time.time()
     return CheckpointRecord(MANIFEST.swarm_id, cluster, spec.name, spec.objective, spec.spec_hash, step, 32 * step,
-                            0.1, hasher.finish(), "", now, now + 600)
+                            0.1, hasher.finish(), hasher.finish(), "", now, now + 600)
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,6 @@ def test_client_on_another_host_fetches_both_experts_across_the_lan(lan):
     records = [decode_record(bytes.fromhex(entry["record"])) for entry in saved]
     assert sorted(r.cluster for r in records) == [0, 1]
     for entry, record in zip(saved, records):
-        assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == record.blob.sha256
+        assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == record.inference.sha256
     # the checkpoints' bytes reached the client through its own interface, from the other hosts
-    assert lan["lan"].received_bytes("client") - received >= sum(r.blob.size for r in records)
+    assert lan["lan"].received_bytes("client") - received >= sum(r.inference.size for r in records)

@@ -4,7 +4,8 @@ and a mirror share.
 A record is only a promise about a blob. In an open swarm anyone may announce thousands of records
 at any step, so:
 1. candidates are ranked best first (`rank`: latest step, then best held-out metric);
-2. before fetching anything, a record whose blob is larger than its model's checkpoint can be is
+2. before fetching anything, a record whose blob is larger than its model's checkpoint can be (per
+   blob kind, `size_limit`) is
    passed over (a garbage blob may not cost more than a real one), and providers are looked up for
    a batch of candidates in one DHT traversal: a record whose blob nobody provides is passed over
    without waiting (`obtainable`);
@@ -16,6 +17,10 @@ at any step, so:
 4. the search gives up on a job after `MAX_FAILURES` failed candidates, so a flood of records costs a
    bounded number of downloads; when every failure of a round was "unreachable", the job's records are
    read again (a trainer may have replaced the record we read by a newer one meanwhile).
+
+A record names two blobs (`BLOB_KINDS`): the training state, which resuming trainers and mirrors
+fetch, and the inference export, the only one a generator fetches. A search is about one of them
+(`blob=`); a mirror, which holds both, also checks that they hold the same EMA weights.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ddm_models.sampling import LoadedExpert
 from node.checkpoints.specs import expert_config, router_config
 from node.errors import NodeError
 from protocol.errors import ProtocolError
+from protocol.hashing import BlobRef
 from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord
 
@@ -44,10 +50,13 @@ Record = Union[CheckpointRecord, RouterRecord]
 T = TypeVar("T")
 MAX_FAILURES = 8
 LOOKUP_BATCH = 64
-# A checkpoint holds at most four float32 copies of the model's tensors (EMA, training weights and
-# two AdamW moments) and a small JSON header.
-_COPIES, _HEADER_BYTES = 4, 1 << 20
-_size_limits: Dict[Tuple[str, str], int] = {}
+BLOB_KINDS = ("state", "inference")
+# Bytes per model element a blob may hold: a state file at most four float32 copies of the model's
+# tensors (EMA, training weights and two AdamW moments), an inference export one 16-bit copy; each
+# with a small JSON header.
+_BYTES_PER_ELEMENT, _HEADER_BYTES = {"state": 4 * 4, "inference": 2}, 1 << 20
+_CONTENTS = {"state": "training", "inference": "inference"}
+_elements: Dict[Tuple[str, str], int] = {}
 
 
 class Unreachable(NodeError):
@@ -65,12 +74,18 @@ def rank(records: List[Record]) -> List[Record]:
     return sorted(records, key=lambda r: (-r.step, metric(r), -r.created_at))
 
 
-def check_header(path: Path, record: Record, manifest: SwarmManifest) -> CheckpointMetadata:
+def blob_of(record: Record, blob: str) -> BlobRef:
+    """The record's blob of kind `blob` ("state" or "inference")."""
+    return record.inference if blob == "inference" else record.blob
+
+
+def check_header(path: Path, record: Record, manifest: SwarmManifest, blob: str = "state") -> CheckpointMetadata:
     """Check a checkpoint file's header against its signed record before any tensor is loaded: the
-    kind, the architecture of the record's model in this swarm, the cluster and the step. A record
-    that points at another job's, another model's or an older checkpoint is refused here, so a
-    replayed or doctored record can neither poison an ensemble nor roll a job back."""
-    where = f"checkpoint {record.blob.sha256[:12]}"
+    contents its blob kind must have, the kind, the architecture of the record's model in this
+    swarm, the cluster and the step. A record that points at another job's, another model's or an
+    older checkpoint is refused here, so a replayed or doctored record can neither poison an
+    ensemble nor roll a job back."""
+    where = f"checkpoint {blob_of(record, blob).sha256[:12]}"
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = CheckpointMetadata.from_header(handle.metadata(), where)
@@ -78,6 +93,8 @@ def check_header(path: Path, record: Record, manifest: SwarmManifest) -> Checkpo
         if isinstance(error, InvalidCheckpoint):
             raise
         raise InvalidCheckpoint(f"{where} is not a readable safetensors file: {error}") from None
+    if metadata.contents != _CONTENTS[blob]:
+        raise InvalidCheckpoint(f"{where} holds {metadata.contents} contents, its record names it as the {blob} blob")
     if isinstance(record, RouterRecord):
         expected, cluster = router_config(manifest), -1
     else:
@@ -91,22 +108,24 @@ def check_header(path: Path, record: Record, manifest: SwarmManifest) -> Checkpo
     return metadata
 
 
-def check_expert(path: Path, record: CheckpointRecord, manifest: SwarmManifest) -> LoadedExpert:
-    """Load an expert checkpoint and check it is what its signed record says; `InvalidCheckpoint` if not."""
-    check_header(path, record, manifest)
+def check_expert(path: Path, record: CheckpointRecord, manifest: SwarmManifest, blob: str = "state") -> LoadedExpert:
+    """Load an expert checkpoint (its `blob` kind) and check it is what its signed record says (header,
+    architecture, step, finite weights); `InvalidCheckpoint` if not."""
+    check_header(path, record, manifest, blob)
     return load_expert(path)
 
 
-def check_router(path: Path, record: RouterRecord, manifest: SwarmManifest) -> Router:
-    check_header(path, record, manifest)
+def check_router(path: Path, record: RouterRecord, manifest: SwarmManifest, blob: str = "state") -> Router:
+    check_header(path, record, manifest, blob)
     return load_router(path)
 
 
-def check_loadable(path: Path, record: Record, manifest: SwarmManifest) -> Union[LoadedExpert, Router]:
+def check_loadable(path: Path, record: Record, manifest: SwarmManifest,
+                   blob: str = "state") -> Union[LoadedExpert, Router]:
     """The check for a record of either kind: the expert or the router it holds."""
     if isinstance(record, RouterRecord):
-        return check_router(path, record, manifest)
-    return check_expert(path, record, manifest)
+        return check_router(path, record, manifest, blob)
+    return check_expert(path, record, manifest, blob)
 
 
 @dataclass
@@ -134,37 +153,40 @@ class Search:
 def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record], Path],
                     check: Callable[[Path, Record], T], membership, store, manifest: SwarmManifest,
                     skip: Iterable[str] = (), rounds: int = 2, pause_s: float = 1.0,
-                    max_failures: int = MAX_FAILURES, search: Optional[Search] = None) -> Optional[Accepted[T]]:
+                    max_failures: int = MAX_FAILURES, search: Optional[Search] = None,
+                    blob: str = "state") -> Optional[Accepted[T]]:
     """The best record of `read()` whose blob `fetch` delivers and `check` accepts, or None.
 
     `fetch(record)` returns the verified file; `check(path, record)` returns what the caller keeps (a
     loaded expert, a header) or raises. Failures are sorted by type: `NodeError`/`TimeoutError` from
     fetching is unreachable; `ProtocolError` (bytes that do not hash to the record) and
     `InvalidCheckpoint`/`Refused` from checking are refused. Anything else propagates: it is a bug.
-    Blobs in `skip` (refused before) are not tried. `search` collects what was tried.
+    Blobs in `skip` (refused before) are not tried. `search` collects what was tried. `blob` is the
+    kind of blob the search is about (`BLOB_KINDS`): its sizes, providers and hashes are the ones
+    looked at, and `fetch` must fetch it.
     """
     search = search if search is not None else Search()
     tried: Set[str] = set(skip)
     for round_ in range(rounds):
         unreachable_before = len(search.unreachable)
-        fresh = [record for record in rank(read()) if record.blob.sha256 not in tried]
-        for record in obtainable(fresh, membership, store, manifest, search.passed):
+        fresh = [record for record in rank(read()) if blob_of(record, blob).sha256 not in tried]
+        for record in obtainable(fresh, membership, store, manifest, search.passed, blob):
             if search.failures >= max_failures:
                 logger.warning(f"gave up on this job after {search.failures} unusable checkpoints")
                 return None
-            tried.add(record.blob.sha256)
+            tried.add(blob_of(record, blob).sha256)
             try:
                 path = fetch(record)
             except ProtocolError as error:
-                _failed(search.refused, record, f"its bytes are not what its record names: {error}")
+                _failed(search.refused, record, f"its bytes are not what its record names: {error}", blob)
                 continue
             except (NodeError, TimeoutError) as error:
-                _failed(search.unreachable, record, f"could not fetch it: {error}")
+                _failed(search.unreachable, record, f"could not fetch it: {error}", blob)
                 continue
             try:
                 return Accepted(record, path, check(path, record))
             except (InvalidCheckpoint, Refused, ProtocolError) as error:
-                _failed(search.refused, record, str(error))
+                _failed(search.refused, record, str(error), blob)
         if len(search.unreachable) == unreachable_before or round_ == rounds - 1:
             break
         logger.info(f"reading the job's checkpoints again: {len(search.unreachable) - unreachable_before} were "
@@ -175,22 +197,22 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
     return None
 
 
-def _failed(where: List[Tuple[str, str]], record: Record, reason: str) -> None:
-    where.append((record.blob.sha256, reason))
-    logger.warning(f"skipping {record.KIND} {record.blob.sha256[:12]} (step {record.step}, signer "
+def _failed(where: List[Tuple[str, str]], record: Record, reason: str, blob: str) -> None:
+    sha = blob_of(record, blob).sha256
+    where.append((sha, reason))
+    logger.warning(f"skipping {record.KIND} {sha[:12]} (step {record.step}, signer "
                    f"{record.signer[:12]}): {reason}")
 
 
-def size_limit(record: Record, manifest: SwarmManifest) -> int:
-    """The largest blob (bytes) a checkpoint of `record`'s model can be."""
+def size_limit(record: Record, manifest: SwarmManifest, blob: str = "state") -> int:
+    """The largest blob (bytes) of kind `blob` a checkpoint of `record`'s model can be."""
     key = (manifest.swarm_id, "router" if isinstance(record, RouterRecord) else record.model)
-    if key not in _size_limits:
+    if key not in _elements:
         with torch.device("meta"):  # shapes only: no memory for weights
             model = (build_router(router_config(manifest)) if isinstance(record, RouterRecord)
                      else build_expert(expert_config(manifest.expert_spec(record.model), manifest)))
-        elements = sum(tensor.numel() for tensor in model.state_dict().values())
-        _size_limits[key] = _COPIES * 4 * elements + _HEADER_BYTES
-    return _size_limits[key]
+        _elements[key] = sum(tensor.numel() for tensor in model.state_dict().values())
+    return _BYTES_PER_ELEMENT[blob] * _elements[key] + _HEADER_BYTES
 
 
 @dataclass
@@ -209,22 +231,23 @@ class Passed:
 
 
 def obtainable(records: Iterable[Record], membership, store, manifest: SwarmManifest,
-               passed: Passed | None = None) -> Iterator[Record]:
-    """`records` (in the order given, best first) whose blob this node holds or someone provides,
-    and whose size is plausible for its model. `passed` counts the others."""
+               passed: Passed | None = None, blob: str = "state") -> Iterator[Record]:
+    """`records` (in the order given, best first) whose blob of kind `blob` this node holds or
+    someone provides, and whose size is plausible for its model. `passed` counts the others."""
     passed = passed if passed is not None else Passed()
     pending = list(records)
     for start in range(0, len(pending), LOOKUP_BATCH):
         batch = []
         for record in pending[start:start + LOOKUP_BATCH]:
-            if record.blob.size > size_limit(record, manifest):
+            if blob_of(record, blob).size > size_limit(record, manifest, blob):
                 passed.oversized += 1
             else:
                 batch.append(record)
-        unknown = [record.blob.sha256 for record in batch if not store.has(record.blob.sha256)]
+        unknown = [blob_of(r, blob).sha256 for r in batch if not store.has(blob_of(r, blob).sha256)]
         provided = membership.providers_of(unknown) if unknown else {}
         for record in batch:
-            if store.has(record.blob.sha256) or record.blob.sha256 in provided:
+            sha = blob_of(record, blob).sha256
+            if store.has(sha) or sha in provided:
                 yield record
             else:
                 passed.unprovided += 1

@@ -1,5 +1,7 @@
-"""Mirroring: a node also keeps and serves the latest checkpoint of every other job, so the swarm's
-checkpoints survive their trainers leaving (and an orphaned job can be resumed by a newcomer)."""
+"""Mirroring: a node also keeps and serves the latest checkpoint of every other job (both blobs: the
+training state and the inference export), so the swarm's checkpoints survive their trainers leaving
+(and an orphaned job can be resumed by a newcomer). A mirror is where both blobs of one record meet,
+so it is where the export is checked to hold the state's very EMA weights."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from typing import Callable, Dict, List, Optional, Set
 
 from node.blobs.service import BlobService
 from node.errors import NodeError
-from node.checkpoints.acceptance import Record, Search, check_loadable, find_acceptable
+from ddm_models.checkpoint import check_same_weights
+from node.checkpoints.acceptance import Record, Search, check_header, check_loadable, find_acceptable
 from node.swarm.announcer import Announcer
 from node.swarm.membership import SwarmMembership
 from protocol.errors import ProtocolError
@@ -25,9 +28,11 @@ class Mirror:
         self.membership, self.blobs, self.announcer = membership, blobs, announcer
         self.jobs, self.period_s = jobs, period_s
         self.own_job: Optional[Job] = None
-        self.mirrored: Dict[Job, str] = {}  # job -> blob sha256 we hold for it
+        self.mirrored: Dict[Job, str] = {}  # job -> the state blob's sha256 we hold for it
+        self.exports: Dict[Job, str] = {}  # job -> the inference blob's sha256 we hold for it
+        self._export_of: Dict[str, str] = {}  # state sha256 -> inference sha256, of the records checked
         self.refused: Set[str] = set()  # blobs that failed the checks: never tried again
-        self.fetching: Optional[str] = None  # held too: the node's gc runs in another thread
+        self.fetching: List[str] = []  # held too: the node's gc runs in another thread
         # blobs the node needs for itself: a refused record of another signer may name one of them
         self.protected: Callable[[], Set[str]] = set
         self._stop = threading.Event()
@@ -50,48 +55,62 @@ class Mirror:
                         logger.exception(f"mirror of {job} failed")
 
     def refresh(self, job: Job) -> None:
-        """Hold the best acceptable checkpoint of `job` (the checks generation applies, see
-        `node.checkpoints.acceptance`). A flood of unusable records is tried again next round."""
+        """Hold both blobs of the best acceptable checkpoint of `job` (the checks generation applies,
+        see `node.checkpoints.acceptance`, on the training state; the inference export must hold the
+        same EMA weights). A flood of unusable records is tried again next round."""
         mine = self.membership.identity.signer_id
         held = self.mirrored.get(job)
+        store = self.blobs.store
 
         def others() -> List[Record]:
             return [r for r in self.membership.job_checkpoints(job) if r.signer != mine]
 
         def fetch(record: Record) -> Path:
-            if record.blob.sha256 != held:
-                self.fetching = record.blob.sha256  # held too: the node's gc runs in another thread
-            return self.blobs.fetch(record.blob)
+            if record.blob.sha256 != held:  # held too: the node's gc runs in another thread
+                self.fetching = [record.blob.sha256, record.inference.sha256]
+            path = self.blobs.fetch(record.blob)
+            self.blobs.fetch(record.inference)
+            return path
 
-        search = Search()
+        search, self._export_of = Search(), {}
         try:
-            # the blob held already passed the checks: it is not loaded again every period
+            # the blobs held already passed the checks: they are not loaded again every period
             check = lambda path, record: None if record.blob.sha256 == held else self._check(path, record)  # noqa: E731
             accepted = find_acceptable(others, fetch=fetch, check=check, membership=self.membership,
-                                       store=self.blobs.store, manifest=self.membership.manifest,
+                                       store=store, manifest=self.membership.manifest,
                                        skip=self.refused, rounds=1, search=search)
+            refused_exports = {sha: self._export_of.get(sha) for sha, _ in search.refused}
         finally:
-            self.fetching = None
+            self.fetching = []
         for sha, reason in search.refused:
             self.refused.add(sha)
-            if self.blobs.store.has(sha) and sha not in self.protected() and sha not in self.mirrored.values():
-                self.blobs.store.delete(sha)
+            for blob in (sha, refused_exports.get(sha)):
+                if blob and store.has(blob) and blob not in self.protected() and blob not in self.held():
+                    store.delete(blob)
             logger.warning(f"not mirroring {job} {sha[:12]}: {reason}")
         if accepted is None or accepted.record.blob.sha256 == held:
             return
         best = accepted.record
+        self.announcer.provide(best.inference.sha256, now=True)
         self.announcer.provide(best.blob.sha256, now=True)
-        self.mirrored[job] = best.blob.sha256
-        logger.info(f"mirroring {job} step {best.step} ({best.blob.sha256[:12]})")
-        if held and held not in self.mirrored.values():
-            self.announcer.unprovide(held)
+        previous = (held, self.exports.get(job))
+        self.mirrored[job], self.exports[job] = best.blob.sha256, best.inference.sha256
+        logger.info(f"mirroring {job} step {best.step} ({best.blob.sha256[:12]}, export {best.inference.sha256[:12]})")
+        for blob in previous:
+            if blob and blob not in self.held():
+                self.announcer.unprovide(blob)
 
     def _check(self, path: Path, record: Record) -> None:
-        check_loadable(path, record, self.membership.manifest)
+        manifest = self.membership.manifest
+        self._export_of[record.blob.sha256] = record.inference.sha256
+        check_loadable(path, record, manifest)
+        export = self.blobs.store.path(record.inference.sha256)
+        check_header(export, record, manifest, blob="inference")
+        check_same_weights(path, export)
 
     def held(self) -> List[str]:
         """Blobs the mirror holds or is fetching right now (the node's gc must not remove them)."""
-        return [*self.mirrored.values(), *([self.fetching] if self.fetching else [])]
+        return [*self.mirrored.values(), *self.exports.values(), *self.fetching]
 
     def stop(self) -> None:
         self._stop.set()

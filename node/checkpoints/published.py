@@ -2,7 +2,9 @@
 still ask it for.
 
     jobs/<job>/<model>/published.json   {"record": hex of the latest signed checkpoint record,
-                                         "blob": its sha256, "step": its step, "previous": sha256 before}
+                                         "blob": its state blob's sha256, "step": its step,
+                                         "previous": the state blob before it,
+                                         "others": the inference blobs of both}
 
 The file is written (atomically) after the checkpoint's blob is in the store and before its record
 is announced. So the blob of every record this node may have in the DHT is one of: the latest one
@@ -37,6 +39,7 @@ class PublishedCheckpoints:
         self.blob: Optional[str] = None
         self.step = 0
         self.previous: Optional[str] = None
+        self.others: Set[str] = set()  # the inference blobs of the latest record and the one before
         if self.path.exists():
             self._load()
 
@@ -44,6 +47,7 @@ class PublishedCheckpoints:
         try:
             data = json.loads(self.path.read_text())
             self.blob, self.step, self.previous = data["blob"], int(data["step"]), data.get("previous")
+            self.others = set(data.get("others", []))  # files of older versions have one blob a record
             if data.get("record"):  # files of older versions hold only blob and step
                 self.record = decode_record(bytes.fromhex(data["record"]))
                 if self.record.blob.sha256 != self.blob:  # type: ignore[attr-defined]
@@ -58,10 +62,15 @@ class PublishedCheckpoints:
         sha = record.blob.sha256
         if self.blob is not None and self.blob != sha:
             self.previous = self.blob
+            latest_inference = {self.record.inference.sha256} if self.record is not None else set()
+            self.others = latest_inference | {record.inference.sha256}
+        else:
+            self.others.add(record.inference.sha256)
         self.record, self.blob, self.step = record, sha, record.step
         atomic_write_bytes(self.path, json.dumps({"record": record.encode().hex(), "blob": sha, "step": record.step,
-                                                  "previous": self.previous}).encode())
+                                                  "previous": self.previous,
+                                                  "others": sorted(self.others)}).encode())
 
     def keep(self) -> Set[str]:
-        """Blobs that must stay in the store: the latest published one and the one before it."""
-        return {sha for sha in (self.blob, self.previous) if sha}
+        """Blobs that must stay in the store: those of the latest published record and the one before it."""
+        return {sha for sha in (self.blob, self.previous, *self.others) if sha}

@@ -122,7 +122,9 @@ def generate(
 
 @app.command()
 def fetch(
-    out: Path = typer.Option(..., help="Folder to save the ensemble in (safetensors + manifest)."),
+    out: Path = typer.Option(..., help="Folder to save the ensemble in: model_index.json, expert_<k>/ and router/ "
+                                       "(config.json + diffusion_pytorch_model.safetensors), the signed records "
+                                       "and the manifest."),
     swarm: str = SwarmOption,
     initial_peers: Optional[List[str]] = InitialPeersOption,
     cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),

@@ -87,6 +87,11 @@ def status(
     swarm: str = SwarmOption,
     initial_peers: Optional[List[str]] = InitialPeersOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    serve: Optional[int] = typer.Option(None, "--serve", help="Serve a live status page (and /api/status) on this port."),
+    web_host: str = typer.Option("127.0.0.1", help="Address the status page listens on (with --serve)."),
+    samples_every: Optional[float] = typer.Option(None, help="With --serve: sample the ensemble every this many seconds "
+                                                            "(default: only when asked on the page)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="With --serve: cache of the checkpoints sampled from."),
 ) -> None:
     """Show who trains what: claims, latest checkpoints, held-out metrics, providers and peers."""
     from node.swarm.manifest_files import load_manifest
@@ -103,6 +108,15 @@ def status(
         membership = SwarmMembership(manifest, Identity.generate(), initial_peers=peers, client_mode=True)
     except Exception as error:
         fail(error)
+    if serve is not None:
+        try:
+            serve_status(membership, peers, host=web_host, port=serve, samples_every_s=samples_every,
+                         cache_dir=cache_dir)
+        except Exception as error:
+            fail(error)
+        finally:
+            membership.shutdown()
+        return
     try:
         snapshot = collect_status(membership)
     finally:
@@ -165,3 +179,24 @@ def seed(
         seeder.stop()
         presence.leave()
         membership.shutdown()
+
+
+def serve_status(membership, initial_peers: List[str], *, host: str, port: int, samples_every_s: Optional[float],
+                 cache_dir: Optional[Path]) -> None:
+    """Serve the status page until Ctrl-C (see `node.web.server`)."""
+    import signal
+    import threading
+
+    from node.web.samples import SampleGrid
+    from node.web.server import StatusServer
+
+    samples = SampleGrid(membership.manifest, initial_peers, cache_dir=cache_dir)
+    server = StatusServer(membership, host=host, port=port, samples=samples, samples_every_s=samples_every_s).start()
+    print(f"status page: {server.url} (JSON: {server.url}api/status; Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        server.stop()

@@ -1,5 +1,7 @@
 """Assembling the ensemble from the swarm: for every cluster the best acceptable expert, and the
-router, fetched as verified blobs and loaded; or loaded back from a folder saved by `fetch`.
+router, fetched as verified blobs and loaded; or loaded back from a folder saved by `fetch`
+(`node.generator.saved`). A generator fetches each record's inference export only (the EMA weights
+in 16 bits), never the training state.
 
 A candidate checkpoint is acceptable when its record passed the swarm's policy (signature, trusted
 signer, allowed model spec), its bytes hash to the signed sha256, the file loads as the exact
@@ -10,9 +12,7 @@ The rules, and the order candidates are tried in, are `node.checkpoints.acceptan
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -23,13 +23,9 @@ from ddm_models.text import TextEncoder, build_text_encoder
 from node.checkpoints.acceptance import (Accepted, Record, Refused, Search, T, check_expert, check_router,
                                          find_acceptable)
 from node.errors import NodeError
-from node.files import atomic_write_bytes
-from node.swarm.manifest_files import read_manifest_file, write_manifest_file
-from protocol.errors import HashMismatch
-from protocol.hashing import BlobHasher
 from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
-from protocol.records import CheckpointRecord, RouterRecord, decode_record
+from protocol.records import CheckpointRecord, RouterRecord
 
 logger = logging.getLogger("ddm_swarm.assembly")
 # A checkpoint is "much worse than it claims" past this factor (plus a small absolute slack, since
@@ -49,7 +45,7 @@ class Ensemble:
     experts: List[LoadedExpert]
     router: Optional[Router]
     records: List[Record]
-    files: Dict[str, Path] = field(default_factory=dict)  # blob sha256 -> file
+    files: Dict[str, Path] = field(default_factory=dict)  # inference blob sha256 -> file
     text_encoder: Optional[TextEncoder] = None
     rejected: List[Tuple[str, str]] = field(default_factory=list)  # (blob sha256, why it was not used)
     codec: Optional[object] = None  # the swarm's VAE (`ddm_models.latents.LatentCodec`), loaded when first needed
@@ -83,60 +79,22 @@ class Ensemble:
             rows.append({"job": str(record.job), "model": record.model,
                          "objective": "router" if is_router else record.objective, "step": record.step,
                          "heldout": record.heldout_accuracy if is_router else record.heldout_loss,
-                         "signer": record.signer[:12], "sha256": record.blob.sha256})
+                         "signer": record.signer[:12], "sha256": record.inference.sha256})
         return rows
 
-    # --- offline copies --------------------------------------------------------------------------
+    # --- offline copies (node.generator.saved) -------------------------------------------------------
     def save(self, out: Path) -> Path:
-        """Write the ensemble to `out` (safetensors files, the manifest, ensemble.json) for offline use."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for record in self.records:
-            name = f"{record.job.slug}-{record.blob.sha256[:12]}.safetensors"
-            target = out / name
-            if not target.exists():
-                tmp = target.with_name(f".{name}.tmp")
-                shutil.copyfile(self.files[record.blob.sha256], tmp)
-                tmp.replace(target)
-            entries.append({"file": name, "record": record.encode().hex()})
-        write_manifest_file(self.manifest, out / "manifest.yaml")
-        atomic_write_bytes(out / "ensemble.json", json.dumps({"swarm_id": self.manifest.swarm_id,
-                                                              "checkpoints": entries}, indent=2).encode())
-        return out
+        """Write the ensemble to `out` in a diffusers-like layout, with its signed records, for offline use."""
+        from node.generator.saved import save_ensemble
+
+        return save_ensemble(self, Path(out))
 
     @classmethod
     def load(cls, folder: Path) -> "Ensemble":
         """An ensemble saved by `save`, checked again: signatures, file hashes, architectures."""
-        folder = Path(folder)
-        try:
-            index = json.loads((folder / "ensemble.json").read_text())
-            manifest = read_manifest_file(folder / "manifest.yaml")
-        except (OSError, ValueError) as error:
-            raise NodeError(f"{folder} is not an ensemble saved by `ddm-swarm fetch`: {error}") from None
-        if index.get("swarm_id") != manifest.swarm_id:
-            raise NodeError(f"{folder}/ensemble.json belongs to another swarm than its manifest.yaml")
-        experts, router, records, files = [], None, [], {}
-        for entry in index["checkpoints"]:
-            record = decode_record(bytes.fromhex(entry["record"]))
-            path = folder / entry["file"]
-            _check_file_hash(path, record.blob.sha256)
-            if isinstance(record, RouterRecord):
-                router = check_router(path, record, manifest)
-            else:
-                experts.append(check_expert(path, record, manifest))
-            records.append(record)
-            files[record.blob.sha256] = path
-        return cls(manifest, experts, router, records, files)
+        from node.generator.saved import load_ensemble
 
-
-def _check_file_hash(path: Path, sha256: str) -> None:
-    hasher = BlobHasher()
-    with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 22), b""):
-            hasher.update(piece)
-    if hasher.finish().sha256 != sha256:
-        raise HashMismatch(f"{path} does not hash to the sha256 its signed record names; re-fetch the ensemble")
+        return load_ensemble(Path(folder))
 
 
 class Assembler:
@@ -151,20 +109,20 @@ class Assembler:
         self.rejected: List[Tuple[str, str]] = []  # (sha256, reason)
 
     def _fetch(self, record: Record) -> Path:
-        what = f"{record.KIND} {record.blob.sha256[:12]}"
+        what = f"{record.KIND} {record.inference.sha256[:12]}"
         report = (lambda done, total: self.progress(what, done, total)) if self.progress else None
-        return self.blobs.fetch(record.blob, progress=report)
+        return self.blobs.fetch(record.inference, progress=report)
 
     def _find(self, job: Job, check: Callable[[Path, Record], T]) -> Optional[Accepted[T]]:
         search = Search()
         accepted = find_acceptable(lambda: self.membership.job_checkpoints(job), fetch=self._fetch, check=check,
                                    membership=self.membership, store=self.blobs.store, manifest=self.manifest,
-                                   search=search)
+                                   search=search, blob="inference")
         self.rejected += search.refused + search.unreachable
         return accepted
 
     def _check_expert(self, path: Path, record: CheckpointRecord) -> LoadedExpert:
-        expert = check_expert(path, record, self.manifest)
+        expert = check_expert(path, record, self.manifest, blob="inference")
         if self.verify:
             self._verify(expert, record)
         return expert
@@ -183,7 +141,7 @@ class Assembler:
         return self._find(Job.expert(cluster), self._check_expert)
 
     def router(self) -> Optional[Accepted[Router]]:
-        return self._find(Job.router(), lambda path, record: check_router(path, record, self.manifest))
+        return self._find(Job.router(), lambda path, record: check_router(path, record, self.manifest, blob="inference"))
 
     def assemble(self, *, require_all: bool = False) -> Ensemble:
         experts, records, files = [], [], {}
@@ -195,13 +153,13 @@ class Assembler:
                 continue
             experts.append(found.value)
             records.append(found.record)
-            files[found.record.blob.sha256] = found.path
+            files[found.record.inference.sha256] = found.path
         if not experts:
             raise EnsembleUnavailable(f"no acceptable expert checkpoint in swarm '{self.manifest.name}' yet "
                                       f"({len(self.rejected)} rejected): is anyone training?")
         router = self.router()
         if router is not None:
             records.append(router.record)
-            files[router.record.blob.sha256] = router.path
+            files[router.record.inference.sha256] = router.path
         return Ensemble(self.manifest, experts, router.value if router else None, records, files,
                         rejected=list(self.rejected))

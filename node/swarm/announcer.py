@@ -50,8 +50,9 @@ class Announcer:
         self.failures = 0
         self._provided: Dict[str, float] = {}  # blob sha256 -> expiry of our provider record
         self._latest: Dict[Job, SignedRecord] = {}  # job -> our latest checkpoint/router record
-        # job -> blob of our checkpoint record the DHT last confirmed: the node's gc must keep it
-        self.confirmed: Dict[Job, str] = {}
+        # job -> blobs (state and inference) of our checkpoint record the DHT last confirmed: the
+        # node's gc must keep them
+        self.confirmed: Dict[Job, frozenset] = {}
         # signed records to publish as they are, or blob sha256s to announce as provided (signed when sent,
         # so a backlog can never publish an already-expired provider record)
         self._queue: "queue.Queue[Union[SignedRecord, str]]" = queue.Queue()
@@ -84,8 +85,9 @@ class Announcer:
 
     # --- called from other threads ---------------------------------------------------------------
     def announce_checkpoint(self, job: Job, record: SignedRecord) -> None:
-        """Publish a checkpoint (or router) record and announce this node as its blob's provider."""
-        # provider first: whoever sees the record can find the blob at once
+        """Publish a checkpoint (or router) record and announce this node as its blobs' provider."""
+        # provider first: whoever sees the record can find the blobs at once
+        self.provide(record.inference.sha256, now=True)  # type: ignore[attr-defined]
         self.provide(record.blob.sha256, now=True)  # type: ignore[attr-defined]
         self._queue.put(record)
         self._latest[job] = record
@@ -132,7 +134,7 @@ class Announcer:
             self._publish(record, _describe(record))
             self._provided[item] = record.expires_at
         elif self._publish(item, _describe(item)) and isinstance(item, (CheckpointRecord, RouterRecord)):
-            self.confirmed[item.job] = item.blob.sha256
+            self.confirmed[item.job] = frozenset((item.blob.sha256, item.inference.sha256))
 
     def _publish(self, record: SignedRecord, what: str) -> bool:
         try:

@@ -1,4 +1,5 @@
-"""`ddm-swarm status`: who trains what, coverage, progress and providers, read from the DHT."""
+"""`ddm-swarm status`: who trains what, coverage, progress and providers, read from the DHT (the web
+page of `status --serve` renders the same snapshot, see `node.web`)."""
 
 from __future__ import annotations
 
@@ -27,19 +28,47 @@ def collect_status(membership: SwarmMembership) -> Dict[str, Any]:
             "trainers": sorted(s[:12] for s in holders.get(job, [])),
             "checkpoints": len(records),
             "latest_step": best.step if best else None,
+            "samples_seen": best.samples_seen if best else None,
             "heldout": (getattr(best, "heldout_loss", None) if not job.is_router
                         else getattr(best, "heldout_accuracy", None)) if best else None,
             "model": best.model if best else None,
             "providers": len(membership.providers(best.blob.sha256)) if best else 0,
+            "inference_providers": len(membership.providers(best.inference.sha256)) if best else 0,
+            "signer": best.signer[:12] if best else None,
             "age_s": round(now - best.created_at, 1) if best else None,
         })
-    peers = [{"peer_id": p.peer_id, "role": p.role, "job": str(p.job or ""), "state": p.state, "software": p.software}
+    peers = [{"peer_id": p.peer_id, "role": p.role, "job": str(p.job or ""), "state": p.state, "software": p.software,
+              "maddrs": list(p.maddrs), "reachability": reachability(p.maddrs)}
              for p in membership.peers()]
     covered = sum(1 for j in jobs if j["claims"] > 0)
     return {"swarm": manifest.name, "swarm_id": manifest.swarm_id, "protocol_version": PROTOCOL_VERSION,
             "jobs": jobs, "coverage": f"{covered}/{len(jobs)}", "peers": peers,
             "online_peers": sum(1 for p in peers if p["state"] in SERVING_STATES),
-            "warnings": membership.beacon_problems()}
+            "warnings": membership.beacon_problems(), "validator": membership.validator_stats(), "time": now}
+
+
+def reachability(maddrs) -> str:
+    """What a peer's announced multiaddrs say about reaching it: "relayed" (only through a circuit
+    relay), "public" (a global address), "local" (loopback or private addresses only), "none"."""
+    import ipaddress
+
+    if not maddrs:
+        return "none"
+    kinds = set()
+    for maddr in maddrs:
+        parts = str(maddr).split("/")
+        if "p2p-circuit" in parts:
+            kinds.add("relayed")
+            continue
+        if len(parts) > 2 and parts[1] in ("dns", "dns4", "dns6"):
+            kinds.add("public")
+            continue
+        try:
+            address = ipaddress.ip_address(parts[2]) if len(parts) > 2 and parts[1] in ("ip4", "ip6") else None
+        except ValueError:
+            address = None
+        kinds.add("public" if address is not None and address.is_global else "local")
+    return next(kind for kind in ("public", "relayed", "local") if kind in kinds)
 
 
 def status_tables(status: Dict[str, Any]) -> list:

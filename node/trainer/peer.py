@@ -134,7 +134,7 @@ class SwarmNode:
         left = self.lease.job
         self._left_behind |= set(self.published.keep())
         if left in self.announcer.confirmed:
-            self._left_behind.add(self.announcer.confirmed[left])
+            self._left_behind |= self.announcer.confirmed[left]
         self._give_back_job()
 
     def _on_signal(self, *_) -> None:
@@ -277,7 +277,7 @@ class SwarmNode:
         own |= self._left_behind
         own |= self.data.held if self.data is not None else set()  # the data shards of this node's jobs
         if self.lease is not None and self.lease.job in self.announcer.confirmed:
-            own.add(self.announcer.confirmed[self.lease.job])
+            own |= self.announcer.confirmed[self.lease.job]
         if self.parent_blob:
             own.add(self.parent_blob)
         return own

@@ -2,7 +2,8 @@
 
 A node resumes from its own state file when it has one; then, if the swarm holds a newer usable
 checkpoint of the same job and model (another trainer went on while this one was away, or the job
-was orphaned), it continues from that one instead.
+was orphaned), it continues from that one instead: it fetches the record's training-state blob
+(EMA, weights, AdamW moments), never the inference export.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import List, Optional
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.announcer import Announcer
-from node.checkpoints.acceptance import check_header, find_acceptable, rank
+from node.checkpoints.acceptance import Search, check_header, find_acceptable, rank
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.swarm.membership import SwarmMembership
@@ -43,7 +44,8 @@ def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMember
         records = [r for r in membership.job_checkpoints(job) if r.spec_hash == spec_hash]
         mine = [r for r in records if r.signer == membership.identity.signer_id]
         if mine and first_read:  # the DHT's record of ours from before a restart: its blob stays until a newer one is confirmed
-            announcer.confirmed[job] = rank(mine)[0].blob.sha256
+            latest = rank(mine)[0]
+            announcer.confirmed[job] = frozenset((latest.blob.sha256, latest.inference.sha256))
         first_read = False
         return [r for r in records if r.step > trainer.step]
 
@@ -51,9 +53,12 @@ def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMember
         check_header(path, record, manifest)  # what its record says: job, model, step
         trainer.init_from_checkpoint(path)
 
+    search = Search()
     accepted = find_acceptable(newer, fetch=lambda record: blobs.fetch(record.blob), check=adopt,
                                membership=membership, store=store, manifest=manifest, rounds=RESUME_ROUNDS,
-                               pause_s=0.0)
+                               pause_s=0.0, search=search)
+    for sha, reason in search.refused:  # the operator sees why each newer checkpoint was not taken
+        logger.warning(f"cannot resume from {sha[:12]}: {reason}")
     return accepted.record if accepted else None
 
 
@@ -65,9 +70,10 @@ def announce_again(job: Job, published: PublishedCheckpoints, store: BlobStore, 
     record = published.record
     if record is None or record.swarm_id != membership.swarm_id:
         return
-    if not store.has(record.blob.sha256):
-        logger.warning(f"not announcing checkpoint step {record.step} again: its blob "
-                       f"{record.blob.sha256[:12]} is no longer in the store")
+    missing = [ref.sha256[:12] for ref in (record.blob, record.inference) if not store.has(ref.sha256)]
+    if missing:
+        logger.warning(f"not announcing checkpoint step {record.step} again: its blobs {missing} are no longer in "
+                       "the store")
         return
     announcer.announce_checkpoint(job, record.renewed(membership.identity, get_dht_time() + record_ttl_s))
     for sha in published.keep():

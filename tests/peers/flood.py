@@ -34,7 +34,8 @@ def flood_record(manifest: SwarmManifest, family: str, index: int, *, job: str =
     elif family == "checkpoints":
         spec = manifest.expert_for_cluster(cluster)
         record = CheckpointRecord(manifest.swarm_id, cluster, spec.name, spec.objective, spec.spec_hash, 10**6 + index,
-                                  32 * 10**6, 0.001, blob_ref_of(os.urandom(64)), "", now, now + ttl)
+                                  32 * 10**6, 0.001, blob_ref_of(os.urandom(64)), blob_ref_of(os.urandom(64)), "",
+                                  now, now + ttl)
     elif family == "providers":
         peer = random_peer_id()
         record = ProviderRecord(manifest.swarm_id, sha256, peer, (f"/ip4/127.0.0.1/tcp/9/p2p/{peer}",), now + min(ttl, 3600))

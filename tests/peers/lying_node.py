@@ -6,13 +6,15 @@
 
 - garbage: the blob is random bytes (properly signed, with a step far ahead of everyone);
 - corrupt: the signed hash is of the true bytes, what is served is not;
-- file: the blob is the checkpoint file `--file` (a real one, or a wrong-architecture or NaN one);
-  with several files and steps, each record is signed by a fresh identity.
+- file: the state blob is the checkpoint file `--file` (a real one, or a wrong-architecture or NaN
+  one) and the inference blob its export, as poisoned as the file; with several files and steps,
+  each record is signed by a fresh identity.
+With garbage and corrupt, one blob is named as both the state and the inference export.
 `--stall-after-bytes` serves that many body bytes, then stays connected and silent. `--provide-only`
 announces itself as a provider of the blob but publishes no checkpoint record (a second copy).
 
-Prints one JSON line {"sha256": ..., "signer": ..., "peer_id": ...} once announced, then keeps
-providing.
+Prints one JSON line {"sha256": ..., "sha256s": [state blobs], "inference_sha256s": [...],
+"signer": ..., "peer_id": ...} once announced, then keeps providing.
 """
 
 import argparse
@@ -32,6 +34,7 @@ from node.network import NetworkLoop
 from node.swarm.manifest_files import read_manifest_file
 from protocol.identity import Identity
 from protocol.records import CheckpointRecord, ProviderRecord
+from tests.checkpoint_fixtures import write_export_as_is
 from tests.peers.blob_provider import MisbehavingServer
 
 
@@ -60,6 +63,8 @@ def main() -> None:
         loop.run(server.start(service.p2p), timeout=60)
     blobs = [store.put_file(path) for path in args.file] if args.behaviour == "file" else \
         [store.put_bytes(os.urandom(300_000))]
+    exports = [store.put_file(write_export_as_is(Path(path), Path(args.store) / f"export-{index}.safetensors"))
+               for index, path in enumerate(args.file)] if args.behaviour == "file" else list(blobs)
     if args.behaviour == "corrupt":  # the signed hash is of the true bytes; what is served is not
         with open(store.path(blobs[0].sha256), "r+b") as blob:
             blob.seek(1000)
@@ -68,15 +73,15 @@ def main() -> None:
     if not args.provide_only:
         spec = manifest.expert_spec(args.model) if args.model else manifest.expert_for_cluster(args.cluster)
         now = get_dht_time()
-        for ref, step, signer in zip(blobs, args.step, signers):
+        for ref, export, step, signer in zip(blobs, exports, args.step, signers):
             record = CheckpointRecord(membership.swarm_id, args.cluster, spec.name, spec.objective, spec.spec_hash,
-                                      step, step * 32, 0.001, ref, "", now, now + 600)
+                                      step, step * 32, 0.001, ref, export, "", now, now + 600)
             membership.publish(record.signed_by(signer), confirm=False)
 
     def keep_providing() -> None:
         while True:
             expires = get_dht_time() + 3 * manifest.timing.lease_s
-            for ref in blobs:
+            for ref in {*blobs, *exports}:
                 provider = ProviderRecord(membership.swarm_id, ref.sha256, membership.peer_id,
                                           tuple(membership.maddrs[:8]), expires)
                 membership.publish(provider.signed_by(membership.identity), confirm=False)
@@ -84,6 +89,7 @@ def main() -> None:
 
     threading.Thread(target=keep_providing, daemon=True).start()
     print(json.dumps({"sha256": blobs[0].sha256, "sha256s": [ref.sha256 for ref in blobs],
+                      "inference_sha256s": [ref.sha256 for ref in exports],
                       "signer": membership.identity.signer_id, "peer_id": membership.peer_id}), flush=True)
     threading.Event().wait()
 
