@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from protocol.blob_wire import BLOB_STREAM_PROTOCOL, BlobRequest
-from protocol.errors import HashMismatch, InvalidBlobResponse
+from protocol.blob_wire import BlobRequest
+from protocol.errors import HashMismatch
 from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
 from node.blobs.banlist import BanList
 from node.blobs.partial import PartialDownload
+from node.blobs.provider import Provider, ProviderBusy, ProviderFault, ProviderGone, expect_ok, open_stream
 from node.blobs.schedule import ChunkScheduler, OrderedHasher
 from node.blobs.stream import StreamClosed, StreamReceiver, StreamStalled
 from node.blobs.store import BlobStore
@@ -86,18 +87,6 @@ class RecordContradicted(HashMismatch):
                          f"{ref.chunks_sha256[:12]}; the record is not trusted")
 
 
-class ProviderFault(Exception):
-    """A provider proved itself dishonest (bad bytes, bad digest list, malformed answer): ban it."""
-
-
-class ProviderGone(Exception):
-    """A provider stalled, vanished or lacks the blob: stop using it for this download."""
-
-
-class ProviderBusy(ProviderGone):
-    """A provider has no stream to spare: this stream gives up, the provider's other streams go on."""
-
-
 @dataclass
 class FetchReport:
     """What one `fetch_blob` call did; filled in as it runs."""
@@ -114,55 +103,6 @@ class FetchReport:
         return sum(self.chunks_fetched.values())
 
 
-@dataclass
-class _Provider:
-    peer: object  # hivemind PeerID
-    name: str
-    active: bool = True
-    holding: set = field(default_factory=set)  # chunks in flight on any of its streams (endgame skips them)
-
-
-async def _open(p2p, provider: _Provider, timeout: float):
-    try:
-        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(provider.peer, BLOB_STREAM_PROTOCOL),
-                                                   timeout)
-    except asyncio.TimeoutError:
-        raise ProviderGone(f"no stream within {timeout:.0f} s") from None
-    except Exception as error:  # p2pd reports unreachable peers with several exception types
-        raise ProviderGone(f"cannot open a stream: {type(error).__name__}: {error}") from None
-    return StreamReceiver(reader, writer)
-
-
-async def _expect_ok(stream: StreamReceiver, expected_length: int, timeout: float) -> None:
-    try:
-        header = await stream.read_response(timeout)
-    except InvalidBlobResponse as error:
-        raise ProviderFault(f"malformed answer: {error}") from None
-    if header.status == "ok" and header.length != expected_length:
-        raise ProviderFault(f"answered {header.length} bytes where {expected_length} were asked for")
-    if header.status == "busy":
-        raise ProviderBusy(f"busy: {header.detail}")
-    if header.status != "ok":
-        raise ProviderGone(f"answered '{header.status}': {header.detail}")
-
-
-async def holds(p2p, peer, sha256: str, timeout: float = 10.0) -> bool:
-    """Whether `peer` (a hivemind `PeerID`) answers that it holds blob `sha256`: the blob protocol's
-    `has` probe. libp2p authenticates the stream, so this is the named peer's own answer; a provider
-    record naming a peer that does not serve the blob is worth nothing."""
-    stream = None
-    try:
-        stream = await _open(p2p, _Provider(peer, str(peer)), timeout)
-        await stream.send(BlobRequest.has(sha256).encode())
-        await _expect_ok(stream, 0, timeout)
-        return True
-    except (ProviderFault, ProviderGone, StreamStalled, StreamClosed, ConnectionError):
-        return False
-    finally:
-        if stream is not None:
-            stream.close()
-
-
 class _Download:
     def __init__(self, p2p, ref: BlobRef, providers: Sequence[object], partial: PartialDownload, *,
                  bans: BanList, report: FetchReport, progress: Optional[Progress], executor: ThreadPoolExecutor,
@@ -174,19 +114,19 @@ class _Download:
         self.stall_timeout, self.min_rate, self.connect_timeout = stall_timeout, min_rate, connect_timeout
         unique = list(dict.fromkeys(providers))
         random.shuffle(unique)  # which records come first is the attacker's choice
-        self.providers = [_Provider(peer, peer.to_base58() if hasattr(peer, "to_base58") else str(peer))
+        self.providers = [Provider(peer, peer.to_base58() if hasattr(peer, "to_base58") else str(peer))
                           for peer in unique]
         self.opening = asyncio.Semaphore(MAX_OPENING)
         self.reasons: dict[str, str] = {}
         self.answered: set[str] = set()  # providers that answered "ok" at least once
         self.done_bytes = 0
 
-    async def open(self, provider: _Provider) -> StreamReceiver:
+    async def open(self, provider: Provider) -> StreamReceiver:
         async with self.opening:
-            return await _open(self.p2p, provider, self.connect_timeout)
+            return await open_stream(self.p2p, provider, self.connect_timeout)
 
     # ---- provider bookkeeping --------------------------------------------------------------------------
-    def _ban(self, provider: _Provider, reason: str) -> None:
+    def _ban(self, provider: Provider, reason: str) -> None:
         provider.active = False
         if provider.name in self.report.banned:  # a sibling stream already proved it
             return
@@ -194,14 +134,14 @@ class _Download:
         self.report.banned[provider.name] = reason
         self.reasons[provider.name] = f"banned: {reason}"
 
-    def _drop(self, provider: _Provider, reason: str) -> None:
+    def _drop(self, provider: Provider, reason: str) -> None:
         if provider.active:
             provider.active = False
             logger.info("provider %s dropped for blob %s: %s", provider.name, self.ref.sha256[:12], reason)
         self.report.dropped.setdefault(provider.name, reason)
         self.reasons.setdefault(provider.name, reason)
 
-    def _usable(self) -> list[_Provider]:
+    def _usable(self) -> list[Provider]:
         for provider in self.providers:
             ban = self.bans.get(provider.name, self.scope)
             if ban is not None and provider.active:
@@ -219,13 +159,13 @@ class _Download:
         return kind(self.ref, self.reasons, missing_chunks)
 
     # ---- phase 1: the digest list ------------------------------------------------------------------------
-    async def _ask_digests(self, provider: _Provider, contradicting: list[str]) -> Optional[list[bytes]]:
+    async def _ask_digests(self, provider: Provider, contradicting: list[str]) -> Optional[list[bytes]]:
         expected = DIGEST_BYTES * self.ref.num_chunks
         stream = None
         try:
             stream = await self.open(provider)
             await stream.send(BlobRequest.digests(self.ref.sha256).encode())
-            await _expect_ok(stream, expected, self.stall_timeout)
+            await expect_ok(stream, expected, self.stall_timeout)
             self.answered.add(provider.name)
             raw = bytearray(expected)
             await stream.read_into(raw, self.stall_timeout, self.min_rate)
@@ -281,7 +221,7 @@ class _Download:
             raise RecordContradicted(self.ref, contradicting)
         raise self.unavailable(self.ref.num_chunks)
 
-    def chunk_providers(self) -> list[_Provider]:
+    def chunk_providers(self) -> list[Provider]:
         """At most `MAX_PROVIDERS` providers for the chunks: those that answered first, then others
         not ruled out yet."""
         usable = self._usable()
@@ -297,7 +237,7 @@ class _Download:
         self.partial.record_verified(index)
         return True
 
-    async def _stream_worker(self, provider: _Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> None:
+    async def _stream_worker(self, provider: Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> None:
         """One stream to one provider: request chunks (two outstanding), read them, verify the previous
         one on a worker thread while the next arrives."""
         loop = asyncio.get_running_loop()
@@ -344,7 +284,7 @@ class _Download:
                         break
                     continue  # nothing to ask for now; wait in take() for chunks other streams give back
                 start, end = chunk_span(outstanding[0], self.ref.size)
-                await _expect_ok(stream, end - start, self.stall_timeout)
+                await expect_ok(stream, end - start, self.stall_timeout)
                 self.answered.add(provider.name)
                 data = bytearray(end - start)
                 await stream.read_into(data, self.stall_timeout, self.min_rate)
@@ -371,7 +311,7 @@ class _Download:
 
     async def fetch_chunks(self, missing: list[int], hasher: OrderedHasher) -> None:
         scheduler = ChunkScheduler(missing)
-        workers: dict[asyncio.Task, _Provider] = {}
+        workers: dict[asyncio.Task, Provider] = {}
         for provider in self.chunk_providers():
             for _ in range(self.streams_per_provider):
                 workers[asyncio.create_task(self._stream_worker(provider, scheduler, hasher))] = provider

@@ -13,7 +13,8 @@ from typing import Callable, Iterable, List, Optional
 from hivemind.p2p import PeerID
 
 from node.blobs.banlist import BanList
-from node.blobs.fetch import MAX_PROVIDERS, NotProvided, fetch_blob, holds
+from node.blobs.fetch import MAX_PROVIDERS, NotProvided, fetch_blob
+from node.blobs.provider import holds
 from node.blobs.server import BlobServer
 from node.blobs.store import BlobStore, CorruptBlob
 from node.swarm.membership import SwarmMembership
