@@ -5,7 +5,6 @@ deliver, and thousands of fake providers. Each test shows the downloader outlivi
 
 import hashlib
 import os
-import time
 
 import pytest
 
@@ -89,19 +88,17 @@ def test_a_liar_serving_the_digest_list_of_a_forged_record_gets_the_honest_provi
 
 
 def test_a_provider_trickling_a_byte_every_0_7_s_is_dropped_and_the_download_finishes_from_another(swarm):
-    started = time.monotonic()
     (result,) = outcomes(fetch(swarm, "store-trickle", [swarm["true"]], ["trickle", "honest"]), 1, 60)
     assert result["event"] == "done", result
-    assert time.monotonic() - started < 30
+    assert result["report"]["seconds"] < 15, result["report"]  # the download itself, not the process start
     assert result["report"]["chunks_fetched"].get(peer(swarm, "trickle"), 0) == 0
 
 
 def test_a_download_that_would_outlast_its_deadline_gives_up_at_the_deadline(swarm):
-    started = time.monotonic()
     (result,) = outcomes(fetch(swarm, "store-deadline", [swarm["true"]], ["slow"], "--deadline", "6"), 1, 60)
     assert result["event"] == "error" and result["type"] == "BlobUnavailable", result
     assert "deadline" in result["message"]
-    assert time.monotonic() - started < 30
+    assert result["report"]["seconds"] < 10, result["report"]
 
 
 def test_records_whose_providers_never_deliver_leave_no_partial_download_and_reserve_no_disk(swarm):
