@@ -92,7 +92,8 @@ def test_a_stalled_provider_is_timed_out_and_the_download_finishes_from_another(
     result = finish(start_fetch(swarm, "store-stall", "stall", "honest", stall_timeout=2.0))
     assert file_sha256(result["path"]) == swarm["sha256"]
     # timed out, unless the honest provider finished first (endgame re-requests the stalled chunk)
-    assert "no bytes for 2.0 s" in result["report"]["dropped"].get(peer(swarm, "stall"), "no bytes for 2.0 s")
+    reason = result["report"]["dropped"][peer(swarm, "stall")]
+    assert "no bytes for 2.0 s" in reason or "outrun in the endgame" in reason
     assert result["report"]["chunks_fetched"].get(peer(swarm, "stall"), 0) <= 1
     assert time.monotonic() - started < 30
 

@@ -322,6 +322,9 @@ class _Download:
                     workers.pop(task)
                     task.result()  # workers catch provider errors; anything else is a bug worth seeing
         finally:
+            for provider in {id(p): p for p in workers.values()}.values():  # still holding chunks another provider delivered first
+                if provider.holding and scheduler.finished:
+                    self._drop(provider, "outrun in the endgame: another provider delivered its chunks first")
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
