@@ -12,7 +12,10 @@ Requests:
 
 - `digests`: the blob's chunk digest list, `32 * num_chunks` bytes, which the downloader checks
   against the `chunks_sha256` of a signed `BlobRef`;
-- `range`: bytes [start, end) of the blob, at most `MAX_RANGE_BYTES` of them.
+- `range`: bytes [start, end) of the blob, at most `MAX_RANGE_BYTES` of them;
+- `has`: a probe, answered "ok" with no bytes when the provider holds the blob, "not-found" when
+  not. The libp2p stream is authenticated, so an "ok" proves that the peer id a provider record
+  names really serves the blob (a record naming somebody else's peer id earns "not-found").
 
 Decoding any malformed, non-canonical, oversized or out-of-range input raises
 `InvalidBlobRequest` / `InvalidBlobResponse`; nothing else escapes the decoders.
@@ -33,7 +36,7 @@ from protocol.limits import (MAX_BLOB_BYTES, MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RE
 BLOB_STREAM_PROTOCOL = f"/ddm-swarm/blob/{PROTOCOL_VERSION}"
 
 FRAME_PREFIX_BYTES = 4
-OPS = ("digests", "range")
+OPS = ("digests", "range", "has")
 STATUSES = ("ok", "not-found", "bad-request", "busy")
 
 
@@ -43,7 +46,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class BlobRequest:
-    """Ask for a blob's chunk digests (`start == end == 0`) or for bytes [start, end) of it."""
+    """Ask for a blob's chunk digests or whether it is held (`start == end == 0`), or for bytes [start, end)."""
 
     op: str
     sha256: str
@@ -57,9 +60,9 @@ class BlobRequest:
             raise InvalidBlobRequest("blob request: sha256 must be 64 lowercase hex characters")
         if not _is_int(self.start) or not _is_int(self.end):
             raise InvalidBlobRequest("blob request: start and end must be integers")
-        if self.op == "digests":
+        if self.op in ("digests", "has"):
             if self.start != 0 or self.end != 0:
-                raise InvalidBlobRequest("blob request: a digests request has start = end = 0")
+                raise InvalidBlobRequest(f"blob request: a {self.op} request has start = end = 0")
             return
         if not 0 <= self.start < self.end <= MAX_BLOB_BYTES:
             raise InvalidBlobRequest(
@@ -73,12 +76,16 @@ class BlobRequest:
         return cls("digests", sha256)
 
     @classmethod
+    def has(cls, sha256: str) -> "BlobRequest":
+        return cls("has", sha256)
+
+    @classmethod
     def range(cls, sha256: str, start: int, end: int) -> "BlobRequest":
         return cls("range", sha256, start, end)
 
     @property
     def length(self) -> int:
-        """Bytes a range request asks for (0 for a digests request, whose size the blob decides)."""
+        """Bytes a range request asks for (0 for a digests or has request)."""
         return self.end - self.start
 
     def encode(self) -> bytes:

@@ -324,8 +324,9 @@ def check_manifest_from_dict(data: Any) -> None:
 @st.composite
 def blob_requests(draw) -> blob_wire.BlobRequest:
     sha = draw(hex64)
-    if draw(st.booleans()):
-        return blob_wire.BlobRequest.digests(sha)
+    op = draw(st.sampled_from(["digests", "has", "range"]))
+    if op != "range":
+        return blob_wire.BlobRequest(op, sha)
     start = draw(st.integers(0, MAX_BLOB_BYTES - 1))
     end = draw(st.integers(start + 1, min(start + MAX_RANGE_BYTES, MAX_BLOB_BYTES)))
     return blob_wire.BlobRequest.range(sha, start, end)
@@ -355,7 +356,7 @@ response_frames = st.one_of(
 def check_request_frame(frame: bytes) -> None:
     def accepted(request: blob_wire.BlobRequest) -> None:
         _assert(request.encode() == frame, "an accepted request frame is canonical")
-        _assert(request.op == "digests" or 0 < request.length <= MAX_RANGE_BYTES, "a range asks for a bounded size")
+        _assert(request.op in ("digests", "has") or 0 < request.length <= MAX_RANGE_BYTES, "a range asks for a bounded size")
 
     _refused_or(lambda: blob_wire.decode_request_frame(frame), accepted)
     _refused_or(lambda: blob_wire.request_body_length(frame[:blob_wire.FRAME_PREFIX_BYTES]), lambda n: None)

@@ -78,17 +78,22 @@ def test_a_blob_downloads_from_two_providers_when_one_serves_corrupt_bytes_and_t
     assert report["chunks_fetched"] == {peer(swarm, "honest"): CHUNKS}
 
 
-def test_a_provider_with_a_wrong_digest_list_is_banned_and_another_one_delivers(swarm):
+def test_a_provider_with_a_wrong_digest_list_is_passed_over_unbanned_and_another_one_delivers(swarm):
+    # unbanned: a wrong list may as well be a lying record's fault (see test_fetch_attacks)
     result = finish(start_fetch(swarm, "store-digests", "bad-digests", "honest"))
     assert file_sha256(result["path"]) == swarm["sha256"]
-    assert "digest list" in result["report"]["banned"][peer(swarm, "bad-digests")]
+    assert peer(swarm, "bad-digests") not in result["report"]["banned"]
+    if peer(swarm, "bad-digests") in result["report"]["dropped"]:  # unless the honest list came first
+        assert "digest list contradicts" in result["report"]["dropped"][peer(swarm, "bad-digests")]
 
 
 def test_a_stalled_provider_is_timed_out_and_the_download_finishes_from_another(swarm):
     started = time.monotonic()
     result = finish(start_fetch(swarm, "store-stall", "stall", "honest", stall_timeout=2.0))
     assert file_sha256(result["path"]) == swarm["sha256"]
-    assert "no bytes for 2.0 s" in result["report"]["dropped"][peer(swarm, "stall")]
+    # timed out, unless the honest provider finished first (endgame re-requests the stalled chunk)
+    reason = result["report"]["dropped"][peer(swarm, "stall")]
+    assert "no bytes for 2.0 s" in reason or "outrun in the endgame" in reason
     assert result["report"]["chunks_fetched"].get(peer(swarm, "stall"), 0) <= 1
     assert time.monotonic() - started < 30
 

@@ -185,10 +185,10 @@ def test_a_partial_download_resumes_only_chunks_that_still_verify(store):
         partial.write_chunk(index, data[start:end])
         partial.record_verified(index)
     partial.close()
-    with open(store.partial_dir(ref.sha256) / "data", "r+b") as file:  # chunk 1 rots on disk meanwhile
+    with open(store.partial_dir(ref) / "data", "r+b") as file:  # chunk 1 rots on disk meanwhile
         file.seek(CHUNK_BYTES + 1)
         file.write(b"\xff")
-    with open(store.partial_dir(ref.sha256) / "verified", "ab") as log:
+    with open(store.partial_dir(ref) / "verified", "ab") as log:
         log.write(b"\x00\x00")  # a torn entry from a crash while appending
     resumed = PartialDownload(store, ref)
     assert resumed.digests == digests
@@ -230,7 +230,7 @@ def test_a_completed_partial_becomes_a_stored_blob(store):
         partial.write_chunk(index, data[start:end])
     path = partial.complete()
     assert path.read_bytes() == data and store.ref(ref.sha256) == ref
-    assert not store.partial_dir(ref.sha256).exists()
+    assert not store.partial_dir(ref).exists()
 
 
 def test_a_ban_names_its_reason_and_can_expire():
@@ -239,6 +239,36 @@ def test_a_ban_names_its_reason_and_can_expire():
     bans.ban("peerB", "sent a bad digest list", duration_s=0)
     assert bans.reason("peerA") == "sent bad bytes"
     assert not bans.is_banned("peerB") and [b.peer for b in bans] == ["peerA"]
+
+
+def test_a_ban_is_scoped_to_one_blob_reference_and_a_default_ban_does_not_last_for_ever():
+    bans = BanList()
+    bans.ban("peerA", "its chunks contradict the digest list", scope="ref-1")
+    assert bans.is_banned("peerA", "ref-1") and not bans.is_banned("peerA", "ref-2") and not bans.is_banned("peerA")
+    assert all(ban.until < time.time() + 24 * 3600 for ban in bans)
+
+
+def test_a_cache_over_its_quota_drops_its_least_recently_used_blobs_but_keeps_the_ones_in_use(store):
+    refs = [store.put_bytes(blob_bytes(1000, seed)) for seed in range(4)]
+    for age, ref in zip((400, 300, 200, 100), refs):  # refs[0] used longest ago
+        os.utime(store.path(ref.sha256), (time.time() - age, time.time() - age))
+    store.touch(refs[1].sha256)
+    report = store.collect(3000, keep={refs[0].sha256})
+    assert sorted(report.blobs) == sorted([refs[2].sha256])
+    assert [store.has(ref.sha256) for ref in refs] == [True, True, False, True]
+
+
+def test_a_cache_drops_partial_downloads_abandoned_for_a_day_but_not_a_running_one(store):
+    old, running = blob_ref_of(blob_bytes(300)), blob_ref_of(blob_bytes(400))
+    PartialDownload(store, old).close()
+    active = PartialDownload(store, running)
+    for directory in (store.partial_dir(old), store.partial_dir(running)):
+        os.utime(directory, (time.time() - 2 * 24 * 3600,) * 2)
+        for file in directory.iterdir():
+            os.utime(file, (time.time() - 2 * 24 * 3600,) * 2)
+    store.collect(10**9)
+    assert not store.partial_dir(old).exists() and store.partial_dir(running).exists()
+    active.close()
 
 
 def test_chunks_given_back_by_a_failed_worker_go_to_a_waiting_one():
@@ -253,5 +283,20 @@ def test_chunks_given_back_by_a_failed_worker_go_to_a_waiting_one():
         assert await waiting == 1
         scheduler.done(1)
         assert scheduler.finished and await scheduler.take() is None
+
+    asyncio.run(scenario())
+
+
+def test_in_the_endgame_an_idle_worker_gets_a_chunk_in_flight_elsewhere_and_the_first_copy_counts():
+    async def scenario():
+        scheduler = ChunkScheduler([0])
+        assert scheduler.try_take() == 0
+        assert scheduler.try_take() is None  # outside the endgame nothing is handed out twice
+        assert scheduler.try_take([0], endgame=True) is None  # never twice to the same worker
+        assert scheduler.try_take(endgame=True) == 0
+        assert scheduler.try_take(endgame=True) is None  # at most two copies in flight
+        scheduler.done(0)
+        scheduler.give_back([0])  # the slower copy's worker fails afterwards: nothing comes back
+        assert scheduler.finished and scheduler.is_done(0)
 
     asyncio.run(scenario())

@@ -120,7 +120,9 @@ def test_client_fetch_switches_provider_when_one_stalls_mid_checkpoint(swarm):
                      *peer_args(peers), timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "dropped for blob" in output and "no bytes for" in output.replace("\n", " ")
+    flat = " ".join(output.split())
+    # timed out, or outrun in the endgame when the honest provider delivered its chunk first
+    assert "dropped for blob" in output and ("no bytes for" in flat or "outrun in the endgame" in flat)
     saved = json.loads((out / "ensemble.json").read_text())["checkpoints"]
     assert [entry["file"] for entry in saved] == ["expert_1/diffusion_pytorch_model.safetensors"]
     assert hashlib.sha256((out / saved[0]["file"]).read_bytes()).hexdigest() == sha256

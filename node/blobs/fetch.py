@@ -1,15 +1,28 @@
 """Download a blob from several providers at once, verifying every chunk, resumable after a crash.
 
 `fetch_blob(p2p, ref, providers, store)`:
-1. asks providers for the chunk digest list and checks it against the signed `ref.chunks_sha256`;
-2. re-checks the chunks a killed earlier run had verified (they are not fetched again);
+0. uses at most `MAX_PROVIDERS` of the providers given (a random sample: anyone can sign provider
+   records by the thousand) and opens at most `MAX_OPENING` streams at a time;
+1. asks them all at once for the chunk digest list and keeps the first that matches the signed
+   `ref.chunks_sha256`. A list that does not match is not proof against its provider (the record
+   may be the liar: anyone can sign a record with an honest blob's sha256 and a made-up digest
+   list), so that provider is only dropped for this download; when no provider's list matches the
+   record, the record is what is refused (`RecordContradicted`);
+2. only then reserves disk space, and re-checks the chunks a killed earlier run had verified;
 3. runs `streams_per_provider` streams to every provider; each stream asks for chunk after chunk
    (two requests outstanding, so the provider never waits for us), every chunk is hashed against
-   its digest on a worker thread, written at its offset and logged as verified;
-4. bans a provider whose bytes or digest list are wrong and gives its chunks to the others; drops
-   a provider that stalls, vanishes or is busy, likewise;
+   its digest on a worker thread, written at its offset and logged as verified; at the end, idle
+   streams ask again for chunks still in flight elsewhere (endgame), so one slow provider cannot
+   hold the last chunk;
+4. bans a provider whose bytes contradict the digest list, for this reference only (see
+   `node.blobs.banlist`), and gives its chunks to the others; drops a provider that stalls,
+   trickles (every header, digest list and chunk has a deadline and a minimum rate), vanishes or
+   is busy, likewise; the whole download has a deadline too;
 5. hashes the whole file in order while chunks arrive, and moves it into the store only when it
    matches `ref.sha256`.
+
+`NotProvided` (a `BlobUnavailable`) says that no provider even answered "ok": the blob is not
+provided at all, whatever the DHT's provider records say.
 """
 
 from __future__ import annotations
@@ -17,18 +30,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from protocol.blob_wire import BLOB_STREAM_PROTOCOL, BlobRequest
-from protocol.errors import HashMismatch, InvalidBlobResponse
+from protocol.blob_wire import BlobRequest
+from protocol.errors import HashMismatch
 from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
 from node.blobs.banlist import BanList
 from node.blobs.direct import DirectRoutes
 from node.blobs.partial import PartialDownload
+from node.blobs.provider import Provider, ProviderBusy, ProviderFault, ProviderGone, expect_ok, open_stream
 from node.blobs.schedule import ChunkScheduler, OrderedHasher
 from node.blobs.stream import StreamClosed, StreamReceiver, StreamStalled
 from node.blobs.store import BlobStore
@@ -37,6 +52,14 @@ from node.errors import NodeError
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
+MAX_PROVIDERS = 16  # providers one download uses, sampled from those given
+MAX_OPENING = 8  # streams being opened at once (each pending open holds a descriptor to the daemon)
+MIN_OVERALL_RATE = 256 * 1024  # bytes/s: the whole download's deadline is its size at this rate, plus slack
+
+
+def ref_key(ref: BlobRef) -> str:
+    """The scope of bans and partial downloads: the whole reference, not the sha256 alone."""
+    return f"{ref.sha256}-{ref.size}-{ref.chunks_sha256}"
 
 
 class BlobUnavailable(NodeError):
@@ -50,16 +73,19 @@ class BlobUnavailable(NodeError):
                          f"providers.")
 
 
-class ProviderFault(Exception):
-    """A provider proved itself dishonest (bad bytes, bad digest list, malformed answer): ban it."""
+class NotProvided(BlobUnavailable):
+    """No provider answered "ok" to anything: nobody provides this blob, whatever records claim."""
 
 
-class ProviderGone(Exception):
-    """A provider stalled, vanished or lacks the blob: stop using it for this download."""
+class RecordContradicted(HashMismatch):
+    """Providers answered with a chunk digest list and none matches the record's `chunks_sha256`:
+    the record (anyone's signature) is refused, the providers are not blamed."""
 
-
-class ProviderBusy(ProviderGone):
-    """A provider has no stream to spare: this stream gives up, the provider's other streams go on."""
+    def __init__(self, ref: BlobRef, providers: Sequence[str]) -> None:
+        self.ref, self.providers = ref, list(providers)
+        super().__init__(f"blob {ref.sha256[:12]}: the chunk digest list of every provider that answered "
+                         f"({', '.join(p[:16] for p in providers)}) contradicts the record's chunks_sha256 "
+                         f"{ref.chunks_sha256[:12]}; the record is not trusted")
 
 
 @dataclass
@@ -78,80 +104,57 @@ class FetchReport:
         return sum(self.chunks_fetched.values())
 
 
-@dataclass
-class _Provider:
-    peer: object  # hivemind PeerID
-    name: str
-    active: bool = True
-
-
-async def _open(p2p, provider: _Provider, timeout: float, direct: Optional[DirectRoutes] = None):
-    if direct is not None:  # the fast path where the provider offers one (see node.blobs.direct)
-        stream = await direct.open(p2p, provider.peer, timeout)
-        if stream is not None:
-            return stream
-    try:
-        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(provider.peer, BLOB_STREAM_PROTOCOL),
-                                                   timeout)
-    except asyncio.TimeoutError:
-        raise ProviderGone(f"no stream within {timeout:.0f} s") from None
-    except Exception as error:  # p2pd reports unreachable peers with several exception types
-        raise ProviderGone(f"cannot open a stream: {type(error).__name__}: {error}") from None
-    return StreamReceiver(reader, writer)
-
-
-async def _expect_ok(stream: StreamReceiver, expected_length: int, timeout: float) -> None:
-    try:
-        header = await stream.read_response(timeout)
-    except InvalidBlobResponse as error:
-        raise ProviderFault(f"malformed answer: {error}") from None
-    if header.status == "ok" and header.length != expected_length:
-        raise ProviderFault(f"answered {header.length} bytes where {expected_length} were asked for")
-    if header.status == "busy":
-        raise ProviderBusy(f"busy: {header.detail}")
-    if header.status != "ok":
-        raise ProviderGone(f"answered '{header.status}': {header.detail}")
-
-
 class _Download:
     def __init__(self, p2p, ref: BlobRef, providers: Sequence[object], partial: PartialDownload, *,
                  bans: BanList, report: FetchReport, progress: Optional[Progress], executor: ThreadPoolExecutor,
-                 streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float,
-                 direct: Optional[DirectRoutes] = None) -> None:
-        self.p2p, self.ref, self.partial, self.direct = p2p, ref, partial, direct
+                 streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float) -> None:
+        self.p2p, self.ref, self.partial = p2p, ref, partial
+        self.scope = ref_key(ref)
         self.bans, self.report, self.progress, self.executor = bans, report, progress, executor
         self.streams_per_provider = streams_per_provider
         self.stall_timeout, self.min_rate, self.connect_timeout = stall_timeout, min_rate, connect_timeout
-        self.providers = [_Provider(peer, peer.to_base58() if hasattr(peer, "to_base58") else str(peer))
-                          for peer in dict.fromkeys(providers)]
+        unique = list(dict.fromkeys(providers))
+        random.shuffle(unique)  # which records come first is the attacker's choice
+        self.providers = [Provider(peer, peer.to_base58() if hasattr(peer, "to_base58") else str(peer))
+                          for peer in unique]
+        self.opening = asyncio.Semaphore(MAX_OPENING)
         self.reasons: dict[str, str] = {}
+        self.answered: set[str] = set()  # providers that answered "ok" at least once
         self.done_bytes = 0
 
+    async def open(self, provider: Provider) -> StreamReceiver:
+        if self.direct is not None:  # the fast path where the provider offers one (see node.blobs.direct)
+            stream = await self.direct.open(self.p2p, provider.peer, self.connect_timeout)
+            if stream is not None:
+                return stream
+        async with self.opening:
+            return await open_stream(self.p2p, provider, self.connect_timeout)
+
     # ---- provider bookkeeping --------------------------------------------------------------------------
-    def _ban(self, provider: _Provider, reason: str) -> None:
+    def _ban(self, provider: Provider, reason: str) -> None:
         provider.active = False
         if provider.name in self.report.banned:  # a sibling stream already proved it
             return
-        self.bans.ban(provider.name, f"blob {self.ref.sha256[:12]}: {reason}")
+        self.bans.ban(provider.name, f"blob {self.ref.sha256[:12]}: {reason}", scope=self.scope)
         self.report.banned[provider.name] = reason
         self.reasons[provider.name] = f"banned: {reason}"
 
-    def _drop(self, provider: _Provider, reason: str) -> None:
+    def _drop(self, provider: Provider, reason: str) -> None:
         if provider.active:
             provider.active = False
             logger.info("provider %s dropped for blob %s: %s", provider.name, self.ref.sha256[:12], reason)
         self.report.dropped.setdefault(provider.name, reason)
         self.reasons.setdefault(provider.name, reason)
 
-    def _usable(self) -> list[_Provider]:
+    def _usable(self) -> list[Provider]:
         for provider in self.providers:
-            ban = self.bans.get(provider.name)
+            ban = self.bans.get(provider.name, self.scope)
             if ban is not None and provider.active:
                 provider.active = False
                 self.reasons[provider.name] = f"banned earlier: {ban.reason}"
         return [provider for provider in self.providers if provider.active]
 
-    def _direct_failed(self, provider: _Provider, stream, error: Exception) -> bool:
+    def _direct_failed(self, provider: Provider, stream, error: Exception) -> bool:
         """A fault on a direct TCP stream refuses the route, never bans: its bytes are unauthenticated
         (an on-path forger could cause it). The stream's worker then starts over on p2p."""
         if self.direct is None or not self.direct.carried(stream):
@@ -164,37 +167,79 @@ class _Download:
         if self.progress is not None:
             self.progress(self.done_bytes, self.ref.size)
 
+    def unavailable(self, missing_chunks: int) -> BlobUnavailable:
+        kind = BlobUnavailable if self.answered else NotProvided
+        return kind(self.ref, self.reasons, missing_chunks)
+
     # ---- phase 1: the digest list ------------------------------------------------------------------------
+    async def _ask_digests(self, provider: Provider, contradicting: list[str]) -> Optional[list[bytes]]:
+        expected = DIGEST_BYTES * self.ref.num_chunks
+        stream = None
+        try:
+            stream = await self.open(provider)
+            await stream.send(BlobRequest.digests(self.ref.sha256).encode())
+            await expect_ok(stream, expected, self.stall_timeout)
+            self.answered.add(provider.name)
+            raw = bytearray(expected)
+            await stream.read_into(raw, self.stall_timeout, self.min_rate)
+            digests = [bytes(raw[i:i + DIGEST_BYTES]) for i in range(0, expected, DIGEST_BYTES)]
+            try:
+                self.ref.check_digest_list(digests)
+            except HashMismatch as error:  # the provider or the record lies; one list cannot tell which
+                contradicting.append(provider.name)
+                self._drop(provider, f"its chunk digest list contradicts the record ({error})")
+                return None
+            return digests
+        except ProviderFault as error:
+            self._ban(provider, str(error))
+        except (ProviderGone, StreamStalled, StreamClosed, ConnectionError) as error:
+            self._drop(provider, str(error))
+        finally:
+            if stream is not None:
+                stream.close()
+        return None
+
     async def obtain_digests(self) -> None:
+        """Ask providers for the digest list, `MAX_OPENING` at a time in random order, each failed one
+        replaced by the next, until one list matches the record."""
         if self.partial.digests is not None:
             return
         if self.ref.num_chunks == 0:
-            self.partial.set_digests([])
+            await asyncio.to_thread(self.partial.set_digests, [])
             return
-        expected = DIGEST_BYTES * self.ref.num_chunks
-        for provider in self._usable():
-            stream = None
-            try:
-                stream = await _open(self.p2p, provider, self.connect_timeout)
-                await stream.send(BlobRequest.digests(self.ref.sha256).encode())
-                await _expect_ok(stream, expected, self.stall_timeout)
-                raw = bytearray(expected)
-                await stream.read_into(raw, self.stall_timeout)
-                digests = [bytes(raw[i:i + DIGEST_BYTES]) for i in range(0, expected, DIGEST_BYTES)]
-                try:
-                    self.ref.check_digest_list(digests)
-                except HashMismatch as error:
-                    raise ProviderFault(f"sent a wrong chunk digest list ({error})") from None
-                await asyncio.to_thread(self.partial.set_digests, digests)
-                return
-            except ProviderFault as error:
-                self._ban(provider, str(error))
-            except (ProviderGone, StreamStalled, StreamClosed, ConnectionError) as error:
-                self._drop(provider, str(error))
-            finally:
-                if stream is not None:
-                    stream.close()
-        raise BlobUnavailable(self.ref, self.reasons, self.ref.num_chunks)
+        contradicting: list[str] = []
+        candidates = iter(self._usable())
+        found: list[list[bytes]] = []
+
+        async def asker() -> None:
+            while not found and (provider := next(candidates, None)) is not None:
+                digests = await self._ask_digests(provider, contradicting)
+                if digests is not None and not found:
+                    found.append(digests)
+
+        askers = [asyncio.create_task(asker()) for _ in range(MAX_OPENING)]
+        try:
+            for ask in asyncio.as_completed(askers):
+                await ask
+                if found:
+                    break
+        finally:
+            for ask in askers:
+                ask.cancel()
+            await asyncio.gather(*askers, return_exceptions=True)
+        if found:
+            await asyncio.to_thread(self.partial.set_digests, found[0])
+            return
+        if contradicting:
+            raise RecordContradicted(self.ref, contradicting)
+        raise self.unavailable(self.ref.num_chunks)
+
+    def chunk_providers(self) -> list[Provider]:
+        """At most `MAX_PROVIDERS` providers for the chunks: those that answered first, then others
+        not ruled out yet."""
+        usable = self._usable()
+        answered = [provider for provider in usable if provider.name in self.answered]
+        return (answered + [provider for provider in usable if provider.name not in self.answered])[:MAX_PROVIDERS]
 
     # ---- phase 2: the chunks -----------------------------------------------------------------------------
     def _verify_and_write(self, index: int, data: bytearray) -> bool:
@@ -205,7 +250,7 @@ class _Download:
         self.partial.record_verified(index)
         return True
 
-    async def _stream_worker(self, provider: _Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> bool:
+    async def _stream_worker(self, provider: Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> bool:
         """One stream to one provider: request chunks (two outstanding), read them, verify the previous
         one on a worker thread while the next arrives. True: its direct route failed, start it again."""
         restart = False
@@ -216,9 +261,12 @@ class _Download:
 
         def settle(result: tuple[int, bytearray, bool]) -> None:
             index, data, matches = result
+            provider.holding.discard(index)
             if not matches:
                 scheduler.give_back([index])
-                raise ProviderFault(f"chunk {index} does not match its signed digest")
+                raise ProviderFault(f"chunk {index} does not match its digest")
+            if scheduler.is_done(index):  # endgame: another stream delivered it first
+                return
             hasher.offer(index, data)
             scheduler.done(index)
             self.report.chunks_fetched[provider.name] = self.report.chunks_fetched.get(provider.name, 0) + 1
@@ -228,16 +276,18 @@ class _Download:
             return index, data, await loop.run_in_executor(self.executor, self._verify_and_write, index, data)
 
         try:
-            stream = await _open(self.p2p, provider, self.connect_timeout, self.direct)
+            stream = await self.open(provider)
             while provider.active:
                 while len(outstanding) < 2:
-                    index = scheduler.try_take() if outstanding or verifying else await scheduler.take()
+                    index = (scheduler.try_take(provider.holding, endgame=True) if outstanding or verifying
+                             else await scheduler.take(provider.holding, endgame=True))
                     if index is None:
                         break
                     if not provider.active:  # banned by a sibling stream while this one waited
                         scheduler.give_back([index])
                         break
                     outstanding.append(index)
+                    provider.holding.add(index)
                     start, end = chunk_span(index, self.ref.size)
                     await stream.send(BlobRequest.range(self.ref.sha256, start, end).encode())
                 if verifying is not None and (not outstanding or verifying.done()):
@@ -248,7 +298,8 @@ class _Download:
                         break
                     continue  # nothing to ask for now; wait in take() for chunks other streams give back
                 start, end = chunk_span(outstanding[0], self.ref.size)
-                await _expect_ok(stream, end - start, self.stall_timeout)
+                await expect_ok(stream, end - start, self.stall_timeout)
+                self.answered.add(provider.name)
                 data = bytearray(end - start)
                 await stream.read_into(data, self.stall_timeout, self.min_rate)
                 if verifying is not None:
@@ -275,14 +326,15 @@ class _Download:
                     else:
                         restart = True
             scheduler.give_back(outstanding)
+            provider.holding.difference_update(outstanding)
             if stream is not None:
                 stream.close()
         return restart and provider.active
 
     async def fetch_chunks(self, missing: list[int], hasher: OrderedHasher) -> None:
         scheduler = ChunkScheduler(missing)
-        workers: dict[asyncio.Task, _Provider] = {}
-        for provider in self._usable():
+        workers: dict[asyncio.Task, Provider] = {}
+        for provider in self.chunk_providers():
             for _ in range(self.streams_per_provider):
                 workers[asyncio.create_task(self._stream_worker(provider, scheduler, hasher))] = provider
         try:
@@ -293,37 +345,48 @@ class _Download:
                     if task.result():  # (provider errors are caught; anything else is a bug worth seeing)
                         workers[asyncio.create_task(self._stream_worker(provider, scheduler, hasher))] = provider
         finally:
+            for provider in {id(p): p for p in workers.values()}.values():  # still holding chunks another provider delivered first
+                if provider.holding and scheduler.finished:
+                    self._drop(provider, "outrun in the endgame: another provider delivered its chunks first")
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
         if not scheduler.finished:
-            raise BlobUnavailable(self.ref, self.reasons, scheduler.remaining)
+            raise self.unavailable(scheduler.remaining)
 
 
 async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: BlobStore, *,
                      bans: Optional[BanList] = None, progress: Optional[Progress] = None,
                      report: Optional[FetchReport] = None, streams_per_provider: int = 2,
                      stall_timeout: float = 10.0, min_rate: float = 64 * 1024,
-                     connect_timeout: float = 15.0, direct: Optional[DirectRoutes] = None) -> Path:
+                     connect_timeout: float = 15.0, deadline_s: Optional[float] = None,
+                     direct: Optional[DirectRoutes] = None) -> Path:
     """Fetch blob `ref` from `providers` (hivemind `PeerID`s) into `store`; return its path there.
 
     `ref` must come from a signed record: every chunk is checked against `ref.chunks_sha256`, the
-    whole file against `ref.sha256`. A provider that sends bad bytes or a bad digest list is added
-    to `bans` (and skipped while banned); one that sends nothing for `stall_timeout` seconds, or
-    delivers a chunk slower than `min_rate` bytes/s, is dropped for this download; their chunks
-    go to the others. `progress(verified_bytes, total_bytes)` is called as chunks are verified;
-    `report` (if given) is filled in as the download runs. With `direct`, chunks travel over direct
-    TCP where a provider offers it (`node.blobs.direct`), verified alike, with p2p as the fallback.
+    whole file against `ref.sha256`. A provider that sends bytes contradicting the digest list is
+    added to `bans` for this reference (and skipped while banned); one that sends nothing for
+    `stall_timeout` seconds, takes longer than that for a response header, or delivers a chunk or
+    the digest list slower than `min_rate` bytes/s, is dropped for this download; their chunks go
+    to the others. The whole call gives up after `deadline_s` seconds (default: `connect_timeout
+    + 2 * stall_timeout + size / MIN_OVERALL_RATE`). `progress(verified_bytes, total_bytes)` is
+    called as chunks are verified; `report` (if given) is filled in as the download runs. With
+    `direct`, chunks travel over direct TCP where a provider offers it (`node.blobs.direct`),
+    verified alike, with p2p as the fallback.
 
     Raises `BlobUnavailable` naming every provider and why it failed (the partial download is
-    kept: a later call resumes it); `HashMismatch` if the signed ref is itself inconsistent;
-    `DownloadInProgress` if another fetch of this blob into this store is running.
+    kept once its digest list was obtained: a later call resumes it), `NotProvided` when no
+    provider answered "ok" at all; `RecordContradicted` (a `HashMismatch`) when every answering
+    provider's digest list contradicts the ref; `HashMismatch` if the signed ref is itself
+    inconsistent; `DownloadInProgress` if another fetch of this ref into this store is running.
     """
     started = time.perf_counter()
     report = report if report is not None else FetchReport()
     report.chunks_total = ref.num_chunks
     if store.has(ref.sha256):
         return store.path(ref.sha256)
+    if deadline_s is None:
+        deadline_s = connect_timeout + 2 * stall_timeout + ref.size / MIN_OVERALL_RATE
     partial = await asyncio.to_thread(PartialDownload, store, ref)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"blob-{ref.sha256[:8]}")
     download = _Download(p2p, ref, providers, partial, bans=bans if bans is not None else BanList(), report=report,
@@ -332,23 +395,16 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
                          direct=direct)
     hasher = OrderedHasher(ref.num_chunks, partial.read_chunk, executor)
     try:
-        await download.obtain_digests()
-        resumed = await asyncio.to_thread(partial.recheck, partial.logged_chunks())
-        report.chunks_resumed = len(resumed)
-        for index in resumed:
-            hasher.offer(index)
-            start, end = chunk_span(index, ref.size)
-            download.done_bytes += end - start
-        if progress is not None:
-            progress(download.done_bytes, ref.size)
-        missing = sorted(set(range(ref.num_chunks)) - set(resumed))
-        await download.fetch_chunks(missing, hasher)
-        whole = await hasher.hexdigest()
-        if whole != ref.sha256:
+        try:
+            async with asyncio.timeout(deadline_s):
+                return await _run(download, partial, hasher)
+        except TimeoutError:
+            download.reasons["(download)"] = f"did not finish within its deadline of {deadline_s:.0f} s"
+            raise download.unavailable(ref.num_chunks - len(download.report.chunks_fetched)) from None
+    except (BlobUnavailable, RecordContradicted):
+        if partial.digests is None:  # nothing worth resuming: leave no partial behind
             await asyncio.to_thread(partial.discard)
-            raise HashMismatch(f"blob {ref.sha256[:12]}: every chunk matches the signed digests but the whole file "
-                               f"hashes to {whole[:12]}; the signed record is inconsistent")
-        return await asyncio.to_thread(partial.complete)
+        raise
     finally:
         hasher.cancel()
         # Threads may still be writing or hashing a chunk: let them finish before the files close
@@ -356,3 +412,24 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
         await asyncio.to_thread(executor.shutdown)
         partial.close()
         report.seconds = time.perf_counter() - started
+
+
+async def _run(download: _Download, partial: PartialDownload, hasher: OrderedHasher) -> Path:
+    ref, report, progress = download.ref, download.report, download.progress
+    await download.obtain_digests()
+    resumed = await asyncio.to_thread(partial.recheck, partial.logged_chunks())
+    report.chunks_resumed = len(resumed)
+    for index in resumed:
+        hasher.offer(index)
+        start, end = chunk_span(index, ref.size)
+        download.done_bytes += end - start
+    if progress is not None:
+        progress(download.done_bytes, ref.size)
+    missing = sorted(set(range(ref.num_chunks)) - set(resumed))
+    await download.fetch_chunks(missing, hasher)
+    whole = await hasher.hexdigest()
+    if whole != ref.sha256:
+        await asyncio.to_thread(partial.discard)
+        raise HashMismatch(f"blob {ref.sha256[:12]}: every chunk matches the signed digests but the whole file "
+                           f"hashes to {whole[:12]}; the signed record is inconsistent")
+    return await asyncio.to_thread(partial.complete)

@@ -1,10 +1,12 @@
 """A download in progress, kept on disk so that a killed download resumes where it stopped.
 
-    partial/<sha256>/ref        the `BlobRef` being fetched (canonical msgpack)
-    partial/<sha256>/digests    its chunk digest list, once obtained and checked against the ref
-    partial/<sha256>/data       the blob's bytes, written at their offsets (a sparse file at first)
-    partial/<sha256>/verified   append-only log of verified chunk indices (4 bytes each, big-endian)
-    partial/<sha256>/lock       flock'ed while a process downloads, so two never write one partial
+    partial/<ref>/ref        the `BlobRef` being fetched (canonical msgpack); <ref> names all of it
+    partial/<ref>/digests    its chunk digest list, once obtained and checked against the ref
+    partial/<ref>/data       the blob's bytes, written at their offsets; created (and its blocks
+                             reserved) only once the digest list checks out, so a record whose
+                             providers never deliver costs no disk (review finding 8)
+    partial/<ref>/verified   append-only log of verified chunk indices (4 bytes each, big-endian)
+    partial/<ref>/lock       flock'ed while a process downloads, so two never write one partial
 
 The log is appended right after a verified chunk is written, so it survives SIGKILL. It is still
 only a hint: on resume every chunk it names is hashed again from disk against its digest (power
@@ -56,7 +58,7 @@ class PartialDownload:
 
     def __init__(self, store: BlobStore, ref: BlobRef) -> None:
         self.store, self.ref = store, ref
-        self.directory = store.partial_dir(ref.sha256)
+        self.directory = store.partial_dir(ref)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -77,12 +79,18 @@ class PartialDownload:
             for name in ("data", "digests", "verified"):
                 (self.directory / name).unlink(missing_ok=True)
             _write_atomically(ref_path, canonical_encode(self.ref.to_wire()))
+        self._log_fd = os.open(self.directory / "verified", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.digests: Optional[list[bytes]] = self._stored_digests()
+        if self.digests is not None:
+            self._open_data()
+
+    def _open_data(self) -> None:
+        if self._data_fd >= 0:
+            return
         self._data_fd = os.open(self.directory / "data", os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._data_fd).st_size != self.ref.size:
             os.ftruncate(self._data_fd, self.ref.size)
         self._reserve_space()
-        self._log_fd = os.open(self.directory / "verified", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.digests: Optional[list[bytes]] = self._stored_digests()
 
     def _reserve_space(self) -> None:
         # Blocks reserved up front: a full disk fails here, clearly, not half way through a download.
@@ -122,10 +130,12 @@ class PartialDownload:
         return self.directory / "data"
 
     def set_digests(self, digests: list[bytes]) -> None:
-        """Keep a digest list that has been checked against the ref (raises `HashMismatch` otherwise)."""
+        """Keep a digest list that has been checked against the ref (raises `HashMismatch` otherwise);
+        only now is the data file created and its space reserved."""
         self.ref.check_digest_list(digests)
         _write_atomically(self.directory / "digests", b"".join(digests))
         self.digests = list(digests)
+        self._open_data()
 
     def logged_chunks(self) -> list[int]:
         """Chunk indices a previous run recorded as verified (to be checked again: see `recheck`)."""

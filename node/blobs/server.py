@@ -98,6 +98,11 @@ class BlobServer:
 
     async def _answer(self, request: BlobRequest, writer: asyncio.StreamWriter) -> None:
         try:
+            if request.op == "has":
+                self.store.path(request.sha256)  # raises BlobNotFound
+                await send_frame(writer, BlobResponse.ok(0).encode())
+                self.stats.ok += 1
+                return
             if request.op == "digests":
                 digests = self.store.digest_bytes(request.sha256)
                 await send_frame(writer, BlobResponse.ok(len(digests)).encode() + digests)

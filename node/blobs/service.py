@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
@@ -16,7 +17,8 @@ from hivemind.p2p import PeerID
 
 from node.blobs.banlist import BanList
 from node.blobs.direct import DirectRoutes, DirectServer
-from node.blobs.fetch import BlobUnavailable, fetch_blob
+from node.blobs.fetch import MAX_PROVIDERS, BlobUnavailable, NotProvided, fetch_blob
+from node.blobs.provider import holds
 from node.blobs.server import BlobServer
 from node.blobs.store import BlobStore, CorruptBlob
 from node.swarm.membership import SwarmMembership
@@ -44,11 +46,31 @@ class BlobService:
                 self.direct = DirectServer(self.server, direct_host, direct_port)
                 loop.run(self.direct.start(self.p2p), timeout=60)
 
-    def providers(self, sha256: str, extra: Iterable[str] = ()) -> List[PeerID]:
-        """Peers the DHT names as providers of `sha256` (and `extra` peer ids), never this peer."""
-        names = [record.peer_id for record in self.membership.providers(sha256)] + list(extra)
-        unique = [name for name in dict.fromkeys(names) if name != self.membership.peer_id]
-        return [PeerID.from_base58(name) for name in unique]
+    def providers(self, sha256: str, extra: Iterable[str] = (), limit: int = MAX_PROVIDERS) -> List[PeerID]:
+        """Peers the DHT names as providers of `sha256` (`extra` peer ids first), never this peer; at
+        most `limit`, a random sample of the records (anyone can sign thousands, in any order)."""
+        extra = [name for name in dict.fromkeys(extra) if name != self.membership.peer_id]
+        named = {record.peer_id for record in self.membership.providers(sha256)} - {self.membership.peer_id, *extra}
+        names = extra[:limit] + random.sample(sorted(named), min(len(named), max(0, limit - len(extra))))
+        return [PeerID.from_base58(name) for name in names]
+
+    def holds(self, peer_id: str, sha256: str, timeout: float = 10.0) -> bool:
+        """Whether peer `peer_id` answers, over the blob protocol, that it holds blob `sha256`."""
+        try:
+            return self.loop.run(holds(self.p2p, PeerID.from_base58(peer_id), sha256, timeout), timeout=timeout + 5)
+        except Exception as error:  # a malformed peer id in someone's record, a daemon gone: not held
+            logger.debug(f"probe of {peer_id[:16]} for {sha256[:12]} failed: {error}")
+            return False
+
+    def answering_providers(self, sha256: str, limit: int = MAX_PROVIDERS, timeout: float = 10.0) -> List[str]:
+        """Of the peers the DHT names as providers of `sha256` (a sample of `limit`), those that answer
+        that they hold it, probed at once."""
+        peers = self.providers(sha256, limit=limit)
+
+        async def probe() -> List[bool]:
+            return await asyncio.gather(*(holds(self.p2p, peer, sha256, timeout) for peer in peers))
+        answers = self.loop.run(probe(), timeout=timeout + 5) if peers else []
+        return [peer.to_base58() for peer, yes in zip(peers, answers) if yes]
 
     def fetch(self, ref: BlobRef, *, extra_providers: Iterable[str] = (),
               progress: Optional[Callable[[int, int], None]] = None, timeout: Optional[float] = None) -> Path:
@@ -66,7 +88,7 @@ class BlobService:
             time.sleep(delay)
             providers = self.providers(ref.sha256, extra_providers)
         if not providers:
-            raise BlobUnavailable(ref, {}, ref.num_chunks)
+            raise NotProvided(ref, {}, ref.num_chunks)
         try:
             return self.loop.run(fetch_blob(self.p2p, ref, providers, self.store, bans=self.bans, progress=progress,
                                             direct=self.routes), timeout=timeout)

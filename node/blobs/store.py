@@ -4,7 +4,8 @@ Layout under `root`:
 
     blobs/ab/<sha256>           the blob's bytes (visible only once complete and verified)
     blobs/ab/<sha256>.digests   its chunk digests: 32 bytes per `CHUNK_BYTES` chunk, concatenated
-    partial/<sha256>/           a download in progress (see `node.blobs.partial`)
+    partial/<sha256>-<size>-<chunks_sha256>/   a download in progress (see `node.blobs.partial`),
+                                named by the whole reference, not the sha256 alone
     quarantine/<sha256>.<time>  blobs that failed verification, kept for inspection
     tmp/                        files being written; never read as blobs
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 READ_PIECE_BYTES = CHUNK_BYTES
 STALE_PARTIAL_AGE_S = 7 * 24 * 3600
+CACHE_PARTIAL_AGE_S = 24 * 3600  # a cache's unfinished downloads are resumed within a day, or dropped
 
 
 class BlobNotFound(KeyError):
@@ -82,9 +84,16 @@ class BlobStore:
     def _digests_path(self, sha256: str) -> Path:
         return self._data_path(sha256).with_suffix(".digests")
 
-    def partial_dir(self, sha256: str) -> Path:
-        self._data_path(sha256)  # validates the name
-        return self.root / "partial" / sha256
+    def partial_dir(self, ref: BlobRef) -> Path:
+        """Where a download of `ref` keeps its state. Named by the whole reference: a record with an
+        honest blob's sha256 and a bogus digest list must not touch the honest download's partial."""
+        self._data_path(ref.sha256)  # validates the name
+        return self.root / "partial" / f"{ref.sha256}-{ref.size}-{ref.chunks_sha256}"
+
+    def partial_dirs(self, sha256: str) -> list[Path]:
+        """Partial downloads of any reference with this sha256."""
+        self._data_path(sha256)
+        return sorted((self.root / "partial").glob(f"{sha256}-*"))
 
     def temp_file(self, suffix: str = ".tmp") -> tuple[int, Path]:
         """A new file under `tmp/` (same file system as the blobs, so `os.replace` is atomic)."""
@@ -252,8 +261,7 @@ class BlobStore:
                 path.unlink()
             except FileNotFoundError:
                 pass
-        partial = self.partial_dir(sha256)
-        if partial.exists():
+        for partial in self.partial_dirs(sha256):
             freed += _tree_bytes(partial)
             shutil.rmtree(partial, ignore_errors=True)
         return freed
@@ -274,7 +282,7 @@ class BlobStore:
                 report.blobs.append(path.name)
         now = time.time()
         for partial in (self.root / "partial").iterdir():
-            sha = partial.name
+            sha = partial.name.split("-")[0]
             try:
                 stale = sha not in keep or now - _newest_mtime(partial) > partial_max_age_s
                 if stale and sha not in in_use and not partial_is_locked(partial):
@@ -285,6 +293,49 @@ class BlobStore:
                 continue
         self.remove_leftovers(older_than_s=leftover_age_s, report=report)
         return report
+
+    def collect(self, max_bytes: int, keep: Iterable[str] = (), *,
+                partial_max_age_s: float = CACHE_PARTIAL_AGE_S) -> GcReport:
+        """A cache's garbage collection (a generator's store, which serves nobody): partial downloads
+        untouched for `partial_max_age_s` go (not locked ones only), then the least recently used
+        complete blobs not in `keep` until the blobs take at most `max_bytes`. `touch(sha256)` marks
+        a blob as used."""
+        from node.blobs.partial import partial_is_locked
+
+        keep, report, now = set(keep), GcReport(), time.time()
+        for partial in (self.root / "partial").iterdir():
+            try:
+                if now - _newest_mtime(partial) > partial_max_age_s and not partial_is_locked(partial):
+                    report.bytes_freed += _tree_bytes(partial)
+                    shutil.rmtree(partial, ignore_errors=True)
+                    report.partials.append(partial.name.split("-")[0])
+            except FileNotFoundError:
+                continue
+        blobs = []
+        for path in self._iter_data_files():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            blobs.append((stat.st_mtime, stat.st_size, path.name))
+        total = sum(size for _, size, _ in blobs)
+        for _, size, sha in sorted(blobs):  # oldest use first
+            if total <= max_bytes:
+                break
+            if sha in keep:
+                continue
+            report.bytes_freed += self.delete(sha)
+            report.blobs.append(sha)
+            total -= size
+        self.remove_leftovers(older_than_s=3600.0, report=report)
+        return report
+
+    def touch(self, sha256: str) -> None:
+        """Mark a complete blob as just used (for `collect`'s least-recently-used order)."""
+        try:
+            os.utime(self._data_path(sha256))
+        except FileNotFoundError:
+            pass
 
     def remove_leftovers(self, *, older_than_s: float = 0.0, report: Optional[GcReport] = None) -> GcReport:
         """Delete what interrupted writes left behind: digests of a commit that never finished and

@@ -150,17 +150,22 @@ class StreamReceiver:
             if protocol.received == seen and time.monotonic() - since >= stall_timeout and not done():
                 raise StreamStalled(f"no bytes for {stall_timeout:.1f} s while reading {what}")
 
-    async def read_exactly(self, count: int, stall_timeout: float) -> bytes:
+    async def read_exactly(self, count: int, stall_timeout: float, deadline: Optional[float] = None) -> bytes:
+        """The next `count` bytes (a small frame). They must all arrive before `deadline` (default:
+        `stall_timeout` from now): a peer trickling a header a byte at a time is dropped, not waited on."""
         pending = self._protocol.pending
-        await self._wait(lambda: len(pending) >= count, stall_timeout, f"a {count}-byte frame")
+        deadline = time.monotonic() + stall_timeout if deadline is None else deadline
+        await self._wait(lambda: len(pending) >= count, stall_timeout, f"a {count}-byte frame", deadline)
         data = bytes(pending[:count])
         del pending[:count]
         return data
 
     async def read_response(self, timeout: float) -> BlobResponse:
-        """Next response header. Raises `InvalidBlobResponse`, `StreamStalled`, `StreamClosed`."""
-        prefix = await self.read_exactly(FRAME_PREFIX_BYTES, timeout)
-        return decode_response(await self.read_exactly(response_body_length(prefix), timeout))
+        """Next response header, whole within `timeout` s. Raises `InvalidBlobResponse`,
+        `StreamStalled`, `StreamClosed`."""
+        deadline = time.monotonic() + timeout
+        prefix = await self.read_exactly(FRAME_PREFIX_BYTES, timeout, deadline)
+        return decode_response(await self.read_exactly(response_body_length(prefix), timeout, deadline))
 
     async def read_into(self, target: bytearray, stall_timeout: float, min_rate: Optional[float] = None) -> None:
         """Fill `target` with the next `len(target)` bytes of the stream. `min_rate` (bytes/s), if

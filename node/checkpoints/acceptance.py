@@ -14,9 +14,14 @@ at any step, so:
    *unreachable* (`Unreachable`: no provider could deliver it now; it may be there later) or
    *refused* (`Refused`: its bytes are not what its record promises; never tried again). Any other
    exception is a bug and surfaces;
-4. the search gives up on a job after `MAX_FAILURES` failed candidates, so a flood of records costs a
-   bounded number of downloads; when every failure of a round was "unreachable", the job's records are
-   read again (a trainer may have replaced the record we read by a newer one meanwhile).
+4. a blob counts as provided only once a provider *answered* for it: a fetch that no provider answered
+   at all (`NotProvided`: the provider records name peers that are not there, or that do not hold the
+   blob) passes the record over as unprovided and costs no failure;
+5. failures are budgeted per signer: after `MAX_FAILURES` failed candidates of one signer, that
+   signer's other records are passed over, so a flood costs a bounded number of downloads per key and
+   one signer's fakes never use up another's budget; when every failure of a round was "unreachable",
+   the job's records are read again (a trainer may have replaced the record we read by a newer one
+   meanwhile).
 
 A record names two blobs (`BLOB_KINDS`): the training state, which resuming trainers and mirrors
 fetch, and the inference export, the only one a generator fetches. A search is about one of them
@@ -38,6 +43,7 @@ from ddm_models.checkpoint import CheckpointMetadata, InvalidCheckpoint, load_ex
 from ddm_models.experts import build_expert
 from ddm_models.router import Router, build_router
 from ddm_models.sampling import LoadedExpert
+from node.blobs.fetch import NotProvided
 from node.checkpoints.specs import expert_config, router_config
 from node.errors import NodeError
 from protocol.errors import ProtocolError
@@ -144,6 +150,7 @@ class Search:
     refused: List[Tuple[str, str]] = field(default_factory=list)
     unreachable: List[Tuple[str, str]] = field(default_factory=list)
     passed: "Passed" = field(default_factory=lambda: Passed())
+    by_signer: Dict[str, int] = field(default_factory=dict)  # failures of each signer's records
 
     @property
     def failures(self) -> int:
@@ -171,22 +178,26 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
         unreachable_before = len(search.unreachable)
         fresh = [record for record in rank(read()) if blob_of(record, blob).sha256 not in tried]
         for record in obtainable(fresh, membership, store, manifest, search.passed, blob):
-            if search.failures >= max_failures:
-                logger.warning(f"gave up on this job after {search.failures} unusable checkpoints")
-                return None
+            if search.by_signer.get(record.signer, 0) >= max_failures:
+                search.passed.over_budget += 1
+                continue
             tried.add(blob_of(record, blob).sha256)
             try:
                 path = fetch(record)
             except ProtocolError as error:
-                _failed(search.refused, record, f"its bytes are not what its record names: {error}", blob)
+                _failed(search, search.refused, record, f"its bytes are not what its record names: {error}", blob)
+                continue
+            except NotProvided:  # no provider answered at all: nobody provides it, whatever the records say
+                search.passed.unprovided += 1
+                tried.discard(blob_of(record, blob).sha256)  # a provider may come up by the next round
                 continue
             except (NodeError, TimeoutError) as error:
-                _failed(search.unreachable, record, f"could not fetch it: {error}", blob)
+                _failed(search, search.unreachable, record, f"could not fetch it: {error}", blob)
                 continue
             try:
                 return Accepted(record, path, check(path, record))
             except (InvalidCheckpoint, Refused, ProtocolError) as error:
-                _failed(search.refused, record, str(error), blob)
+                _failed(search, search.refused, record, str(error), blob)
         if len(search.unreachable) == unreachable_before or round_ == rounds - 1:
             break
         logger.info(f"reading the job's checkpoints again: {len(search.unreachable) - unreachable_before} were "
@@ -197,9 +208,10 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
     return None
 
 
-def _failed(where: List[Tuple[str, str]], record: Record, reason: str, blob: str) -> None:
+def _failed(search: Search, where: List[Tuple[str, str]], record: Record, reason: str, blob: str) -> None:
     sha = blob_of(record, blob).sha256
     where.append((sha, reason))
+    search.by_signer[record.signer] = search.by_signer.get(record.signer, 0) + 1
     logger.warning(f"skipping {record.KIND} {sha[:12]} (step {record.step}, signer "
                    f"{record.signer[:12]}): {reason}")
 
@@ -221,13 +233,14 @@ class Passed:
 
     unprovided: int = 0
     oversized: int = 0
+    over_budget: int = 0  # of signers whose records failed `MAX_FAILURES` times already
 
     def __bool__(self) -> bool:
-        return bool(self.unprovided or self.oversized)
+        return bool(self.unprovided or self.oversized or self.over_budget)
 
     def describe(self) -> str:
         return (f"{self.unprovided} whose blob nobody provides, {self.oversized} whose blob is larger than "
-                f"its model's checkpoint can be")
+                f"its model's checkpoint can be, {self.over_budget} of signers out of failure budget")
 
 
 def obtainable(records: Iterable[Record], membership, store, manifest: SwarmManifest,

@@ -28,8 +28,20 @@ from protocol.manifest import SwarmManifest
 logger = logging.getLogger("ddm_swarm.client")
 
 
+DEFAULT_CACHE_QUOTA_GB = 20.0
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DDM_SWARM_CACHE", Path.home() / ".cache" / "ddm-swarm"))
+
+
+def cache_quota_bytes() -> int:
+    """The most bytes of checkpoints a generator's cache keeps: `DDM_SWARM_CACHE_QUOTA_GB` (default
+    20). The ensemble just assembled is always kept, even above it."""
+    try:
+        return int(float(os.environ.get("DDM_SWARM_CACHE_QUOTA_GB", DEFAULT_CACHE_QUOTA_GB)) * 1e9)
+    except ValueError:
+        raise NodeError("DDM_SWARM_CACHE_QUOTA_GB must be a number of gigabytes") from None
 
 
 def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequence[str] = (),
@@ -47,7 +59,9 @@ def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequen
     try:
         for problem in membership.beacon_problems():
             logger.warning(problem)
-        blobs = BlobService(membership, BlobStore(cache / "blobs"), loop, serve=False)
+        store = BlobStore(cache / "blobs")
+        quota = cache_quota_bytes()
+        blobs = BlobService(membership, store, loop, serve=False)
         heldout = None
         if verify:
             from node.data.swarm_data import prepare_swarm_data
@@ -55,7 +69,15 @@ def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequen
             data = prepare_swarm_data(manifest, cache)
             heldout = lambda cluster: data.expert_data(cluster)[1]  # noqa: E731
         assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress)
-        return assembler.assemble(require_all=require_all)
+        ensemble = assembler.assemble(require_all=require_all)
+        used = {record.blob.sha256 for record in ensemble.records}
+        for sha in used:
+            store.touch(sha)
+        collected = store.collect(quota, keep=used)  # old checkpoints and abandoned partials go
+        if collected.blobs or collected.partials:
+            logger.info(f"checkpoint cache: removed {len(collected.blobs)} old blobs and {len(collected.partials)} "
+                        f"partial downloads ({collected.bytes_freed / 1e6:.0f} MB)")
+        return ensemble
     finally:
         if blobs is not None:
             blobs.stop()

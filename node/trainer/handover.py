@@ -6,19 +6,26 @@ only every lease period), so the next trainer of the job would lose those steps.
 therefore serves on until another peer provides the blob (a mirror copied it): for a bounded time,
 and only while another trainer is online to copy it. Mirrors copy only a job's best checkpoint, so
 the wait runs out when another trainer's checkpoint of the job is better (nothing is lost then).
+
+A provider record is only a claim, and anyone can sign one naming any peer id: the hand-over ends
+only once a named peer *answers* over the blob protocol that it holds the blob (`holds`), so one
+fake provider record cannot send the last copy of a checkpoint away with its leaving node.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
+from typing import Callable
 
 from node.swarm.membership import SwarmMembership
 from protocol.records import SERVING_STATES
 
 logger = logging.getLogger("ddm_swarm.handover")
 POLL_S = 1.0
+PROBES_PER_POLL = 4
 # the wait is 4 lease periods (a mirror looks once a period), within these bounds (seconds)
 MIN_WAIT_S, MAX_WAIT_S = 30.0, 60.0
 
@@ -35,13 +42,17 @@ def needs_hand_over(membership: SwarmMembership) -> bool:
                for p in membership.peers())
 
 
-def hand_over(membership: SwarmMembership, sha256: str, timeout_s: float, leave_now: threading.Event) -> bool:
-    """Wait until a peer other than this one provides blob `sha256`, at most `timeout_s` seconds or
-    until `leave_now` is set. True if someone else holds it."""
+def hand_over(membership: SwarmMembership, sha256: str, timeout_s: float, leave_now: threading.Event,
+              holds: Callable[[str, str], bool]) -> bool:
+    """Wait until a peer other than this one provides blob `sha256` and confirms it (`holds(peer_id,
+    sha256)`, the blob protocol's probe), at most `timeout_s` seconds or until `leave_now` is set.
+    True if someone else holds it."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if any(p.peer_id != membership.peer_id for p in membership.providers(sha256)):
+            named = sorted({p.peer_id for p in membership.providers(sha256)} - {membership.peer_id})
+            # a sample each poll: a flood of fake records costs a few probes a poll, never the hand-over
+            if any(holds(peer_id, sha256) for peer_id in random.sample(named, min(len(named), PROBES_PER_POLL))):
                 return True
         except Exception as error:  # the swarm is unreachable: nobody to hand over to
             logger.info(f"hand-over of {sha256[:12]} stopped: {error}")

@@ -379,7 +379,7 @@ class SwarmNode:
         self._set(state=NodeState.HANDING_OVER)
         logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most "
                     f"{wait_s:.0f} s; Ctrl-C again to leave now)")
-        if hand_over(self.membership, record.blob.sha256, wait_s, self.leave_now):
+        if hand_over(self.membership, record.blob.sha256, wait_s, self.leave_now, self.blobs.holds):
             logger.info(f"another peer holds checkpoint step {record.step} now: leaving")
         else:
             logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back "

@@ -8,7 +8,9 @@ then {"event": "stats", ...} whenever its server's counters change. Behaviours:
 - honest: serves what it stores;
 - corrupt: one byte of every chunk of its stored copy is flipped on disk (its digests stay right);
 - bad-digests: its stored digest list is wrong;
-- stall: serves `--stall-after-bytes` body bytes honestly, then stops sending, keeping streams open.
+- stall: serves `--stall-after-bytes` body bytes honestly, then stops sending, keeping streams open;
+- trickle: answers every request (headers, digest list, chunks) truthfully, one byte every 0.7 s
+  (slowloris: never silent long enough to look stalled).
 `--rate-mb-s` throttles every range it sends (a slow but honest peer). `--direct` also serves on a
 direct TCP port (node.blobs.direct); behaviour corrupt-direct flips a byte of every range sent there
 (an on-path forger's work: its p2p answers stay honest).
@@ -40,10 +42,27 @@ def say(**event) -> None:
 class MisbehavingServer(BlobServer):
     """The real server, whose range answers can be throttled or stalled."""
 
-    def __init__(self, store: BlobStore, *, stall_after: int | None, rate_mb_s: float | None) -> None:
-        super().__init__(store)
-        self.stall_after, self.rate_mb_s = stall_after, rate_mb_s
+    def __init__(self, store: BlobStore, *, stall_after: int | None, rate_mb_s: float | None,
+                 trickle_s: float | None = None) -> None:
+        # a trickler keeps its own streams alive for as long as it likes
+        super().__init__(store, **({"request_timeout": 1e6, "idle_timeout": 1e6} if trickle_s else {}))
+        self.stall_after, self.rate_mb_s, self.trickle_s = stall_after, rate_mb_s, trickle_s
         self.body_bytes_sent = 0
+
+    async def _answer(self, request, writer) -> None:
+        if not self.trickle_s:
+            return await super()._answer(request, writer)
+        if request.op == "digests":
+            data = self.store.digest_bytes(request.sha256)
+        elif request.op == "has":
+            data = b""
+        else:
+            data = self.store.read_range(request.sha256, request.start, request.end)
+        for byte in BlobResponse.ok(len(data)).encode() + data:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            self.body_bytes_sent += 1
+            await asyncio.sleep(self.trickle_s)
 
     async def send_range(self, writer, path, start, end) -> None:
         if self.stall_after is None and self.rate_mb_s is None:
@@ -100,7 +119,8 @@ async def serve(args: argparse.Namespace) -> None:
               nat_port_map=False, auto_nat=False)
     p2p = await dht.replicate_p2p()
     stall_after = args.stall_after_bytes if args.behaviour == "stall" else None
-    server = MisbehavingServer(store, stall_after=stall_after, rate_mb_s=args.rate_mb_s)
+    server = MisbehavingServer(store, stall_after=stall_after, rate_mb_s=args.rate_mb_s,
+                               trickle_s=0.7 if args.behaviour == "trickle" else None)
     await server.start(p2p)
     if args.direct or args.behaviour == "corrupt-direct":
         direct_side = ForgingServer(store) if args.behaviour == "corrupt-direct" else server
@@ -120,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", required=True)
     parser.add_argument("--put", required=True)
-    parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall", "corrupt-direct"], default="honest")
+    parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall", "trickle", "corrupt-direct"], default="honest")
     parser.add_argument("--stall-after-bytes", type=int, default=8 * CHUNK_BYTES)
     parser.add_argument("--rate-mb-s", type=float, default=None)
     parser.add_argument("--initial-peers", nargs="*", default=[])
