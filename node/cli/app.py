@@ -32,6 +32,7 @@ console = Console(stderr=True)
 SwarmOption = typer.Option("local", "--swarm", "-s", help="Bundled swarm name or path to a manifest YAML file.")
 InitialPeersOption = typer.Option(None, "--initial-peers", "-p",
                                   help="Multiaddr of a peer to join through (repeat for several).")
+DeviceOption = typer.Option("auto", help="torch device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:1 …")
 
 # Failures a user can meet and fix (bad files, bad input, a full disk, an unreachable swarm): one
 # line on stderr and exit status 1. Anything else is a bug and keeps its traceback.

@@ -25,7 +25,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from node.cli.app import app, console, fail, setup_logging
+from node.cli.app import DeviceOption, app, console, fail, setup_logging
 from node.errors import NodeError
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
@@ -96,7 +96,7 @@ def _bootstrap_maddr(log: Path, child: subprocess.Popen, timeout: float = 120) -
 
 
 def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, router_share: float,
-             per_digit: int, console: Console) -> DemoResult:
+             per_digit: int, console: Console, device: str = "auto") -> DemoResult:
     from node.generator.client import assemble_ensemble
     from node.swarm.membership import SwarmMembership
     from node.swarm.status import collect_status, status_tables
@@ -117,7 +117,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
             budget = minutes * (router_share if job.is_router else 1.0)
             processes.start(f"node-{index}", ["node", "--swarm", swarm, "--initial-peers", peer, "--host", "127.0.0.1",
                                               "--data-dir", str(out / f"node-{index}"), "--max-minutes", f"{budget:.3f}",
-                                              "--threads", "1", "--job", str(job)])  # its budget is its job's
+                                              "--threads", "1", "--device", device, "--job", str(job)])  # its budget is its job's
             time.sleep(0.5)  # staggered starts: each node sees the claims of the ones before
         console.print(f"{len(jobs)} nodes started ({', '.join(map(str, jobs))}); logs in {out / 'logs'}")
         watcher = SwarmMembership(manifest, Identity.generate(), initial_peers=[peer], client_mode=True)
@@ -147,7 +147,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
         ensemble = assemble_ensemble(manifest, initial_peers=[peer], cache_dir=out / "client-cache")
         console.print("ensemble assembled; stopping the swarm so that sampling has the cores")
         processes.stop_all()
-        grid, accuracy = _evaluate(ensemble, out, per_digit, console)
+        grid, accuracy = _evaluate(ensemble, out, per_digit, console, device)
     finally:
         if watcher is not None:  # its DHT process would keep this one from exiting
             watcher.shutdown()
@@ -155,7 +155,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
     return DemoResult(grid, accuracy, time.monotonic() - started, snapshot.get("jobs", []))
 
 
-def _evaluate(ensemble, out: Path, per_digit: int, console: Console):
+def _evaluate(ensemble, out: Path, per_digit: int, console: Console, device: str):
     from ddm_models.captions import prompt_for_digit
     from ddm_models.images import save_grid
     from ddm_models.metrics import conditional_accuracy, load_or_train_classifier
@@ -165,10 +165,10 @@ def _evaluate(ensemble, out: Path, per_digit: int, console: Console):
     classifier = load_or_train_classifier()
     accuracy, grid = {}, out / "demo-grid.png"
     for routing in ("top2", "top1", "full"):
-        result = ensemble.sample(prompts, routing=routing, seed=0)
-        accuracy[routing] = conditional_accuracy(classifier, result.images, labels)
+        images = ensemble.sample(prompts, routing=routing, seed=0, device=device).images.float().cpu()
+        accuracy[routing] = conditional_accuracy(classifier, images, labels)
         if routing == "top2":
-            save_grid(result.images, per_digit, grid, scale=3)
+            save_grid(images, per_digit, grid, scale=3)
     (out / "demo-result.json").write_text(json.dumps({"accuracy": accuracy, "experts": ensemble.describe()}, indent=2))
     return grid, accuracy
 
@@ -180,6 +180,7 @@ def demo(
     per_digit: int = typer.Option(8, help="Samples per digit in the grid and the accuracy measurement."),
     router_share: float = typer.Option(0.3, help="The router node trains this fraction of the time."),
     swarm: str = typer.Option("local", "--swarm", "-s", help="Bundled swarm name or manifest file."),
+    device: str = DeviceOption,
 ) -> None:
     """Run a whole swarm on this machine on the embedded default, then generate digits from it."""
     from rich.table import Table
@@ -192,7 +193,7 @@ def demo(
         if manifest.dataset.kind not in ("embedded-digits", "small-digits"):
             raise NodeError("the demo runs on swarms with embedded digit data (like 'local')")
         result = run_demo(manifest, swarm, out, minutes=minutes, router_share=router_share, per_digit=per_digit,
-                          console=console)
+                          console=console, device=device)
     except Exception as error:
         fail(error)
     table = Table(title="conditional accuracy (the digit classifier agrees with the prompt)")

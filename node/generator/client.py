@@ -34,8 +34,9 @@ def default_cache_dir() -> Path:
 
 def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequence[str] = (),
                       cache_dir: Optional[Path] = None, verify: bool = False, require_all: bool = False,
-                      progress: Optional[Callable[[str, int, int], None]] = None) -> Ensemble:
-    """The best acceptable checkpoint of every cluster plus the router, fetched from the swarm."""
+                      progress: Optional[Callable[[str, int, int], None]] = None, device: str = "cpu") -> Ensemble:
+    """The best acceptable checkpoint of every cluster plus the router, fetched from the swarm (with
+    `verify`, held-out losses measured on `device`)."""
     manifest = swarm if isinstance(swarm, SwarmManifest) else load_manifest(swarm)
     peers = list(initial_peers) or list(manifest.bootstrap_peers)
     if not peers:
@@ -54,7 +55,8 @@ def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequen
 
             data = prepare_swarm_data(manifest, cache)
             heldout = lambda cluster: data.expert_data(cluster)[1]  # noqa: E731
-        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress)
+        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress,
+                              device=device)
         return assembler.assemble(require_all=require_all)
     finally:
         if blobs is not None:

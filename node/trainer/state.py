@@ -48,7 +48,7 @@ class NodeOptions:
     mirror: bool = True
     threads: int = 1
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when present, else the CPU (`ddm_models.devices.resolve_device`)
     slice_s: float = 2.0  # train this long between looks at the outside world
 
 
