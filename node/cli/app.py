@@ -47,6 +47,18 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
 
 
+def checked_device(name: str) -> str:
+    """--device as given, once checked to name a device this machine has (a typo, or cuda on a
+    machine without a GPU, is a user's mistake and is said in one line, before anything starts)."""
+    from ddm_models.devices import UnknownDevice, resolve_device
+
+    try:
+        resolve_device(name)
+    except UnknownDevice as error:
+        raise NodeError(f"--device: {error}") from None
+    return name
+
+
 def fail(error: Exception) -> None:
     """Report an anticipated failure in one line and exit 1; re-raise anything else."""
     if not isinstance(error, ANTICIPATED):

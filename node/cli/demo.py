@@ -25,7 +25,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from node.cli.app import DeviceOption, app, console, fail, setup_logging
+from node.cli.app import DeviceOption, app, checked_device, console, fail, setup_logging
 from node.errors import NodeError
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
@@ -190,6 +190,7 @@ def demo(
     setup_logging()
     try:
         manifest = load_manifest(swarm)
+        device = checked_device(device)
         if manifest.dataset.kind not in ("embedded-digits", "small-digits"):
             raise NodeError("the demo runs on swarms with embedded digit data (like 'local')")
         result = run_demo(manifest, swarm, out, minutes=minutes, router_share=router_share, per_digit=per_digit,

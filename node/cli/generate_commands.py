@@ -11,7 +11,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from ddm_models.devices import resolve_device
-from node.cli.app import DeviceOption, InitialPeersOption, SwarmOption, app, console, fail, setup_logging
+from node.cli.app import (DeviceOption, InitialPeersOption, SwarmOption, app, checked_device, console, fail,
+                          setup_logging)
 from node.errors import NodeError
 
 MAX_PROMPT_CHARS = 1000
@@ -83,7 +84,7 @@ def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_pe
     prompts = check_prompts(prompts, per_prompt)
     if batch_size is not None and batch_size < 1:
         raise NodeError(f"--batch-size must be >= 1, got {batch_size}")
-    target = resolve_device(device)  # a typo or an absent GPU fails before anything is fetched
+    target = resolve_device(checked_device(device))  # a typo or an absent GPU fails before anything is fetched
     ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, from_dir, device=str(target))
     results = Console()  # results on stdout; logs and progress stay on stderr
     results.print(ensemble_table(ensemble))
@@ -141,7 +142,8 @@ def fetch(
     """Save the assembled ensemble so `generate --from DIR` works later with no network."""
     setup_logging()
     try:
-        ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None, device=device)
+        ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None,
+                                   device=checked_device(device))
         ensemble.save(out)
     except Exception as error:
         fail(error)

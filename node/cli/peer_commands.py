@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from node.cli.app import DeviceOption, InitialPeersOption, SwarmOption, app, console, fail, setup_logging
+from node.cli.app import DeviceOption, InitialPeersOption, checked_device, SwarmOption, app, console, fail, setup_logging
 from node.errors import NodeError
 from protocol.errors import ProtocolError
 from protocol.jobs import Job
@@ -63,7 +63,8 @@ def node(
         peers = initial_peers or list(manifest.bootstrap_peers)
         options = NodeOptions(data_dir=data_dir, initial_peers=peers, host=host, port=port,
                               job=parse_job(job, manifest), model=model, max_steps=max_steps, max_minutes=max_minutes,
-                              exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed, device=device)
+                              exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed,
+                              device=checked_device(device))
         ranks = start_ranks(manifest, options, gpus)
         if ranks is None:  # a follower rank under torchrun: it trained with rank 0 and is done
             return
