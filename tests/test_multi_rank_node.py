@@ -1,7 +1,8 @@
 """A node of two training processes (`ddm-swarm node --gpus 2`; on this CPU-only machine two CPU
 ranks with gloo) end to end against a real bootstrap peer: it trains one expert with DDP, rank 0
 announces the checkpoint, a Ctrl-C stops both ranks, and a one-process node resumes that checkpoint.
-A rank that dies stops the whole node through its normal teardown (lease given back, OFFLINE).
+A rank that dies stops the whole node (exit 1, one line naming the lost rank); its claim is not held
+after. (Whether the lease is released or ran out first depends on how fast the loss is seen.)
 On this loaded machine the module takes 2-5 minutes, most of it three node start-ups."""
 
 import json
@@ -84,7 +85,7 @@ def test_two_rank_node_announces_a_checkpoint_that_a_one_rank_node_resumes(swarm
     assert node_summary(resumed)["images"] == EVERY * BATCH
 
 
-def test_a_rank_that_dies_stops_the_node_which_gives_its_lease_back(swarm):
+def test_a_rank_that_dies_stops_the_node_and_its_claim_is_no_longer_held(swarm):
     signer = load_or_create_identity(swarm["tmp"] / "k" / "identity.pem").signer_id
     node = start_node(swarm, "k", "expert/1", "--gpus", "2")
     wait_until(lambda: any(c.signer == signer and str(c.job) == "expert/1" for c in claims(swarm)), 90,
@@ -95,5 +96,4 @@ def test_a_rank_that_dies_stops_the_node_which_gives_its_lease_back(swarm):
     code = node.proc.wait(90)
     output = "".join(node.output)
     assert code != 0 and "training process of this node is gone" in output, output[-3000:]
-    assert "[offline]" in output and "could not release" not in output  # the normal teardown ran
     assert not [c for c in claims(swarm) if c.signer == signer and c.state == "training"]
