@@ -247,6 +247,36 @@ class _Trainer:
     def _cluster(self) -> int:
         return -1
 
+    @torch.no_grad()
+    def share_state_from_rank0(self) -> None:
+        """Every rank takes rank 0's weights, EMA, AdamW moments and counters (a collective: all
+        ranks call it). After rank 0 alone resumed from a file, the replicas agree again, and DDP
+        keeps them agreeing from there."""
+        if self.world_size <= 1:
+            return
+        import torch.distributed as dist
+
+        names = {param: name for name, param in self.model.named_parameters()}
+        header = [None]
+        if self.rank == 0:
+            moments = [names[p] for p, s in self.optimizer.state.items() if "exp_avg" in s]
+            adam_step = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+            header = [(self.step, self.samples_seen, sorted(moments), adam_step[0] if adam_step else None)]
+        dist.broadcast_object_list(header, src=0)
+        step, samples_seen, moment_names, adam_step = header[0]
+        parameters = dict(self.model.named_parameters())
+        if self.rank != 0:
+            self.step, self.samples_seen = step, samples_seen
+            self._load_moments({name: {"exp_avg": torch.zeros_like(parameters[name]),
+                                       "exp_avg_sq": torch.zeros_like(parameters[name])} for name in moment_names},
+                               adam_step)
+        tensors = [*self.model.state_dict().values(), *self.ema.state_dict().values()]
+        for name in moment_names:
+            state = self.optimizer.state[parameters[name]]
+            tensors += [state["exp_avg"], state["exp_avg_sq"]]
+        for tensor in tensors:  # in place: state_dict() tensors share the parameters' storage
+            dist.broadcast(tensor, src=0)
+
 
 class ExpertTrainer(_Trainer):
     """Trains one expert on one cluster's images, each conditioned on its caption.

@@ -113,3 +113,15 @@ def test_a_data_dir_that_cannot_be_created_is_named(tmp_path):
     blocked.write_text("a file where the data dir's parent should be")
     data_dir = blocked / "node"  # nobody, not even root, can create a directory inside a file
     refused(run_cli("node", "--swarm", str(TINY), "--data-dir", str(data_dir)), str(data_dir))
+
+
+@pytest.mark.parametrize("command", [["generate", "the digit 3"], ["node", "--data-dir", "NODE_DIR"], ["fetch", "--out", "OUT"]])
+@pytest.mark.parametrize("device, phrase", [("tpu", "unknown device 'tpu'"), ("cuda:7", "cuda:7")])
+def test_a_device_this_machine_lacks_is_named_before_anything_starts(tmp_path, command, device, phrase):
+    args = [str(tmp_path / a) if a.isupper() else a for a in command]
+    refused(run_cli(*args, "--swarm", str(TINY), "--device", device), "--device", phrase)
+    assert not (tmp_path / "NODE_DIR").exists()
+
+
+def test_a_generate_batch_size_below_one_is_refused_before_joining_the_swarm():
+    refused(run_cli("generate", "the digit 3", "--swarm", str(TINY), "--batch-size", "0"), "--batch-size must be >= 1")

@@ -77,6 +77,7 @@ def test_nodes_claim_every_job_train_and_announce_checkpoints(swarm):
 def test_generate_mixes_a_ddpm_and_a_flow_matching_expert_and_writes_a_png(swarm):
     out = swarm["tmp"] / "digits.png"
     result = run_cli("generate", "the digit 3", "a handwritten seven", "--num", "3", "--out", str(out),
+                     "--batch-size", "2", "--offload", "--device", "auto",  # in batches, experts moved in as routed
                      "--swarm", str(swarm["path"]), "--cache-dir", str(swarm["tmp"] / "gen-cache"),
                      *sum([["--initial-peers", p] for p in swarm["peers"]], []))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -32,6 +32,7 @@ console = Console(stderr=True)
 SwarmOption = typer.Option("local", "--swarm", "-s", help="Bundled swarm name or path to a manifest YAML file.")
 InitialPeersOption = typer.Option(None, "--initial-peers", "-p",
                                   help="Multiaddr of a peer to join through (repeat for several).")
+DeviceOption = typer.Option("auto", help="torch device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:1 …")
 
 # Failures a user can meet and fix (bad files, bad input, a full disk, an unreachable swarm): one
 # line on stderr and exit status 1. Anything else is a bug and keeps its traceback.
@@ -44,6 +45,18 @@ def setup_logging(verbose: bool = False) -> None:
     # hivemind is chatty at INFO; its warnings still show
     logging.getLogger("hivemind").setLevel(logging.WARNING)
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+
+
+def checked_device(name: str) -> str:
+    """--device as given, once checked to name a device this machine has (a typo, or cuda on a
+    machine without a GPU, is a user's mistake and is said in one line, before anything starts)."""
+    from ddm_models.devices import UnknownDevice, resolve_device
+
+    try:
+        resolve_device(name)
+    except UnknownDevice as error:
+        raise NodeError(f"--device: {error}") from None
+    return name
 
 
 def fail(error: Exception) -> None:

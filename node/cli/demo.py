@@ -25,7 +25,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from node.cli.app import app, console, fail, setup_logging
+from node.cli.app import DeviceOption, app, checked_device, console, fail, setup_logging
 from node.errors import NodeError
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
@@ -96,7 +96,7 @@ def _bootstrap_maddr(log: Path, child: subprocess.Popen, timeout: float = 120) -
 
 
 def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, router_share: float,
-             per_digit: int, console: Console) -> DemoResult:
+             per_digit: int, console: Console, device: str = "auto") -> DemoResult:
     from node.generator.client import assemble_ensemble
     from node.swarm.membership import SwarmMembership
     from node.swarm.status import collect_status, status_tables
@@ -118,7 +118,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
             budget = minutes * (router_share if job.is_router else 1.0)
             processes.start(f"node-{index}", ["node", "--swarm", swarm, "--initial-peers", peer, "--host", "127.0.0.1",
                                               "--data-dir", str(out / f"node-{index}"), "--max-minutes", f"{budget:.3f}",
-                                              "--threads", "1", "--job", str(job)])  # its budget is its job's
+                                              "--threads", "1", "--device", device, "--job", str(job)])  # its budget is its job's
             time.sleep(0.5)  # staggered starts: each node sees the claims of the ones before
         console.print(f"{len(jobs)} nodes started ({', '.join(map(str, jobs))}); logs in {out / 'logs'}")
         watcher = SwarmMembership(manifest, Identity.generate(), initial_peers=[peer], client_mode=True)
@@ -149,7 +149,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
         console.print("ensemble assembled; stopping the swarm so that sampling has the cores")
         processes.stop_all()
         evaluate = _evaluate_captions if manifest.dataset.kind == "shards" else _evaluate
-        grid, accuracy = evaluate(ensemble, out, per_digit, console)
+        grid, accuracy = evaluate(ensemble, out, per_digit, console, device)
     finally:
         if watcher is not None:  # its DHT process would keep this one from exiting
             watcher.shutdown()
@@ -157,7 +157,7 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
     return DemoResult(grid, accuracy, time.monotonic() - started, snapshot.get("jobs", []))
 
 
-def _evaluate(ensemble, out: Path, per_digit: int, console: Console):
+def _evaluate(ensemble, out: Path, per_digit: int, console: Console, device: str):
     from ddm_models.captions import prompt_for_digit
     from ddm_models.images import save_grid
     from ddm_models.metrics import conditional_accuracy, load_or_train_classifier
@@ -167,15 +167,15 @@ def _evaluate(ensemble, out: Path, per_digit: int, console: Console):
     classifier = load_or_train_classifier()
     accuracy, grid = {}, out / "demo-grid.png"
     for routing in ("top2", "top1", "full"):
-        result = ensemble.sample(prompts, routing=routing, seed=0)
-        accuracy[routing] = conditional_accuracy(classifier, result.images, labels)
+        images = ensemble.sample(prompts, routing=routing, seed=0, device=device).images.float().cpu()
+        accuracy[routing] = conditional_accuracy(classifier, images, labels)
         if routing == "top2":
-            save_grid(result.images, per_digit, grid, scale=3)
+            save_grid(images, per_digit, grid, scale=3)
     (out / "demo-result.json").write_text(json.dumps({"accuracy": accuracy, "experts": ensemble.describe()}, indent=2))
     return grid, accuracy
 
 
-def _evaluate_captions(ensemble, out: Path, per_prompt: int, console: Console):
+def _evaluate_captions(ensemble, out: Path, per_prompt: int, console: Console, device: str):
     """A swarm trained on captioned images: prompts are captions of real images of every cluster;
     the figure is how often the real image nearest to a sample is the one prompted (see
     `ddm_models.metrics.prompt_agreement`), per routing. References: the data the demo's bootstrap
@@ -195,13 +195,13 @@ def _evaluate_captions(ensemble, out: Path, per_prompt: int, console: Console):
     images = references.images_at(slice(0, len(references)))
     figures, grid = {}, out / "demo-grid.png"
     for routing in ("top2", "top1", "full"):
-        result = ensemble.sample(picked, routing=routing, seed=0)
-        agreement = prompt_agreement(result.images, picked, images, captions)
+        result = ensemble.sample(picked, routing=routing, seed=0, device=device)
+        agreement = prompt_agreement(result.images.float().cpu(), picked, images, captions)
         figures.update({f"{routing} {name}": value for name, value in agreement.items() if not name.startswith("chance")})
         figures.setdefault("chance top1", agreement["chance_top1"])
         figures.setdefault("chance top5", agreement["chance_top5"])
         if routing == "top2":
-            save_prompt_grid(result.images[:16], picked[:16], grid, scale=3)
+            save_prompt_grid(result.images[:16].float().cpu(), picked[:16], grid, scale=3)
     console.print(f"{len(picked)} prompts, {len(references)} reference images")
     (out / "demo-result.json").write_text(json.dumps({"agreement": figures, "prompts": picked,
                                                       "experts": ensemble.describe()}, indent=2))
@@ -215,6 +215,7 @@ def demo(
     per_digit: int = typer.Option(8, help="Samples per digit (digits), or rows of 8 prompts (emoji), to measure."),
     router_share: float = typer.Option(0.3, help="The router node trains this fraction of the time."),
     swarm: str = typer.Option("local", "--swarm", "-s", help="Bundled swarm name or manifest file."),
+    device: str = DeviceOption,
 ) -> None:
     """Run a whole swarm on this machine on the embedded default, then generate digits from it."""
     from rich.table import Table
@@ -224,10 +225,11 @@ def demo(
     setup_logging()
     try:
         manifest = load_manifest(swarm)
+        device = checked_device(device)
         if manifest.dataset.kind not in ("embedded-digits", "small-digits", "shards"):
             raise NodeError("the demo runs on the bundled swarms: 'local' (digits) or 'emoji' (captioned colour images)")
         result = run_demo(manifest, swarm, out, minutes=minutes, router_share=router_share, per_digit=per_digit,
-                          console=console)
+                          console=console, device=device)
     except Exception as error:
         fail(error)
     captioned = manifest.dataset.kind == "shards"

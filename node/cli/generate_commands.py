@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from node.cli.app import InitialPeersOption, SwarmOption, app, console, fail, setup_logging
+from ddm_models.devices import resolve_device
+from node.cli.app import (DeviceOption, InitialPeersOption, SwarmOption, app, checked_device, console, fail,
+                          setup_logging)
 from node.errors import NodeError
 
 MAX_PROMPT_CHARS = 1000
@@ -57,7 +59,9 @@ def ensemble_table(ensemble) -> Table:
 
 
 def obtain_ensemble(console: Console, swarm: str, initial_peers: Optional[List[str]], cache_dir: Optional[Path],
-                    verify: bool, from_dir: Optional[Path]):
+                    verify: bool, from_dir: Optional[Path], device: str = "auto"):
+    """The ensemble from the swarm (or saved in `from_dir`); with `verify`, held-out losses are
+    measured on `device`."""
     from node.generator.assembly import Ensemble
     from node.generator.client import assemble_ensemble
 
@@ -66,29 +70,34 @@ def obtain_ensemble(console: Console, swarm: str, initial_peers: Optional[List[s
     progress = FetchProgress(console)
     with progress.bar:
         ensemble = assemble_ensemble(swarm, initial_peers=initial_peers or (), cache_dir=cache_dir, verify=verify,
-                                     progress=progress)
+                                     progress=progress, device=device)
     for sha, reason in ensemble.rejected:
         console.print(f"[yellow]not used[/] {sha[:16]}…: {reason}")
     return ensemble
 
 
 def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_peers, routing, steps, guidance,
-                 seed: int, per_prompt: int, out: Path, cache_dir, verify: bool, from_dir, scale: int) -> Path:
+                 seed: int, per_prompt: int, out: Path, cache_dir, verify: bool, from_dir, scale: int,
+                 device: str = "auto", offload: bool = False, batch_size: Optional[int] = None) -> Path:
     from ddm_models.images import save_grid, save_prompt_grid
 
     prompts = check_prompts(prompts, per_prompt)
-    ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, from_dir)
+    if batch_size is not None and batch_size < 1:
+        raise NodeError(f"--batch-size must be >= 1, got {batch_size}")
+    target = resolve_device(checked_device(device))  # a typo or an absent GPU fails before anything is fetched
+    ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, from_dir, device=str(target))
     results = Console()  # results on stdout; logs and progress stay on stderr
     results.print(ensemble_table(ensemble))
     rows = [p for p in prompts for _ in range(per_prompt)]
-    result = ensemble.sample(rows, routing=routing, steps=steps, guidance=guidance, seed=seed)
+    result = ensemble.sample(rows, routing=routing, steps=steps, guidance=guidance, seed=seed, device=str(target),
+                             offload=offload, batch_size=batch_size)
     if result.images.shape[1] not in (1, 3):
         raise NodeError(f"the ensemble produced {result.images.shape[1]}-channel samples: this swarm's experts "
                         "work on latents but its manifest names no VAE to decode them")
     if result.images.shape[1] == 3:  # colour images of free-text prompts: each prompt written under its images
-        path = save_prompt_grid(result.images, rows, out, columns=per_prompt, scale=scale)
+        path = save_prompt_grid(result.images.float().cpu(), rows, out, columns=per_prompt, scale=scale)
     else:
-        path = save_grid(result.images, per_prompt, out, scale=scale)
+        path = save_grid(result.images.float().cpu(), per_prompt, out, scale=scale)
     used = ", ".join(f"expert/{k}: {n}" for k, n in sorted(result.evaluations.items()))
     results.print(f"expert evaluations (sample x step): {used}")
     results.print(f"wrote {len(rows)} images to [bold]{path}[/] (one row per prompt)")
@@ -110,13 +119,17 @@ def generate(
     verify: bool = typer.Option(False, help="Measure each expert's held-out loss; reject ones much worse than they claim."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Use an ensemble saved by `ddm-swarm fetch` (offline)."),
     scale: int = typer.Option(4, help="Magnify each image this many times in the PNG."),
+    device: str = DeviceOption,
+    offload: bool = typer.Option(False, help="Keep the experts on the CPU and move each onto the device when "
+                                             "routing needs it (when they do not all fit in GPU memory)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sample this many images at a time (default: all at once)."),
 ) -> None:
     """Assemble the router and experts from the swarm and generate images locally."""
     setup_logging()
     try:
         run_generate(console, prompts, swarm=swarm, initial_peers=initial_peers, routing=routing, steps=steps,
                      guidance=guidance, seed=seed, per_prompt=num, out=out, cache_dir=cache_dir, verify=verify,
-                     from_dir=from_dir, scale=scale)
+                     from_dir=from_dir, scale=scale, device=device, offload=offload, batch_size=batch_size)
     except Exception as error:
         fail(error)
 
@@ -129,11 +142,13 @@ def fetch(
     initial_peers: Optional[List[str]] = InitialPeersOption,
     cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
     verify: bool = typer.Option(False, help="Measure each expert's held-out loss before accepting it."),
+    device: str = DeviceOption,
 ) -> None:
     """Save the assembled ensemble so `generate --from DIR` works later with no network."""
     setup_logging()
     try:
-        ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None)
+        ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, None,
+                                   device=checked_device(device))
         ensemble.save(out)
     except Exception as error:
         fail(error)

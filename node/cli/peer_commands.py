@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from node.cli.app import InitialPeersOption, SwarmOption, app, console, fail, setup_logging
+from node.cli.app import (DeviceOption, InitialPeersOption, SwarmOption, app, checked_device, console, fail,
+                          setup_logging)
 from node.cli.network_options import (AnnounceOption, AutoRelayOption, DirectPortOption, NatTraversalOption,
                                       PortMapOption, ReachabilityOption, RelayOption, RelayServiceOption,
                                       network_options)
@@ -46,7 +47,6 @@ def node(
     exit_when_done: bool = typer.Option(False, help="Exit when the budget is spent instead of serving on."),
     mirror: bool = typer.Option(True, help="Also keep and serve the latest checkpoint of every other job."),
     threads: int = typer.Option(1, help="torch threads (one per core; several nodes on a machine share them)."),
-    device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1 …"),
     seed: int = typer.Option(0, help="Training seed (a restart must use the same one)."),
     announce: Optional[List[str]] = AnnounceOption,
     reachability: str = ReachabilityOption,
@@ -56,11 +56,17 @@ def node(
     nat_traversal: bool = NatTraversalOption,
     port_map: bool = PortMapOption,
     direct_port: int = DirectPortOption,
+    # devices and processes
+    device: str = DeviceOption,
+    gpus: int = typer.Option(1, min=1, help="Training processes, one per GPU (DDP; rank 0 alone joins the swarm); "
+                                            "on a CPU-only machine N CPU processes with gloo (for testing). Under "
+                                            "torchrun the launch's WORLD_SIZE is used instead."),
 ) -> None:
     """Join a swarm, claim the job that most needs work, train it, announce and serve checkpoints."""
     from node.cli.node_view import NodeView
     from node.swarm.manifest_files import load_manifest
     from node.trainer.peer import SwarmNode
+    from node.trainer.ranks import start_ranks
     from node.trainer.state import NodeOptions
 
     setup_logging()
@@ -69,13 +75,20 @@ def node(
         peers = initial_peers or list(manifest.bootstrap_peers)
         options = NodeOptions(data_dir=data_dir, initial_peers=peers, host=host, port=port,
                               job=parse_job(job, manifest), model=model, max_steps=max_steps, max_minutes=max_minutes,
-                              exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed, device=device,
+                              exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed,
+                              device=checked_device(device),
                               network=network_options(announce, reachability, relay, auto_relay, relay_service,
                                                       nat_traversal, port_map, direct_port))
-        swarm_node = SwarmNode(manifest, options)
-        with NodeView(manifest.name, console) as view:
-            swarm_node.on_status = view.update
-            swarm_node.run()
+        ranks = start_ranks(manifest, options, gpus)
+        if ranks is None:  # a follower rank under torchrun: it trained with rank 0 and is done
+            return
+        try:
+            swarm_node = SwarmNode(manifest, options, ranks=ranks)
+            with NodeView(manifest.name, console) as view:
+                swarm_node.on_status = view.update
+                swarm_node.run()
+        finally:
+            ranks.close()
     except Exception as error:
         fail(error)
     if swarm_node.summary is not None:  # one machine-readable line for scripts and benchmarks

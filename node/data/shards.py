@@ -153,6 +153,13 @@ class ShardData:
         return self._through_vae(load_captioned_shards(files, spec.image_size, spec.channels,
                                                        self.cache_dir / "decoded", name=name, max_items=max_items))
 
+    def prefetch(self, job) -> None:
+        """Fetch every shard `job` needs now (before the node's other training processes read them)."""
+        shards = router_shards(self.manifest) if job.is_router else expert_shards(self.manifest, job.cluster)
+        for blob in shards.blobs:
+            self.fetch(blob)
+            self.held.add(blob.sha256)
+
     def expert_data(self, cluster: int) -> Tuple[CaptionedDataset, CaptionedDataset]:
         """(train, held-out) samples of one cluster."""
         shards = expert_shards(self.manifest, cluster)

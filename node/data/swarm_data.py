@@ -37,6 +37,9 @@ class SwarmData:
         return (subset(self.dataset, train, f"{self.dataset.name}/cluster-{cluster}"),
                 subset(self.dataset, heldout, f"{self.dataset.name}/cluster-{cluster}/heldout"))
 
+    def prefetch(self, job) -> None:
+        """Nothing to fetch: every peer builds this data set itself."""
+
     @property
     def held(self) -> frozenset:
         """Blobs this data set keeps in the node's store: none (every peer builds it itself)."""

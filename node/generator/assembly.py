@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ddm_models.devices import inference_dtype, resolve_device
 from ddm_models.router import Router
 from ddm_models.sampling import EnsembleSampler, LoadedExpert, Routing, SampleResult
 from ddm_models.text import TextEncoder, build_text_encoder
@@ -50,7 +51,12 @@ class Ensemble:
     rejected: List[Tuple[str, str]] = field(default_factory=list)  # (blob sha256, why it was not used)
     codec: Optional[object] = None  # the swarm's VAE (`ddm_models.latents.LatentCodec`), loaded when first needed
 
-    def sampler(self, routing: Optional[str] = None) -> EnsembleSampler:
+    def sampler(self, routing: Optional[str] = None, *, device: str = "cpu", offload: bool = False) -> EnsembleSampler:
+        """The sampler on `device` ("auto": CUDA when present): experts in bf16 on a GPU, float32 on
+        the CPU; with `offload` they stay on the CPU and move onto the device as routing needs them."""
+        target = resolve_device(device)
+        for expert in self.experts:  # cast in place: a second float32 copy would double host memory
+            expert.model.to(dtype=inference_dtype(target))
         chosen = Routing.parse(routing or self.manifest.sampling.routing)
         if self.text_encoder is None:
             self.text_encoder = build_text_encoder(self.manifest.text_encoder)
@@ -62,15 +68,19 @@ class Ensemble:
             from ddm_models.latents import LatentCodec
 
             self.codec = LatentCodec.from_manifest_spec(self.manifest.vae)
-        return EnsembleSampler(self.experts, router, chosen, text_encoder=self.text_encoder, codec=self.codec)
+        return EnsembleSampler(self.experts, router, chosen, text_encoder=self.text_encoder, device=target,
+                               offload=offload, codec=self.codec)
 
     def sample(self, prompts: List[str], *, routing: Optional[str] = None, steps: Optional[int] = None,
-               guidance: Optional[float] = None, seed: int = 0) -> SampleResult:
-        """Images (B, C, H, W) in [-1, 1] for `prompts`, with the swarm's sampling defaults."""
+               guidance: Optional[float] = None, seed: int = 0, device: str = "cpu", offload: bool = False,
+               batch_size: Optional[int] = None) -> SampleResult:
+        """Images (B, C, H, W) in [-1, 1] for `prompts`, with the swarm's sampling defaults, sampled on
+        `device`, `batch_size` prompts at a time (default all; the images do not depend on it)."""
         defaults = self.manifest.sampling
-        return self.sampler(routing).sample(list(prompts), num_steps=steps or defaults.steps,
-                                            guidance_scale=defaults.guidance if guidance is None else guidance,
-                                            seed=seed)
+        sampler = self.sampler(routing, device=device, offload=offload)
+        return sampler.sample(list(prompts), num_steps=steps or defaults.steps,
+                              guidance_scale=defaults.guidance if guidance is None else guidance, seed=seed,
+                              batch_size=batch_size)
 
     def describe(self) -> List[dict]:
         rows = []
@@ -103,9 +113,10 @@ class Assembler:
 
     def __init__(self, manifest: SwarmManifest, membership, blobs, *, verify: bool = False,
                  heldout: Optional[Callable[[int], object]] = None,
-                 progress: Optional[Callable[[str, int, int], None]] = None):
+                 progress: Optional[Callable[[str, int, int], None]] = None, device: str = "cpu"):
         self.manifest, self.membership, self.blobs = manifest, membership, blobs
         self.verify, self.heldout, self.progress = verify, heldout, progress
+        self.device = resolve_device(device)  # where `verify` measures held-out losses
         self.rejected: List[Tuple[str, str]] = []  # (sha256, reason)
 
     def _fetch(self, record: Record) -> Path:
@@ -132,7 +143,11 @@ class Assembler:
 
         data = self.heldout(record.cluster)
         encoder = build_text_encoder(self.manifest.text_encoder)
-        measured = expert_loss(expert, data, encoder)
+        expert.model.to(self.device)
+        try:
+            measured = expert_loss(expert, data, encoder)
+        finally:
+            expert.model.to("cpu")  # loaded experts wait on the host until a sampler places them
         factor, slack = VERIFY_TOLERANCE
         if measured > record.heldout_loss * factor + slack:
             raise Refused(f"held-out loss measured {measured:.4f}, it claims {record.heldout_loss:.4f}")

@@ -46,8 +46,9 @@ def cache_quota_bytes() -> int:
 
 def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequence[str] = (),
                       cache_dir: Optional[Path] = None, verify: bool = False, require_all: bool = False,
-                      progress: Optional[Callable[[str, int, int], None]] = None) -> Ensemble:
-    """The best acceptable checkpoint of every cluster plus the router, fetched from the swarm."""
+                      progress: Optional[Callable[[str, int, int], None]] = None, device: str = "cpu") -> Ensemble:
+    """The best acceptable checkpoint of every cluster plus the router, fetched from the swarm (with
+    `verify`, held-out losses measured on `device`)."""
     manifest = swarm if isinstance(swarm, SwarmManifest) else load_manifest(swarm)
     peers = list(initial_peers) or list(manifest.bootstrap_peers)
     if not peers:
@@ -68,7 +69,8 @@ def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequen
 
             data = prepare_swarm_data(manifest, cache)
             heldout = lambda cluster: data.expert_data(cluster)[1]  # noqa: E731
-        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress)
+        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress,
+                              device=device)
         ensemble = assembler.assemble(require_all=require_all)
         used = {record.blob.sha256 for record in ensemble.records}
         for sha in used:

@@ -31,6 +31,7 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from ddm_models.checkpoint import InvalidCheckpoint
+from ddm_models.devices import resolve_device
 from ddm_models.text import build_text_encoder
 from ddm_models.training import ExpertTrainer, RouterTrainer
 from node.swarm.announcer import Announcer
@@ -49,6 +50,7 @@ from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
 from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
+from node.trainer.ranks import RankGroup, SingleRank
 from node.trainer.state import JobFile, NodeOptions, NodeState, NodeStatus, TrainingSummary
 from node.swarm.presence import Presence
 from node.swarm.reachability import DialBackService, probe_reachability
@@ -63,13 +65,15 @@ logger = logging.getLogger("ddm_swarm.node")
 
 class SwarmNode:
     def __init__(self, manifest: SwarmManifest, options: NodeOptions,
-                 on_status: Optional[Callable[[NodeStatus], None]] = None):
+                 on_status: Optional[Callable[[NodeStatus], None]] = None, ranks: Optional[RankGroup] = None):
         self.manifest, self.options, self.on_status = manifest, options, on_status or (lambda status: None)
         self.status = NodeStatus()
         self.data_dir = Path(options.data_dir)
         self.job_file = JobFile(self.data_dir / "node.json")  # the job this data dir trains, for restarts
         self.jobs: List[Job] = manifest.jobs
         self.stop_event = threading.Event()
+        self.ranks = ranks or SingleRank()  # the other training processes of this node (`node.trainer.ranks`)
+        self.ranks.on_stop = self.stop_event.set  # a follower told to stop stops the node
         self.leave_now = threading.Event()
         self._teardown = ExitStack()  # services stop in reverse order of their start
         # the node's collaborators, set while JOINING (None before)
@@ -91,7 +95,7 @@ class SwarmNode:
         self._checkpoints, self._checkpoint_seconds = 0, 0.0
         # on a CPU, checkpoints are evaluated and written while training goes on; on a GPU a frozen
         # copy would double the memory of weights and moments, and its evaluation is cheap there
-        self.checkpoints = CheckpointPipeline(background=torch.device(options.device).type == "cpu")
+        self.checkpoints = CheckpointPipeline(background=resolve_device(options.device).type == "cpu")
         self._moving, self._uncovered_seen, self._coverage_checked = False, 0, 0.0
         self._left_behind: Set[str] = set()  # checkpoints of jobs this node moved away from: still served
         self._budget_started: Optional[float] = None
@@ -104,6 +108,7 @@ class SwarmNode:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         with self._teardown:  # stops every service that started, in reverse order
+            self._teardown.callback(self.ranks.release)  # last: after the final checkpoint
             try:
                 self._run()
             finally:
@@ -118,6 +123,7 @@ class SwarmNode:
             self._leave_job()
             self._claim_and_resume()
             self._train()
+        self.ranks.release()  # training is over: the other ranks leave
         if not self.options.exit_when_done and not self.stop_event.is_set():
             self._serve()
         else:
@@ -205,8 +211,11 @@ class SwarmNode:
         self.mirror.own_job = job
         self._set(state=NodeState.RESUMING, job=job, model=self.lease.model)
         self.data = job_data(self.manifest, self.data_dir / "cache", fetch=self._fetch_shard)
+        self.data.prefetch(job)  # a node's other training processes read the shards from its store
+        self.ranks.start_job(job, self.lease.model)
         self.trainer = self._build_trainer(job)
         self._resume(job)
+        self.ranks.share_state(self.trainer)
         if not self._moving:  # the first job; a node that moves keeps its announcer and mirror
             self.announcer.start()
             if self.options.mirror:
@@ -301,8 +310,8 @@ class SwarmNode:
                 steps = min(steps, self.options.max_steps - self.trainer.step)
             minutes_left = None if self.options.max_minutes is None else \
                 60 * self.options.max_minutes - (time.monotonic() - started)
-            stats = self.trainer.train_for(min(self.options.slice_s, minutes_left or self.options.slice_s),
-                                           max_steps=steps)
+            stats = self.ranks.train_for(self.trainer, min(self.options.slice_s, minutes_left or self.options.slice_s),
+                                         max_steps=steps)
             self._set(step=stats.step, loss=stats.loss, images_per_s=stats.images_per_s)
             self.checkpoints.check()  # a checkpoint that failed (a full disk) stops the node here
             if self.trainer.step % every == 0 and self.trainer.step != self._last_ckpt_step:

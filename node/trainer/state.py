@@ -53,7 +53,7 @@ class NodeOptions:
     mirror: bool = True
     threads: int = 1
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when present, else the CPU (`ddm_models.devices.resolve_device`)
     slice_s: float = 2.0  # train this long between looks at the outside world
     network: NetworkOptions = field(default_factory=NetworkOptions)  # how this node is reached
 
