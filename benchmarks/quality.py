@@ -52,7 +52,8 @@ from ddm_models.metrics import (DEFAULT_RECIPE, classifier_fid, conditional_accu
 from ddm_models.recipe import EMBEDDED_RECIPE, EnsembleRecipe  # noqa: E402
 from ddm_models.sampling import EnsembleSampler, LoadedExpert  # noqa: E402
 from ddm_models.train_ensemble import Shared, _cluster_part, prepare, write_grid  # noqa: E402
-from ddm_models.training import ExpertTrainer, RouterTrainer  # noqa: E402
+from ddm_models.training import ExpertTrainer  # noqa: E402
+from ddm_models.router_training import RouterTrainer  # noqa: E402
 
 CURVE_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LOSS_SEED = 12345  # noise and times of the held-out velocity losses, shared by every model

@@ -30,7 +30,7 @@ from ddm_models.clustering import cluster_images  # noqa: E402
 from ddm_models.configs import router_config  # noqa: E402
 from ddm_models.data import heldout_split, load_embedded_digits, subset  # noqa: E402
 from ddm_models.text import build_text_encoder  # noqa: E402
-from ddm_models.training import RouterTrainer  # noqa: E402
+from ddm_models.router_training import RouterTrainer  # noqa: E402
 
 
 def main() -> None:

@@ -90,7 +90,8 @@ def _cluster_part(dataset: ImageDataset, clusters: torch.Tensor, k: int) -> Imag
 
 def _train_jobs(shared: Shared, jobs: list[tuple[str, int, float]]) -> list[dict]:
     """Run ("expert", cluster, seconds) / ("router", -1, seconds) jobs one after another."""
-    from ddm_models.training import ExpertTrainer, RouterTrainer
+    from ddm_models.training import ExpertTrainer
+    from ddm_models.router_training import RouterTrainer
 
     recipe, results = shared.recipe, []
     for kind, cluster, seconds in jobs:

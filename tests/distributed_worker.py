@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ddm_models.clustering import cluster_images
-from ddm_models.training import RouterTrainer
+from ddm_models.router_training import RouterTrainer
 from tests.ml_fixtures import small_digits, tiny_router_config
 
 

@@ -12,7 +12,8 @@ from ddm_models.metrics import train_classifier
 from ddm_models.objectives import objective_for
 from ddm_models.sampling import LoadedExpert
 from ddm_models.text import CachedTextEncoder
-from ddm_models.training import ExpertTrainer, RouterTrainer
+from ddm_models.training import ExpertTrainer
+from ddm_models.router_training import RouterTrainer
 from tests.captioned_fixtures import COLOURS, SHAPES, write_shape_shard
 from tests.ml_fixtures import small_digits, text_encoder, tiny_config, tiny_router_config
 

@@ -16,7 +16,8 @@ from ddm_models.latents import LatentCodec, LatentShapeError, VaeUnavailable, ca
 from ddm_models.objectives import objective_for
 from ddm_models.sampling import EnsembleSampler, LoadedExpert
 from ddm_models.configs import router_config
-from ddm_models.training import ExpertTrainer, RouterTrainer
+from ddm_models.training import ExpertTrainer
+from ddm_models.router_training import RouterTrainer
 from protocol.manifest import VaeSpec
 from tests.latent_fixtures import TINY_VAE_ID, save_in_folder, save_in_hub_cache, tiny_vae
 from tests.ml_fixtures import small_digits, text_encoder, tiny_config

@@ -11,7 +11,8 @@ from ddm_models.configs import expert_config, router_config
 from ddm_models.images import save_prompt_grid
 from ddm_models.objectives import objective_for
 from ddm_models.sampling import EnsembleSampler, LoadedExpert
-from ddm_models.training import ExpertTrainer, RouterTrainer
+from ddm_models.training import ExpertTrainer
+from ddm_models.router_training import RouterTrainer
 from tests.captioned_fixtures import COLOURS, SHAPES, write_shape_shard
 from tests.ml_fixtures import text_encoder
 

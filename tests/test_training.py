@@ -7,7 +7,8 @@ from ddm_models.checkpoint import InvalidCheckpoint, load_expert, load_router, r
 from ddm_models.clustering import cluster_images
 from ddm_models.conversion import REINITIALISED, convert_ddpm_checkpoint
 from ddm_models.sampling import EnsembleSampler
-from ddm_models.training import ExpertTrainer, RouterTrainer
+from ddm_models.training import ExpertTrainer
+from ddm_models.router_training import RouterTrainer
 from tests.ml_fixtures import small_digits, text_encoder, tiny_config, tiny_router_config
 
 

@@ -33,7 +33,6 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -42,12 +41,12 @@ from protocol.errors import HashMismatch
 from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
 from node.blobs.banlist import BanList
 from node.blobs.direct import DirectRoutes
+from node.blobs.outcome import BlobUnavailable, FetchReport, NotProvided, RecordContradicted, ref_key  # noqa: F401 (re-exported)
 from node.blobs.partial import PartialDownload
 from node.blobs.provider import Provider, ProviderBusy, ProviderFault, ProviderGone, expect_ok, open_stream
 from node.blobs.schedule import ChunkScheduler, OrderedHasher
 from node.blobs.stream import StreamClosed, StreamReceiver, StreamStalled
 from node.blobs.store import BlobStore
-from node.errors import NodeError
 
 logger = logging.getLogger(__name__)
 
@@ -55,53 +54,6 @@ Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
 MAX_PROVIDERS = 16  # providers one download uses, sampled from those given
 MAX_OPENING = 8  # streams being opened at once (each pending open holds a descriptor to the daemon)
 MIN_OVERALL_RATE = 256 * 1024  # bytes/s: the whole download's deadline is its size at this rate, plus slack
-
-
-def ref_key(ref: BlobRef) -> str:
-    """The scope of bans and partial downloads: the whole reference, not the sha256 alone."""
-    return f"{ref.sha256}-{ref.size}-{ref.chunks_sha256}"
-
-
-class BlobUnavailable(NodeError):
-    """No provider could deliver a blob. `reasons` maps each provider tried to why it failed."""
-
-    def __init__(self, ref: BlobRef, reasons: dict[str, str], missing_chunks: int) -> None:
-        self.ref, self.reasons, self.missing_chunks = ref, dict(reasons), missing_chunks
-        listing = "; ".join(f"{peer}: {why}" for peer, why in reasons.items()) or "no providers were given"
-        super().__init__(f"blob {ref.sha256[:12]} ({ref.size} bytes): {missing_chunks} chunks still missing and no "
-                         f"provider can deliver them ({listing}). The partial download is kept; retry with other "
-                         f"providers.")
-
-
-class NotProvided(BlobUnavailable):
-    """No provider answered "ok" to anything: nobody provides this blob, whatever records claim."""
-
-
-class RecordContradicted(HashMismatch):
-    """Providers answered with a chunk digest list and none matches the record's `chunks_sha256`:
-    the record (anyone's signature) is refused, the providers are not blamed."""
-
-    def __init__(self, ref: BlobRef, providers: Sequence[str]) -> None:
-        self.ref, self.providers = ref, list(providers)
-        super().__init__(f"blob {ref.sha256[:12]}: the chunk digest list of every provider that answered "
-                         f"({', '.join(p[:16] for p in providers)}) contradicts the record's chunks_sha256 "
-                         f"{ref.chunks_sha256[:12]}; the record is not trusted")
-
-
-@dataclass
-class FetchReport:
-    """What one `fetch_blob` call did; filled in as it runs."""
-
-    chunks_total: int = 0
-    chunks_resumed: int = 0
-    chunks_fetched: dict[str, int] = field(default_factory=dict)
-    banned: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def fetched(self) -> int:
-        return sum(self.chunks_fetched.values())
 
 
 class _Download:

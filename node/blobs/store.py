@@ -76,6 +76,18 @@ class BlobStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # ---- naming -------------------------------------------------------------------------------------
+    @classmethod
+    def open_checked(cls, root: str | os.PathLike) -> "BlobStore":
+        """The store at `root` after a start-up check (its owner holds it alone): temp files of writes a
+        crash cut off removed, corrupt blobs quarantined (a crash or a bad disk must not leave it
+        serving bad bytes)."""
+        store = cls(root)
+        store.remove_leftovers()
+        corrupt = store.verify_all()
+        if corrupt:
+            logger.warning(f"quarantined {len(corrupt)} corrupt blob(s) found at start-up")
+        return store
+
     def _data_path(self, sha256: str) -> Path:
         if not is_sha256_hex(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r:.80}")

@@ -75,6 +75,31 @@ def next_move_streak(streak: int, move: bool) -> Tuple[int, bool]:
     return streak, streak >= MOVE_AFTER_CHECKS
 
 
+class MoveWatch:
+    """Whether this trainer should move to a job that has none, looked at once a lease period: some
+    job has had no live claim in `MOVE_AFTER_CHECKS` checks in a row while this node is not the one
+    that stays on its shared job (`should_move`)."""
+
+    def __init__(self, membership: SwarmMembership, period_s: float):
+        self.membership, self.period_s = membership, period_s
+        self.checked, self.streak = 0.0, 0
+
+    def reset(self) -> None:
+        self.streak = 0
+
+    def move_now(self, job: Job, jobs: List[Job]) -> bool:
+        if time.monotonic() - self.checked < self.period_s:
+            return False
+        self.checked = time.monotonic()
+        try:
+            claims = self.membership.claims()
+        except Exception:  # the DHT is slow or away: look again next period
+            return False
+        move = should_move(job, jobs, claims, self.membership.identity.signer_id, get_dht_time())
+        self.streak, moves = next_move_streak(self.streak, move)
+        return moves
+
+
 def job_after_lost_race(lost: Job, jobs: List[Job], claims: Iterable[Claim], progress: Dict[Job, int], me: str,
                         now: float, proven: Optional[Dict[Job, Set[str]]] = None) -> Job:
     """The job a node takes after losing the race for `lost`: `choose_job` among the other jobs,

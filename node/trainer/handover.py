@@ -59,3 +59,18 @@ def hand_over(membership: SwarmMembership, sha256: str, timeout_s: float, leave_
             return False
         if leave_now.wait(POLL_S) or time.monotonic() >= deadline:
             return False
+
+
+def hand_over_checkpoint(membership: SwarmMembership, record, lease_s: float, leave_now: threading.Event,
+                         holds) -> bool:
+    """Serve `record`'s blob until another peer holds it (`hand_over`, at most `handover_wait_s`),
+    saying what happens; True if someone else holds it."""
+    wait_s = handover_wait_s(lease_s)
+    logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most {wait_s:.0f} s; "
+                "Ctrl-C again to leave now)")
+    if hand_over(membership, record.blob.sha256, wait_s, leave_now, holds):
+        logger.info(f"another peer holds checkpoint step {record.step} now: leaving")
+        return True
+    logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back when this "
+                   "node is")
+    return False

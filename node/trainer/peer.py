@@ -33,16 +33,17 @@ from hivemind.utils.timed_storage import get_dht_time
 from ddm_models.checkpoint import InvalidCheckpoint
 from ddm_models.devices import resolve_device
 from ddm_models.text import build_text_encoder
-from ddm_models.training import ExpertTrainer, RouterTrainer
+from ddm_models.training import ExpertTrainer
+from ddm_models.router_training import RouterTrainer
 from node.swarm.announcer import Announcer
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.trainer.pipeline import CheckpointPipeline
 from node.checkpoints.publishing import CHECKPOINT_PAUSE_S, publish_checkpoint
-from node.swarm.leases import Lease, claim_job, keep_previous_job, next_move_streak, should_move
+from node.swarm.leases import Lease, MoveWatch, claim_job, keep_previous_job
 from node.errors import DiskFull
 from node.files import hold_exclusive_lock
-from node.trainer.handover import hand_over, handover_wait_s, needs_hand_over
+from node.trainer.handover import hand_over_checkpoint, needs_hand_over
 from node.checkpoints.specs import check_model_specs, expert_config, router_config, training_options
 from node.data.shards import fetch_shard
 from node.data.swarm_data import job_data
@@ -96,7 +97,8 @@ class SwarmNode:
         # on a CPU, checkpoints are evaluated and written while training goes on; on a GPU a frozen
         # copy would double the memory of weights and moments, and its evaluation is cheap there
         self.checkpoints = CheckpointPipeline(background=resolve_device(options.device).type == "cpu")
-        self._moving, self._uncovered_seen, self._coverage_checked = False, 0, 0.0
+        self._moving = False
+        self.moves: Optional[MoveWatch] = None  # set while JOINING
         self._left_behind: Set[str] = set()  # checkpoints of jobs this node moved away from: still served
         self._budget_started: Optional[float] = None
         self.summary: Optional[TrainingSummary] = None  # set when the training phase ends
@@ -168,11 +170,7 @@ class SwarmNode:
         self.membership.announce_beacon()
         self.loop = NetworkLoop()
         stop(self.loop.stop)
-        self.store = BlobStore(self.data_dir / "blobs")
-        self.store.remove_leftovers()  # temp files of writes a crash cut off (we hold the data dir's lock)
-        corrupt = self.store.verify_all()  # a crash or a bad disk must not leave us serving bad bytes
-        if corrupt:
-            logger.warning(f"quarantined {len(corrupt)} corrupt blob(s) found at start-up")
+        self.store = BlobStore.open_checked(self.data_dir / "blobs")  # we hold the data dir's lock
         direct_host = None if network.direct_port is None or not reachable else self.options.host
         self.blobs = BlobService(self.membership, self.store, self.loop, direct_host=direct_host,
                                  direct_port=network.direct_port or 0)
@@ -184,6 +182,7 @@ class SwarmNode:
         self.announcer = Announcer(self.membership, self.presence, lambda: self.trainer.step if self.trainer else 0)
         stop(self.announcer.stop, release=True)  # gives the job back, then the OFFLINE tombstone
         self._set(state=NodeState.JOINING)
+        self.moves = MoveWatch(self.membership, self.manifest.timing.lease_s)
         self.mirror = Mirror(self.membership, self.blobs, self.announcer, self.jobs,
                              period_s=self.manifest.timing.lease_s)
         self.mirror.protected = self._own_blobs
@@ -193,9 +192,6 @@ class SwarmNode:
                     f"(signer {identity.signer_id[:12]}…)")
 
     # --- claiming and resuming -------------------------------------------------------------------
-    def _model_for(self, job: Job) -> str:
-        return self.manifest.model_for(job, self.options.model).name
-
     def _claim_and_resume(self) -> None:
         self._set(state=NodeState.CLAIMING)
         forced = self.options.job or self.job_file.read(self.jobs, self.manifest.name)
@@ -203,7 +199,8 @@ class SwarmNode:
                 forced, self.jobs, self.membership.claims(), self.membership.identity.signer_id, get_dht_time()):
             logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
             forced = None
-        self.lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced,
+        model_for = lambda job: self.manifest.model_for(job, self.options.model).name  # noqa: E731
+        self.lease = claim_job(self.membership, self.jobs, model_for, forced=forced,
                                after=self.lease.last_expiry if self.lease else 0.0)
         job = self.lease.job
         self.job_file.write(job, self.lease.model)
@@ -220,7 +217,8 @@ class SwarmNode:
             self.announcer.start()
             if self.options.mirror:
                 self.mirror.start()
-        self._moving, self._uncovered_seen = False, 0
+        self._moving = False
+        self.moves.reset()
 
     def _build_trainer(self, job: Job):
         text = build_text_encoder(self.manifest.text_encoder)
@@ -330,19 +328,9 @@ class SwarmNode:
                                        self.checkpoints.busy_seconds - work_before)
 
     def _job_needs_me_elsewhere(self) -> bool:
-        """Checked once a lease period: whether some job has had no live claim in two checks in a row
-        while this node is not the one that stays on its own, shared job (`should_move`)."""
-        if self.options.job is not None or self.options.max_steps is not None or \
-                time.monotonic() - self._coverage_checked < self.manifest.timing.lease_s:
+        if self.options.job is not None or self.options.max_steps is not None:
             return False  # a job or a step budget chosen by the user stays
-        self._coverage_checked = time.monotonic()
-        try:
-            claims = self.membership.claims()
-        except Exception:  # the DHT is slow or away: look again next period
-            return False
-        move = should_move(self.lease.job, self.jobs, claims, self.membership.identity.signer_id, get_dht_time())
-        self._uncovered_seen, moves = next_move_streak(self._uncovered_seen, move)
-        return moves
+        return self.moves.move_now(self.lease.job, self.jobs)
 
     def checkpoint(self) -> None:
         """Freeze this step's weights; then (on the checkpoint thread, while training goes on) write
@@ -384,15 +372,8 @@ class SwarmNode:
         record = self.published.record if self.published else None
         if record is None or not needs_hand_over(self.membership):
             return
-        wait_s = handover_wait_s(self.manifest.timing.lease_s)
         self._set(state=NodeState.HANDING_OVER)
-        logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most "
-                    f"{wait_s:.0f} s; Ctrl-C again to leave now)")
-        if hand_over(self.membership, record.blob.sha256, wait_s, self.leave_now, self.blobs.holds):
-            logger.info(f"another peer holds checkpoint step {record.step} now: leaving")
-        else:
-            logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back "
-                           "when this node is")
+        hand_over_checkpoint(self.membership, record, self.manifest.timing.lease_s, self.leave_now, self.blobs.holds)
 
     def _serve(self) -> None:
         """The budget is spent: give the job back, keep serving blobs until stopped."""
