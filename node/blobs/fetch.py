@@ -59,8 +59,9 @@ MIN_OVERALL_RATE = 256 * 1024  # bytes/s: the whole download's deadline is its s
 class _Download:
     def __init__(self, p2p, ref: BlobRef, providers: Sequence[object], partial: PartialDownload, *,
                  bans: BanList, report: FetchReport, progress: Optional[Progress], executor: ThreadPoolExecutor,
-                 streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float) -> None:
-        self.p2p, self.ref, self.partial = p2p, ref, partial
+                 streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float,
+                 direct: Optional[DirectRoutes] = None) -> None:
+        self.p2p, self.ref, self.partial, self.direct = p2p, ref, partial, direct
         self.scope = ref_key(ref)
         self.bans, self.report, self.progress, self.executor = bans, report, progress, executor
         self.streams_per_provider = streams_per_provider
