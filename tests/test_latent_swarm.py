@@ -8,9 +8,9 @@ import yaml
 from PIL import Image
 
 from node.swarm.manifest_files import read_manifest_file
-from tests.captioned_folders import make_folder
+from tests.captioned_data import write_image_folder
 from tests.latent_fixtures import save_in_folder, tiny_vae
-from tests.swarm_harness import BootstrapProcess, NodeProcess, run_cli, wait_until
+from tests.swarm_harness import BootstrapProcess, NodeProcess, run_cli
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(900)
 def test_a_node_trains_on_vae_latents_and_generate_decodes_them_to_rgb(tmp_path):
     vae = save_in_folder(tiny_vae(), tmp_path / "tiny-vae")  # f = 2, 4 latent channels
     manifest_path = tmp_path / "latent.yaml"
-    created = run_cli("swarm", "create", "--data", str(make_folder(tmp_path / "photos")), "--clusters", "1",
+    created = run_cli("swarm", "create", "--data", str(write_image_folder(tmp_path / "photos", 48)), "--clusters", "1",
                       "--image-size", "16", "--out", str(manifest_path), "--router-samples", "16",
                       "--expert-size", "tiny", "--lease-s", "3")
     assert created.returncode == 0, created.stderr

@@ -1,5 +1,5 @@
-"""Your own captioned images, end to end, as a user runs it: a folder of coloured shapes with
-captions -> `ddm-swarm swarm create` -> `ddm-swarm bootstrap` (it seeds the shards beside the
+"""Your own captioned images, end to end, as a user runs it: a folder of captioned coloured shapes
+-> `ddm-swarm swarm create` -> `ddm-swarm bootstrap` (it seeds the shards beside the
 manifest) -> a node per job, each fetching only its own job's shards -> `ddm-swarm generate` of
 free-text prompts -> an RGB PNG. One shard is offered by a peer that corrupts its bytes: the node
 bans it and takes the shard from the manifest's mirror URL instead."""
@@ -7,7 +7,6 @@ bans it and takes the shard from the manifest's mirror URL instead."""
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -15,14 +14,14 @@ from PIL import Image
 from node.data.shards import expert_shards, router_shards
 from node.swarm.manifest_files import read_manifest_file
 from protocol.records import decode_record
-from tests.captioned_folders import make_folder
+from tests.captioned_data import write_image_folder
 from tests.swarm_harness import BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("own-data")
-    folder = make_folder(tmp / "photos")
+    folder = write_image_folder(tmp / "photos", 48)
     mirror = tmp / "mirror"
     manifest_path = tmp / "shapes.yaml"
     created = run_cli("swarm", "create", "--data", str(folder), "--clusters", "2", "--image-size", "16",
