@@ -101,7 +101,7 @@ def fetch_shard(ref: BlobRef, blobs, urls: Sequence[str], job: str) -> Path:
     except NodeError as error:
         if not urls:
             raise ShardUnavailable(f"data shard {ref.sha256[:12]}… of {job}: {error}") from None
-        logger.info(f"data shard {ref.sha256[:12]}… not in the swarm ({error}); trying the mirror URLs")
+        logger.info(f"data shard {ref.sha256[:12]}… not in the swarm, trying the mirror URLs: {error}")
         return fetch_from_urls(ref, urls, blobs.store)
 
 
