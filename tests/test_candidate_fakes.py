@@ -33,7 +33,7 @@ def fake_records(manifest: SwarmManifest, honest_peer: str, index: int):
     blob = BlobRef(os.urandom(32).hex(), 300_000, os.urandom(32).hex())
     step = 10**6 + index
     record = CheckpointRecord(manifest.swarm_id, 0, spec.name, spec.objective, spec.spec_hash, step, 32 * step, 0.001,
-                              blob, "", now, now + 600).signed_by(signer)
+                              blob, blob, "", now, now + 600).signed_by(signer)
     named = honest_peer if index % 2 == 0 else random_peer_id()
     provider = ProviderRecord(manifest.swarm_id, blob.sha256, named, (), now + 600).signed_by(signer)
     return record, provider

@@ -113,7 +113,7 @@ def test_captioned_data_set_refuses_captions_that_do_not_match_its_images():
     with pytest.raises(DataSetError, match="2 captions for 3 images"):
         CaptionedDataset(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), ("a", "b"), "bad")
     with pytest.raises(DataSetError, match="uint8"):
-        CaptionedDataset(torch.zeros(1, 3, 8, 8), ("a",), "bad")
+        CaptionedDataset(torch.zeros(1, 3, 8, 8, dtype=torch.float64), ("a",), "bad")  # uint8 pixels or float32 latents only
 
 
 def test_shards_without_captioned_images_are_an_error_naming_them(tmp_path):

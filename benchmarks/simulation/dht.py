@@ -51,9 +51,9 @@ class RecordSizes:
             "claim": Claim(sid, Job.expert(manifest.num_clusters - 1), spec.name, PEER_ID, 123456, "training", now),
             "peer": PeerRecord(sid, PEER_ID, MADDRS, "trainer", Job.expert(0), "training", "ddm-swarm/0.1.0", now),
             "checkpoint": CheckpointRecord(sid, manifest.num_clusters - 1, spec.name, spec.objective, spec.spec_hash,
-                                           123400, 123400 * 64, 0.1234, blob, blob.sha256, now, now),
+                                           123400, 123400 * 64, 0.1234, blob, blob, blob.sha256, now, now),
             "router": RouterRecord(sid, manifest.router.name, manifest.router.spec_hash, manifest.num_clusters,
-                                   123400, 123400 * 64, 0.5, blob, blob.sha256, now, now),
+                                   123400, 123400 * 64, 0.5, blob, blob, blob.sha256, now, now),
             "provider": ProviderRecord(sid, blob.sha256, PEER_ID, MADDRS, now),
         }
         sizes = {kind: len(r.signed_by(me).encode()) + len(me.signer_id) + EXPIRATION_BYTES

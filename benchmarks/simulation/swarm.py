@@ -287,10 +287,10 @@ class Swarm:
             job, now = self.jobs[peer.job], self.q.now
             if job.is_router:
                 record = RouterRecord(self.manifest.swarm_id, "router", "0" * 64, self.J - 1, peer.step, peer.step,
-                                      float(self.rng.random()), self._blob, "", now, now + self.ttl)
+                                      float(self.rng.random()), self._blob, self._blob, "", now, now + self.ttl)
             else:
                 record = CheckpointRecord(self.manifest.swarm_id, job.cluster, "m", "fm", "0" * 64, peer.step,
-                                          peer.step, float(self.rng.random()), self._blob, "", now, now + self.ttl)
+                                          peer.step, float(self.rng.random()), self._blob, self._blob, "", now, now + self.ttl)
             seconds, lost = self.draws.op()
             yield 2 * seconds  # provider record first, then the checkpoint record (each confirmed)
             if peer.alive and not peer.released and not lost:
