@@ -15,7 +15,7 @@ from node.swarm.manifest_files import write_manifest_file
 from protocol.limits import CHUNK_BYTES
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
-from tests.checkpoint_fixtures import write_expert_checkpoint
+from tests.checkpoint_fixtures import write_expert_checkpoint, write_export_as_is
 from tests.swarm_harness import (ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli,
                                  wait_until)
 
@@ -97,6 +97,7 @@ def test_known_node_with_every_bootstrap_down_fails_clearly_and_changes_nothing(
 def test_client_fetch_switches_provider_when_one_stalls_mid_checkpoint(swarm):
     tmp, peers = swarm["tmp"], swarm["second"].maddrs
     checkpoint = write_expert_checkpoint(swarm["manifest"], "wide-fm", 1, 7, tmp / "wide.safetensors")
+    export = write_export_as_is(checkpoint, tmp / "wide-export.safetensors")  # one export both providers serve
     # a generator fetches the export (EMA weights in bfloat16: a quarter of this state of two float32 copies)
     assert checkpoint.stat().st_size > 8 * CHUNK_BYTES  # enough chunks that both providers are asked for some
 
@@ -104,7 +105,7 @@ def test_client_fetch_switches_provider_when_one_stalls_mid_checkpoint(swarm):
         process = LineProcess([sys.executable, "-m", "tests.peers.lying_node", "--manifest", str(swarm["path"]),
                                "--initial-peers", *peers, "--identity", str(tmp / name / "identity.pem"),
                                "--cluster", "1", "--model", "wide-fm", "--step", "7", "--behaviour", "file",
-                               "--file", str(checkpoint), "--store", str(tmp / f"store-{name}"), *extra],
+                               "--file", str(checkpoint), "--export", str(export), "--store", str(tmp / f"store-{name}"), *extra],
                               env=child_env())
         swarm["others"].append(process)
         return json.loads(process.wait_for(lambda line: line.startswith("{"), timeout=90))

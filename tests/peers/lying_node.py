@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model of the manifest (default: the cluster's)")
     parser.add_argument("--behaviour", choices=["garbage", "corrupt", "file"], required=True)
     parser.add_argument("--file", nargs="+", default=[], help="with several, each is announced by a fresh signer")
+    parser.add_argument("--export", nargs="*", default=[], help="inference exports of the --file checkpoints, as they are")
     parser.add_argument("--stall-after-bytes", type=int, default=None)
     parser.add_argument("--provide-only", action="store_true")
     parser.add_argument("--store", required=True)
@@ -73,8 +74,11 @@ def main() -> None:
         loop.run(server.start(service.p2p), timeout=60)
     blobs = [store.put_file(path) for path in args.file] if args.behaviour == "file" else \
         [store.put_bytes(os.urandom(300_000))]
-    exports = [export_of(Path(path), Path(args.store) / f"export-{index}.safetensors", store, blob)
-               for index, (path, blob) in enumerate(zip(args.file, blobs))] if args.behaviour == "file" else list(blobs)
+    if args.export:  # exports written once by the test (safetensors headers are not byte-stable across writes)
+        exports = [store.put_file(path) for path in args.export]
+    else:
+        exports = [export_of(Path(path), Path(args.store) / f"export-{index}.safetensors", store, blob)
+                   for index, (path, blob) in enumerate(zip(args.file, blobs))] if args.behaviour == "file" else list(blobs)
     if args.behaviour == "corrupt":  # the signed hash is of the true bytes; what is served is not
         with open(store.path(blobs[0].sha256), "r+b") as blob:
             blob.seek(1000)
