@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -90,3 +91,18 @@ class PeerProcess:
         self._signal_group(signal.SIGKILL)  # whatever of the group outlived SIGTERM
         self.process.wait(5)
         self._stderr.close()
+
+
+@contextlib.contextmanager
+def blob_providers(root, behaviours: dict, blob_bytes: int):
+    """One `blob_provider.py` process per behaviour (name -> flags), all holding the same random blob of
+    `blob_bytes`, started in parallel; yields (blob path, providers, ready events by name); stops them all."""
+    blob = root / "blob.bin"
+    blob.write_bytes(os.urandom(blob_bytes))
+    providers = {name: PeerProcess("blob_provider.py", "--store", str(root / name), "--put", str(blob), *flags,
+                                   log_dir=root) for name, flags in behaviours.items()}
+    try:
+        yield blob, providers, {name: peer.wait_event("ready", 60) for name, peer in providers.items()}
+    finally:
+        for peer in providers.values():
+            peer.stop()

@@ -13,7 +13,7 @@ from hivemind.p2p import P2P, PeerID
 
 from protocol.blob_wire import BLOB_STREAM_PROTOCOL, FRAME_PREFIX_BYTES, BlobRequest, decode_response_frame
 from protocol.limits import CHUNK_BYTES, MAX_RANGE_BYTES
-from tests.peer_processes import PeerProcess
+from tests.peer_processes import PeerProcess, blob_providers
 
 BLOB_BYTES = 64 * 1024 * 1024
 CHUNKS = BLOB_BYTES // CHUNK_BYTES
@@ -30,17 +30,9 @@ BEHAVIOURS = {
 def swarm(tmp_path_factory):
     """One provider process per behaviour, all holding the same 64 MiB blob; started in parallel."""
     root = tmp_path_factory.mktemp("blob-swarm")
-    blob = root / "blob.bin"
-    blob.write_bytes(os.urandom(BLOB_BYTES))
-    providers = {name: PeerProcess("blob_provider.py", "--store", str(root / name), "--put", str(blob), *flags,
-                                   log_dir=root) for name, flags in BEHAVIOURS.items()}
-    try:
-        ready = {name: peer.wait_event("ready", 60) for name, peer in providers.items()}
+    with blob_providers(root, BEHAVIOURS, BLOB_BYTES) as (blob, providers, ready):
         yield {"root": root, "blob": blob, "providers": providers, "ready": ready,
                "sha256": hashlib.sha256(blob.read_bytes()).hexdigest()}
-    finally:
-        for peer in providers.values():
-            peer.stop()
 
 
 def start_fetch(swarm, store_name: str, *names: str, stall_timeout: float = 10.0) -> PeerProcess:

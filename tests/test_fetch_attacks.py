@@ -10,7 +10,7 @@ import pytest
 
 from protocol.hashing import DIGEST_BYTES, digest_list_sha256
 from protocol.limits import CHUNK_BYTES
-from tests.peer_processes import PeerProcess
+from tests.peer_processes import PeerProcess, blob_providers
 
 pytestmark = pytest.mark.timeout(300)
 BLOB_BYTES = 8 * CHUNK_BYTES
@@ -25,18 +25,10 @@ BEHAVIOURS = {
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     root = tmp_path_factory.mktemp("fetch-attacks")
-    blob = root / "blob.bin"
-    blob.write_bytes(os.urandom(BLOB_BYTES))
-    providers = {name: PeerProcess("blob_provider.py", "--store", str(root / name), "--put", str(blob), *flags,
-                                   log_dir=root) for name, flags in BEHAVIOURS.items()}
-    try:
-        ready = {name: peer.wait_event("ready", 60) for name, peer in providers.items()}
+    with blob_providers(root, BEHAVIOURS, BLOB_BYTES) as (blob, _, ready):
         ref = ready["honest"]["ref"]
         yield {"root": root, "ready": ready, "ref": ref, "sha256": hashlib.sha256(blob.read_bytes()).hexdigest(),
                "true": f"{ref['sha256']}:{ref['size']}:{ref['chunks_sha256']}"}
-    finally:
-        for peer in providers.values():
-            peer.stop()
 
 
 def fetch(swarm, store: str, refs, names, *flags: str) -> PeerProcess:
