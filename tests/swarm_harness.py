@@ -28,20 +28,28 @@ def child_env(**extra: str) -> dict:
 class LineProcess:
     """A child process whose stdout lines are read by a thread, so waits can time out."""
 
-    def __init__(self, args: List[str], *, stdin: bool = False, cwd: Optional[Path] = None, env: Optional[dict] = None):
+    def __init__(self, args: List[str], *, stdin: bool = False, cwd: Optional[Path] = None, env: Optional[dict] = None,
+                 merge_stderr: bool = True):
+        """merge_stderr=False keeps the child's log lines out of the lines waited on: a process that answers
+        in long JSON lines on stdout must not have a log line from another thread land inside one (a pipe
+        write over PIPE_BUF bytes is not atomic)."""
         self.args = args
         # own process group: a test can kill the process with everything it started, as a crash would
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     cwd=cwd or ROOT, env=env or child_env(), start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                                     text=True, bufsize=1, cwd=cwd or ROOT, env=env or child_env(),
+                                     start_new_session=True)
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.output: List[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
+        if not merge_stderr:
+            threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
+    def _pump(self, stream, wanted: bool) -> None:
+        for line in stream:
             self.output.append(line)
-            self.lines.put(line)
+            if wanted:
+                self.lines.put(line)
 
     def wait_for(self, predicate, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
@@ -98,7 +106,7 @@ class DhtPeer(LineProcess):
             args += ["--initial-peers", *initial_peers]
         if adversary:
             args.append("--adversary")
-        super().__init__(args, stdin=True)
+        super().__init__(args, stdin=True, merge_stderr=False)
         hello = json.loads(self.wait_for(lambda line: line.startswith("{"), timeout=60))
         self.peer_id, self.maddrs = hello["peer_id"], hello["maddrs"]
 

@@ -75,8 +75,9 @@ def test_a_provider_with_a_wrong_digest_list_is_passed_over_unbanned_and_another
     result = finish(start_fetch(swarm, "store-digests", "bad-digests", "honest"))
     assert file_sha256(result["path"]) == swarm["sha256"]
     assert peer(swarm, "bad-digests") not in result["report"]["banned"]
-    if peer(swarm, "bad-digests") in result["report"]["dropped"]:  # unless the honest list came first
-        assert "digest list contradicts" in result["report"]["dropped"][peer(swarm, "bad-digests")]
+    # when the honest list came first its (true) chunks are used, and it may only be outrun at the end
+    reason = result["report"]["dropped"].get(peer(swarm, "bad-digests"))
+    assert reason is None or "digest list contradicts" in reason or "outrun in the endgame" in reason, reason
 
 
 def test_a_stalled_provider_is_timed_out_and_the_download_finishes_from_another(swarm):

@@ -87,7 +87,10 @@ def test_a_provider_trickling_a_byte_every_0_7_s_is_dropped_and_the_download_fin
 
 
 def test_a_download_that_would_outlast_its_deadline_gives_up_at_the_deadline(swarm):
-    (result,) = outcomes(fetch(swarm, "store-deadline", [swarm["true"]], ["slow"], "--deadline", "6"), 1, 60)
+    # the throttled provider sends 256 KiB pieces about 2.6 s apart: a stall timeout longer than the
+    # deadline leaves the deadline as the only thing that can end this download
+    (result,) = outcomes(fetch(swarm, "store-deadline", [swarm["true"]], ["slow"], "--deadline", "6",
+                               "--stall-timeout", "30"), 1, 60)
     assert result["event"] == "error" and result["type"] == "BlobUnavailable", result
     assert "deadline" in result["message"]
     assert result["report"]["seconds"] < 10, result["report"]
