@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from node.cli.app import InitialPeersOption, SwarmOption, app, console, fail, setup_logging
@@ -51,8 +52,8 @@ def ensemble_table(ensemble) -> Table:
     for column in ("job", "model", "objective", "step", "held-out", "signer", "checkpoint"):
         table.add_column(column)
     for row in ensemble.describe():
-        table.add_row(row["job"], row["model"], row["objective"], str(row["step"]), f"{row['heldout']:.4f}",
-                      row["signer"] + "…", row["sha256"][:16] + "…")
+        table.add_row(*map(escape, (row["job"], row["model"], row["objective"], str(row["step"]),
+                                    f"{row['heldout']:.4f}", row["signer"] + "…", row["sha256"][:16] + "…")))
     return table
 
 
@@ -67,9 +68,15 @@ def obtain_ensemble(console: Console, swarm: str, initial_peers: Optional[List[s
     with progress.bar:
         ensemble = assemble_ensemble(swarm, initial_peers=initial_peers or (), cache_dir=cache_dir, verify=verify,
                                      progress=progress)
-    for sha, reason in ensemble.rejected:
-        console.print(f"[yellow]not used[/] {sha[:16]}…: {reason}")
+    print_rejections(console, ensemble.rejected)
     return ensemble
+
+
+def print_rejections(console: Console, rejected) -> None:
+    """One line per refused candidate. Reasons quote strangers' headers and p2pd's error text
+    (`[/ddm-swarm/blob/1]`): printed as text, never read as markup."""
+    for sha, reason in rejected:
+        console.print(f"[yellow]not used[/] {escape(sha[:16])}…: {escape(reason)}")
 
 
 def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_peers, routing, steps, guidance,
