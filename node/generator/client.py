@@ -48,13 +48,15 @@ def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequen
         for problem in membership.beacon_problems():
             logger.warning(problem)
         blobs = BlobService(membership, BlobStore(cache / "blobs"), loop, serve=False)
-        heldout = None
+        heldout = router_heldout = None
         if verify:
             from node.data.swarm_data import prepare_swarm_data
 
             data = prepare_swarm_data(manifest, cache)
             heldout = lambda cluster: data.expert_data(cluster)[1]  # noqa: E731
-        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress)
+            router_heldout = lambda: data.router_data()[2]  # noqa: E731
+        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout,
+                              router_heldout=router_heldout, progress=progress)
         return assembler.assemble(require_all=require_all)
     finally:
         if blobs is not None:
