@@ -111,7 +111,8 @@ def generate(
     num: int = typer.Option(4, "--num", "-n", help="Images per prompt."),
     out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
     cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
-    verify: bool = typer.Option(False, help="Measure each expert's held-out loss and the router's accuracy; reject ones much worse than they claim."),
+    verify: bool = typer.Option(False, help="Measure each expert's held-out loss and the router's accuracy; "
+                                "reject ones much worse than they claim."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Use an ensemble saved by `ddm-swarm fetch` (offline)."),
     scale: int = typer.Option(4, help="Magnify each image this many times in the PNG."),
 ) -> None:
@@ -130,7 +131,8 @@ def fetch(
     swarm: str = SwarmOption,
     initial_peers: Optional[List[str]] = InitialPeersOption,
     cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
-    verify: bool = typer.Option(False, help="Measure each expert's held-out loss and the router's accuracy before accepting them."),
+    verify: bool = typer.Option(False, help="Measure each expert's held-out loss and the router's accuracy "
+                                "before accepting them."),
 ) -> None:
     """Save the assembled ensemble so `generate --from DIR` works later with no network."""
     setup_logging()
