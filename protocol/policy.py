@@ -56,6 +56,16 @@ class RecordPolicy:
         self._check_signer(record)
         self._check_content(parsed, record, now)
 
+    def check_saved(self, record: SignedRecord) -> None:
+        """`check` but for time, for a record kept offline past its TTL (an ensemble saved by `fetch`):
+        this swarm, a trusted signer, an allowed model. Raises a typed `ProtocolError`."""
+        if isinstance(record, SwarmBeacon) or not hasattr(record, "swarm_id"):
+            raise InvalidRecord(f"a {record.KIND} record is not a checkpoint")
+        if record.swarm_id != self.swarm_id:  # type: ignore[attr-defined]
+            raise SwarmVersionMismatch("record belongs to another swarm (its manifest differs from ours)")
+        self._check_signer(record)
+        self._check_content(parse_key(key_for_record(record)), record, now=0.0)
+
     def _check_signer(self, record: SignedRecord) -> None:
         if not self.manifest.trust.allows(record.signer):  # type: ignore[attr-defined]
             raise UntrustedSigner(f"signer {record.signer[:16]}… is not in swarm '{self.manifest.name}''s "  # type: ignore[attr-defined]

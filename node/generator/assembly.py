@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -29,6 +31,7 @@ from protocol.errors import HashMismatch
 from protocol.hashing import BlobHasher
 from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
+from protocol.policy import RecordPolicy
 from protocol.records import CheckpointRecord, RouterRecord, decode_record
 
 logger = logging.getLogger("ddm_swarm.assembly")
@@ -104,19 +107,29 @@ class Ensemble:
 
     @classmethod
     def load(cls, folder: Path) -> "Ensemble":
-        """An ensemble saved by `save`, checked again: signatures, file hashes, architectures."""
+        """An ensemble saved by `save`, checked again as if it came from the swarm: each record passes
+        the swarm's record policy but for expiry (`RecordPolicy.check_saved`: this swarm, a trusted
+        signer, an allowed model), each file is a regular file directly inside `folder` and hashes to
+        its record, each checkpoint is the architecture its record names. The folder may come from
+        anyone: a name with a path in it, a symlink or a FIFO is refused before it is opened."""
         folder = Path(folder)
         try:
-            index = json.loads((folder / "ensemble.json").read_text())
-            manifest = read_manifest_file(folder / "manifest.yaml")
+            index = json.loads(_read_regular(folder, "ensemble.json"))
+            manifest_path = _regular_file(folder, "manifest.yaml")
+            manifest = read_manifest_file(manifest_path)
         except (OSError, ValueError) as error:
             raise NodeError(f"{folder} is not an ensemble saved by `ddm-swarm fetch`: {error}") from None
-        if index.get("swarm_id") != manifest.swarm_id:
+        if not isinstance(index, dict) or index.get("swarm_id") != manifest.swarm_id:
             raise NodeError(f"{folder}/ensemble.json belongs to another swarm than its manifest.yaml")
+        entries = index.get("checkpoints")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise NodeError(f"{folder}/ensemble.json has no list of checkpoints")
+        policy = RecordPolicy(manifest)
         experts, router, records, files = [], None, [], {}
-        for entry in index["checkpoints"]:
-            record = decode_record(bytes.fromhex(entry["record"]))
-            path = folder / entry["file"]
+        for entry in entries:
+            record = decode_record(_hex(entry.get("record"), folder))
+            policy.check_saved(record)
+            path = _regular_file(folder, entry.get("file"))
             _check_file_hash(path, record.blob.sha256)
             if isinstance(record, RouterRecord):
                 router = check_router(path, record, manifest)
@@ -127,22 +140,48 @@ class Ensemble:
         return cls(manifest, experts, router, records, files)
 
 
-def verify_router(router: Router, claimed: float, heldout, encoder: TextEncoder, *, max_images: int = 512) -> float:
-    """The router's measured held-out accuracy (see `router_accuracy`); `Refused` if it is much below
-    `claimed` (ROUTER_VERIFY_TOLERANCE). `heldout`: (images, clusters (N,) int64)."""
-    from ddm_models.evaluation import router_accuracy
+def _hex(text, folder: Path) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raise NodeError(f"{folder}/ensemble.json holds a record that is not hex") from None
 
-    data, clusters = heldout
-    measured = router_accuracy(router, data, clusters, encoder, max_images=max_images)
-    factor, slack = ROUTER_VERIFY_TOLERANCE
-    if measured < claimed / factor - slack:
-        raise Refused(f"held-out accuracy measured {measured:.3f}, it claims {claimed:.3f}")
-    return measured
+
+def _regular_file(folder: Path, name) -> Path:
+    """`folder/name` if `name` is a plain file name and that is a regular file (not a symlink, FIFO
+    or device; checked with lstat, so a link is never followed); `NodeError` otherwise."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\0" in name:
+        raise NodeError(f"{folder}: a saved checkpoint must be named by a file inside the folder, got {name!r:.80}")
+    path = folder / name
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as error:
+        raise NodeError(f"cannot read {path}: {error.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise NodeError(f"{path} is not a regular file (a symlink, FIFO or device is never read from a saved "
+                        "ensemble)")
+    return path
+
+
+def _open_regular(path: Path) -> int:
+    # O_NOFOLLOW and O_NONBLOCK: a file swapped for a link or a FIFO after the lstat is neither
+    # followed nor waited on; fstat then checks what was opened
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise NodeError(f"{path} is not a regular file")
+    return descriptor
+
+
+def _read_regular(folder: Path, name: str) -> str:
+    with os.fdopen(_open_regular(_regular_file(folder, name)), "rb") as handle:
+        return handle.read(16 * 1024 * 1024).decode()
 
 
 def _check_file_hash(path: Path, sha256: str) -> None:
     hasher = BlobHasher()
-    with open(path, "rb") as handle:
+    with os.fdopen(_open_regular(path), "rb") as handle:
         for piece in iter(lambda: handle.read(1 << 22), b""):
             hasher.update(piece)
     if hasher.finish().sha256 != sha256:
