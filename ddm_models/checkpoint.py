@@ -102,7 +102,7 @@ class CheckpointMetadata:
             raise InvalidCheckpoint(f"{where} is a {kind} but its config is a {config_type!r:.80}")
         config = (ExpertConfig if kind == "expert" else RouterConfig).from_dict(config_data)
         metadata = cls(kind=kind, config=config, cluster=_count(header["cluster"], where, low=-1),
-                       step=_count(header["step"], where), samples_seen=_count(header["samples_seen"], where),
+                       step=_count(header["step"], where), samples_seen=_count(header["samples_seen"], where, high=MAX_STEP << 20),
                        heldout_metric=float(header["heldout_metric"]) if header["heldout_metric"] else None,
                        heldout_metric_name=header["heldout_metric_name"],
                        optimizer_step=_count(header["optimizer_step"], where) if header["optimizer_step"] else None,
@@ -121,14 +121,14 @@ class CheckpointMetadata:
         return metadata
 
 
-# What a header may hold. A real one is a few KiB; steps and sample counts stay far below int64 so
-# that a step read from a stranger's file can be counted on (step + 1, samples + batch) by any
-# consumer without overflowing a tensor or a record field.
+# What a header may hold. A real one is a few KiB; steps stay far below int64 so that a step read
+# from a stranger's file can be counted on (step + 1) by any consumer without overflowing a tensor or
+# a record field. samples_seen shares the bound times a batch of up to 2^20 images.
 MAX_HEADER_CHARS = 1 << 20
 MAX_HEADER_VALUE_CHARS = 256 * 1024
 MAX_HEADER_KEY_CHARS = 64
 MAX_JSON_DEPTH = 16
-MAX_STEP = 2**53
+MAX_STEP = 2**40  # protocol.limits.MAX_STEP: the same bound for records and files
 
 
 def _string_map(header: Any, where: str) -> dict[str, str]:
@@ -169,14 +169,14 @@ def _json_object(text: str, where: str) -> dict[str, Any]:
     return value
 
 
-def _count(text: str, where: str, low: int = 0) -> int:
+def _count(text: str, where: str, low: int = 0, high: int = MAX_STEP) -> int:
     # digits only: int() also takes "1_000", " 7" and 4,300-digit numbers
     body = text[1:] if text.startswith("-") else text
     if not body.isascii() or not body.isdigit() or len(body) > 20:
         raise InvalidCheckpoint(f"{where}: {text[:40]!r} is not a whole number")
     value = int(text)
-    if not low <= value <= MAX_STEP:
-        raise InvalidCheckpoint(f"{where}: {value} is outside [{low}, {MAX_STEP}] (negative step, samples_seen or "
+    if not low <= value <= high:
+        raise InvalidCheckpoint(f"{where}: {value} is outside [{low}, {high}] (a negative step, samples_seen or "
                                 "cluster, or a count no training reaches)")
     return value
 

@@ -37,6 +37,7 @@ from node.swarm.announcer import Announcer
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.trainer.pipeline import CheckpointPipeline
+from node.checkpoints.acceptance import Verified
 from node.checkpoints.publishing import CHECKPOINT_PAUSE_S, publish_checkpoint
 from node.swarm.leases import Lease, claim_job, keep_previous_job, should_move
 from node.errors import DiskFull
@@ -46,12 +47,13 @@ from node.checkpoints.specs import check_model_specs, expert_config, router_conf
 from node.data.swarm_data import prepare_swarm_data
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
+from node.swarm.peer_cache import PeerCache, join_with_cache
 from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
 from node.trainer.state import NodeOptions, NodeState, NodeStatus, TrainingSummary
 from node.swarm.presence import Presence
 from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
-from node.trainer.resume import announce_again, resume_from_swarm
+from node.trainer.resume import announce_again, prove_claimers, resume_from_swarm
 from protocol.jobs import InvalidJob, Job
 from protocol.manifest import SwarmManifest
 
@@ -76,6 +78,7 @@ class SwarmNode:
         self.presence: Optional[Presence] = None
         self.announcer: Optional[Announcer] = None
         self.mirror: Optional[Mirror] = None
+        self.verified = Verified()  # checkpoints this node checked itself: step bounds, proven claimers
         # the job's, set while CLAIMING and RESUMING
         self.lease: Optional[Lease] = None
         self.data = None
@@ -141,10 +144,11 @@ class SwarmNode:
     def _join(self) -> None:
         stop = self._teardown.callback
         # nothing is written to the data folder until the node has joined
+        self.peer_cache = PeerCache(self.data_dir / "peers.json")
         with identities_for_join(self.data_dir / "identity.pem", self.data_dir / "p2p.key") as (identity, p2p_key):
-            self.membership = SwarmMembership(
-                self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
-                port=self.options.port, p2p_identity_path=p2p_key)
+            self.membership = join_with_cache(lambda peers: SwarmMembership(
+                self.manifest, identity, initial_peers=peers, host=self.options.host,
+                port=self.options.port, p2p_identity_path=p2p_key), self.options.initial_peers, self.peer_cache)
             stop(self.membership.shutdown)  # before the identity files are written: that can fail too
         self._data_dir_lock = hold_exclusive_lock(self.data_dir / "node.lock", f"data dir {self.data_dir}")
         for problem in self.membership.beacon_problems():
@@ -166,6 +170,7 @@ class SwarmNode:
         self.mirror = Mirror(self.membership, self.blobs, self.announcer, self.jobs,
                              period_s=self.manifest.timing.lease_s)
         self.mirror.protected = self._own_blobs
+        self.mirror.verified = self.verified
         stop(self.mirror.stop)
         stop(self.checkpoints.close)  # a checkpoint in flight is finished before its announcer stops
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
@@ -185,8 +190,10 @@ class SwarmNode:
                 forced, self.jobs, self.membership.claims(), self.membership.identity.signer_id, get_dht_time()):
             logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
             forced = None
+        if not forced:  # who is proven on which job: only what this node verified counts
+            prove_claimers(self.jobs, self.membership, self.blobs, self.store, self.manifest, self.verified)
         self.lease = claim_job(self.membership, self.jobs, self._model_for, forced=forced,
-                               after=self.lease.last_expiry if self.lease else 0.0)
+                               after=self.lease.last_expiry if self.lease else 0.0, verified=self.verified)
         job = self.lease.job
         atomic_write_bytes(self._node_file(), json.dumps({"job": str(job), "model": self.lease.model}).encode())
         self.announcer.hold(self.lease)
@@ -256,8 +263,10 @@ class SwarmNode:
 
     def _resume_from_swarm(self, job: Job) -> None:
         spec_hash = self.manifest.model_for(job, self.lease.model).spec_hash
+        if self.published.record is not None and self.published.record.swarm_id == self.membership.swarm_id:
+            self.verified.add(self.published.record)  # our own work, made at its created_at
         record = resume_from_swarm(job, spec_hash, self.trainer, self.membership, self.blobs, self.store, self.manifest,
-                                   self.announcer)
+                                   self.announcer, self.verified)
         if record is None:
             return
         self.parent_blob = record.blob.sha256
@@ -357,6 +366,8 @@ class SwarmNode:
         if CHECKPOINT_PAUSE_S:
             time.sleep(CHECKPOINT_PAUSE_S)  # published.json written, announcement not yet queued
         self.announcer.announce_checkpoint(job, record)
+        self.verified.add(record)
+        self.peer_cache.remember(self.membership)  # the peers met so far: a way back in if the bootstraps go
         removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held()})
         for sha in removed.blobs:  # stop announcing what we no longer hold
             self.announcer.unprovide(sha)
