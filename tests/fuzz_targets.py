@@ -402,8 +402,8 @@ header_inputs = st.one_of(
 
 
 def check_checkpoint_header(header: Any) -> None:
-    """`CheckpointMetadata.from_header` returns metadata that writes back to the same header, or raises
-    `InvalidCheckpoint`; nothing else."""
+    """`CheckpointMetadata.from_header` returns metadata whose step is bounded and whose config hashes
+    to the header's claim, or raises `InvalidCheckpoint`; nothing else."""
     try:
         metadata = CheckpointMetadata.from_header(header, "fuzzed")
     except InvalidCheckpoint:
