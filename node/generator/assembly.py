@@ -140,6 +140,19 @@ class Ensemble:
         return cls(manifest, experts, router, records, files)
 
 
+def verify_router(router: Router, claimed: float, heldout, encoder: TextEncoder, *, max_images: int = 512) -> float:
+    """The router's measured held-out accuracy (see `router_accuracy`); `Refused` if it is much below
+    `claimed` (ROUTER_VERIFY_TOLERANCE). `heldout`: (images, clusters (N,) int64)."""
+    from ddm_models.evaluation import router_accuracy
+
+    data, clusters = heldout
+    measured = router_accuracy(router, data, clusters, encoder, max_images=max_images)
+    factor, slack = ROUTER_VERIFY_TOLERANCE
+    if measured < claimed / factor - slack:
+        raise Refused(f"held-out accuracy measured {measured:.3f}, it claims {claimed:.3f}")
+    return measured
+
+
 def _hex(text, folder: Path) -> bytes:
     try:
         return bytes.fromhex(text)
