@@ -83,47 +83,114 @@ class CheckpointMetadata:
         }
 
     @classmethod
-    def from_header(cls, header: dict[str, str] | None, where: str = "checkpoint") -> CheckpointMetadata:
-        """Parse and validate a safetensors header; raises `InvalidCheckpoint`."""
+    def from_header(cls, header: Any, where: str = "checkpoint") -> CheckpointMetadata:
+        """Parse and validate a safetensors header; raises `InvalidCheckpoint` and nothing else, whatever
+        the header holds (it comes from a stranger's file): a str -> str map within `MAX_HEADER_CHARS`,
+        JSON nested at most `MAX_JSON_DEPTH` deep, integers in [0, MAX_STEP]."""
         if not header:
             raise InvalidCheckpoint(f"{where} has no metadata; it was not written by ddm-swarm")
         try:
-            if header.get("format") != FORMAT:
-                raise InvalidCheckpoint(f"{where} has format {header.get('format')!r}, expected {FORMAT!r}")
-            kind = header["kind"]
-            if kind not in KINDS:
-                raise InvalidCheckpoint(f"{where} has kind {kind!r}, expected one of {KINDS}")
-            config_data = json.loads(header["config"])
-            config_type = config_data.pop("type", None)
-            expected_type = "ExpertConfig" if kind == "expert" else "RouterConfig"
-            if config_type != expected_type:
-                raise InvalidCheckpoint(f"{where} is a {kind} but its config is a {config_type}")
-            config = (ExpertConfig if kind == "expert" else RouterConfig).from_dict(config_data)
-            metadata = cls(kind=kind, config=config, cluster=int(header["cluster"]), step=int(header["step"]),
-                           samples_seen=int(header["samples_seen"]),
-                           heldout_metric=float(header["heldout_metric"]) if header["heldout_metric"] else None,
-                           heldout_metric_name=header["heldout_metric_name"],
-                           optimizer_step=int(header["optimizer_step"]) if header["optimizer_step"] else None,
-                           extra=json.loads(header["extra"]),
-                           contents=header.get("contents", "training"))  # files before exports have none
-        except (KeyError, ValueError, TypeError, InvalidConfig) as error:
-            if isinstance(error, InvalidCheckpoint):
-                raise
-            raise InvalidCheckpoint(f"{where} has bad metadata: {type(error).__name__}: {error}") from error
+            return cls._parse_header(_string_map(header, where), where)
+        except InvalidCheckpoint:
+            raise
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError,
+                InvalidConfig) as error:  # a config value of a type its dataclass does not expect, and the like
+            raise InvalidCheckpoint(f"{where} has bad metadata: {type(error).__name__}: {str(error)[:200]}") from None
+
+    @classmethod
+    def _parse_header(cls, header: dict[str, str], where: str) -> CheckpointMetadata:
+        if header.get("format") != FORMAT:
+            raise InvalidCheckpoint(f"{where} has format {header.get('format')!r:.80}, expected {FORMAT!r}")
+        kind = header["kind"]
+        if kind not in KINDS:
+            raise InvalidCheckpoint(f"{where} has kind {kind!r:.80}, expected one of {KINDS}")
+        config_data = _json_object(header["config"], f"{where}: config")
+        config_type = config_data.pop("type", None)
+        expected_type = "ExpertConfig" if kind == "expert" else "RouterConfig"
+        if config_type != expected_type:
+            raise InvalidCheckpoint(f"{where} is a {kind} but its config is a {config_type!r:.80}")
+        config = (ExpertConfig if kind == "expert" else RouterConfig).from_dict(config_data)
+        metadata = cls(kind=kind, config=config, cluster=_count(header["cluster"], where, low=-1),
+                       step=_count(header["step"], where), samples_seen=_count(header["samples_seen"], where, high=MAX_STEP << 20),
+                       heldout_metric=float(header["heldout_metric"]) if header["heldout_metric"] else None,
+                       heldout_metric_name=header["heldout_metric_name"],
+                       optimizer_step=_count(header["optimizer_step"], where) if header["optimizer_step"] else None,
+                       extra=_json_object(header["extra"], f"{where}: 'extra'"),
+                       contents=header.get("contents", "training"))  # files before exports have none
         if header["config_hash"] != metadata.config_hash:
             raise InvalidCheckpoint(f"{where}: its config hashes to {metadata.config_hash}, not to the recorded "
-                                    f"{header['config_hash']}")
+                                    f"{header['config_hash']:.80}")
         if header["objective"] != metadata.objective:
-            raise InvalidCheckpoint(f"{where}: objective {header['objective']!r} contradicts its config")
-        if metadata.step < 0 or metadata.samples_seen < 0 or (kind == "expert" and metadata.cluster < 0):
-            raise InvalidCheckpoint(f"{where}: negative step, samples_seen or cluster")
+            raise InvalidCheckpoint(f"{where}: objective {header['objective']!r:.80} contradicts its config")
+        if len(metadata.heldout_metric_name) > MAX_HEADER_KEY_CHARS:
+            raise InvalidCheckpoint(f"{where}: the held-out metric's name is longer than {MAX_HEADER_KEY_CHARS}")
+        if kind == "expert" and metadata.cluster < 0:
+            raise InvalidCheckpoint(f"{where}: negative cluster")
         if metadata.heldout_metric is not None and not math.isfinite(metadata.heldout_metric):
             raise InvalidCheckpoint(f"{where}: held-out metric is {metadata.heldout_metric}")
-        if not isinstance(metadata.extra, dict):
-            raise InvalidCheckpoint(f"{where}: 'extra' must be a JSON object")
         if metadata.contents not in CONTENTS:
-            raise InvalidCheckpoint(f"{where} has contents {metadata.contents!r}, expected one of {CONTENTS}")
+            raise InvalidCheckpoint(f"{where} has contents {metadata.contents!r:.80}, expected one of {CONTENTS}")
         return metadata
+
+
+# What a header may hold. A real one is a few KiB; steps stay far below int64 so that a step read
+# from a stranger's file can be counted on (step + 1) by any consumer without overflowing a tensor or
+# a record field. samples_seen shares the bound times a batch of up to 2^20 images.
+MAX_HEADER_CHARS = 1 << 20
+MAX_HEADER_VALUE_CHARS = 256 * 1024
+MAX_HEADER_KEY_CHARS = 64
+MAX_JSON_DEPTH = 16
+MAX_STEP = 2**40  # protocol.limits.MAX_STEP: the same bound for records and files
+
+
+def _string_map(header: Any, where: str) -> dict[str, str]:
+    if not isinstance(header, dict):
+        raise InvalidCheckpoint(f"{where}: its metadata is a {type(header).__name__}, not a string map")
+    total = 0
+    for key, value in header.items():
+        if not isinstance(key, str) or not isinstance(value, str) or len(key) > MAX_HEADER_KEY_CHARS:
+            raise InvalidCheckpoint(f"{where}: its metadata must map short strings to strings")
+        if len(value) > MAX_HEADER_VALUE_CHARS:
+            raise InvalidCheckpoint(f"{where}: metadata entry {key!r} has {len(value)} characters, more than "
+                                    f"{MAX_HEADER_VALUE_CHARS}")
+        total += len(key) + len(value)
+    if total > MAX_HEADER_CHARS:
+        raise InvalidCheckpoint(f"{where}: its metadata has {total} characters, more than {MAX_HEADER_CHARS}")
+    return header
+
+
+def _json_object(text: str, where: str) -> dict[str, Any]:
+    """A JSON object nested at most MAX_JSON_DEPTH deep. The depth is counted before parsing: the json
+    module recurses once per level and a deep enough document exhausts the interpreter's stack."""
+    depth, deepest, in_string, escaped = 0, 0, False, False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                raise InvalidCheckpoint(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise InvalidCheckpoint(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _count(text: str, where: str, low: int = 0, high: int = MAX_STEP) -> int:
+    # digits only: int() also takes "1_000", " 7" and 4,300-digit numbers
+    body = text[1:] if text.startswith("-") else text
+    if not body.isascii() or not body.isdigit() or len(body) > 20:
+        raise InvalidCheckpoint(f"{where}: {text[:40]!r} is not a whole number")
+    value = int(text)
+    if not low <= value <= high:
+        raise InvalidCheckpoint(f"{where}: {value} is outside [{low}, {high}] (a negative step, samples_seen or "
+                                "cluster, or a count no training reaches)")
+    return value
 
 
 def checkpoint_tensors(ema: dict[str, torch.Tensor], train: dict[str, torch.Tensor] | None = None,

@@ -39,6 +39,33 @@ def expert_loss(expert: LoadedExpert, data: TrainingData, text_encoder: TextEnco
 
 
 @torch.no_grad()
+def router_accuracy(router, data: TrainingData, clusters: torch.Tensor, text_encoder: TextEncoder, *,
+                    max_images: int = 512, seed: int = 0, batch_size: int = 256,
+                    caption_sampler: CaptionSampler = sample_captions) -> float:
+    """Fraction of up to `max_images` of `data` whose cluster (`clusters`, (N,) int64) the router
+    predicts from x_t on the sampler's path, with noise and t stratified over [0, 1) fixed by `seed`:
+    the measure a router record's `heldout_accuracy` claims."""
+    from ddm_models.router import Router
+
+    n = min(max_images, len(data))
+    if n == 0:
+        raise ValueError("cannot measure a router on an empty data set")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *data.image_shape), generator=generator)
+    t = (torch.arange(n) + torch.rand(n, generator=generator)) / n
+    captions = batch_captions(data, torch.arange(n), generator, caption_sampler)
+    device = next(router.parameters()).device
+    correct = 0
+    for start in range(0, n, batch_size):
+        part = slice(start, min(n, start + batch_size))
+        text = text_encoder.encode(captions[part]).to(device) if router.config.use_text else None
+        x_t = Router.training_example(data.images_at(part), noise[part], t[part]).to(device)
+        logits = router(x_t, t[part].to(device), text)
+        correct += int((logits.argmax(1).cpu() == clusters[:n][part]).sum())
+    return correct / n
+
+
+@torch.no_grad()
 def velocity_losses(velocity: Callable[[torch.Tensor, torch.Tensor, TextBatch], torch.Tensor], data: TrainingData,
                     text_encoder: TextEncoder, *, seed: int = 0, rows: torch.Tensor | None = None,
                     batch_size: int = 256, caption_sampler: CaptionSampler = sample_captions) -> torch.Tensor:

@@ -256,6 +256,28 @@ class CLIPTextEncoder(TextEncoder):
         mask = tokens["attention_mask"].bool()
         states = output.last_hidden_state.float() * mask[..., None]
         return TextBatch(states, mask, output.pooler_output.float())
+def load_pretrained_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local weights file, without running any code it may hold: safetensors by
+    name, anything else through `torch.load(weights_only=True)` (tensors and plain containers only;
+    a pickle that names a callable is refused). open_clip's {"state_dict": ..., "module."} wrapping
+    is undone."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an unpickler refusal, a truncated file: all mean "not usable weights"
+        raise TextEncoderUnavailable(f"pretrained weights {path} cannot be loaded safely: "
+                                     f"{type(error).__name__}: {str(error)[:200]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise TextEncoderUnavailable(f"pretrained weights {path} are not a mapping of names to tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 class OpenCLIPEncoder(TextEncoder):
@@ -276,9 +298,17 @@ class OpenCLIPEncoder(TextEncoder):
             raise TextEncoderUnavailable(
                 f"openclip:{arch} needs open_clip (pip install 'ddm-swarm[real]', with a torchvision "
                 f"that matches torch)") from error
+        local = Path(pretrained) if pretrained and Path(pretrained).is_file() else None
         try:
-            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained, cache_dir=cache_dir)
+            # a file is loaded here, not by open_clip: its loader unpickles with torch.load, and a
+            # manifest's `pretrained` path must never run code (see load_pretrained_weights)
+            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=None if local else pretrained,
+                                                                cache_dir=cache_dir)
+            if local is not None:
+                model.load_state_dict(load_pretrained_weights(local))
             self.tokenizer = open_clip.get_tokenizer(arch)
+        except TextEncoderUnavailable:
+            raise
         except Exception as error:  # open_clip raises many kinds of error for weights it cannot find
             raise TextEncoderUnavailable(
                 f"no local weights for open_clip {arch} / {pretrained} ({error}); put the checkpoint in "

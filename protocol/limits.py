@@ -11,6 +11,9 @@ MAX_CHUNKS = -(-MAX_BLOB_BYTES // CHUNK_BYTES)
 
 # DHT values stay tiny: blobs never go into the DHT (hivemind drops values over ~4 MiB anyway).
 MAX_RECORD_BYTES = 4096
+# A checkpoint or router key holds at most this many live entries (signers) on an honest peer:
+# 512 x 4 KiB stays far below hivemind's ~4 MiB message limit, past which a read returns nothing.
+MAX_SUBKEYS_PER_KEY = 512
 MAX_STRING_CHARS = 256
 MAX_MADDRS = 8
 
@@ -33,3 +36,9 @@ CLOCK_SKEW_S = 60.0
 MAX_BLOB_REQUEST_BYTES = 256
 MAX_BLOB_RESPONSE_HEADER_BYTES = 512
 MAX_RANGE_BYTES = 4 * CHUNK_BYTES
+
+# No record may claim more steps than this: 2^40 (a trillion) is beyond any training run, far below
+# int64, so a step read from a record can always be counted on (step + 1, samples = step * batch)
+# without overflowing a record field, a tensor or the trainer. Checkpoint headers share the bound
+# (ddm_models.checkpoint.MAX_STEP).
+MAX_STEP = 2**40

@@ -47,13 +47,29 @@ class RecordPolicy:
         if isinstance(record, SwarmBeacon):
             if record.name != parsed.swarm_name:
                 raise InvalidRecord(f"beacon for swarm '{record.name}' stored under the name '{parsed.swarm_name}'")
-            return  # beacons of other versions and manifests are informative: see describe_beacon
+            # beacons of other versions and manifests are informative (see describe_beacon); in an
+            # allow-list swarm only from its signers, or a stranger could make every peer warn
+            self._check_signer(record)
+            return
         if parsed.swarm_id != self.swarm_id or record.swarm_id != self.swarm_id:  # type: ignore[attr-defined]
             raise SwarmVersionMismatch("record belongs to another swarm (its manifest differs from ours)")
+        self._check_signer(record)
+        self._check_content(parsed, record, now)
+
+    def check_saved(self, record: SignedRecord) -> None:
+        """`check` but for time, for a record kept offline past its TTL (an ensemble saved by `fetch`):
+        this swarm, a trusted signer, an allowed model. Raises a typed `ProtocolError`."""
+        if isinstance(record, SwarmBeacon) or not hasattr(record, "swarm_id"):
+            raise InvalidRecord(f"a {record.KIND} record is not a checkpoint")
+        if record.swarm_id != self.swarm_id:  # type: ignore[attr-defined]
+            raise SwarmVersionMismatch("record belongs to another swarm (its manifest differs from ours)")
+        self._check_signer(record)
+        self._check_content(parse_key(key_for_record(record)), record, now=0.0)
+
+    def _check_signer(self, record: SignedRecord) -> None:
         if not self.manifest.trust.allows(record.signer):  # type: ignore[attr-defined]
             raise UntrustedSigner(f"signer {record.signer[:16]}… is not in swarm '{self.manifest.name}''s "  # type: ignore[attr-defined]
                                   "allowed signers")
-        self._check_content(parsed, record, now)
 
     def _check_time(self, record: SignedRecord, expiration_time: float, now: float) -> None:
         expires_at = record.expires_at  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from protocol.errors import BadSignature, InvalidRecord, RecordTooLarge, SwarmVe
 from protocol.hashing import BlobRef
 from protocol.identity import Identity, verify_signature
 from protocol.jobs import Job
-from protocol.limits import MAX_RECORD_BYTES, PROTOCOL_VERSION
+from protocol.limits import MAX_RECORD_BYTES, MAX_STEP, PROTOCOL_VERSION
 
 OBJECTIVES = ("fm", "ddpm")
 CLAIM_STATES = ("training", "released")
@@ -135,7 +135,7 @@ class Claim(SignedRecord):
 
     KIND: ClassVar[str] = "claim"
     FIELDS: ClassVar = {**_common_fields(), "job": f.job(), "model": f.text(),
-                        "peer_id": f.peer_id(), "step": f.integer(), "state": f.text(choices=CLAIM_STATES)}
+                        "peer_id": f.peer_id(), "step": f.integer(0, MAX_STEP), "state": f.text(choices=CLAIM_STATES)}
     swarm_id: str
     job: Job
     model: str
@@ -159,7 +159,7 @@ class CheckpointRecord(SignedRecord):
     KIND: ClassVar[str] = "checkpoint"
     FIELDS: ClassVar = {**_common_fields(), "cluster": f.integer(0, 9999), "model": f.text(),
                         "objective": f.text(choices=OBJECTIVES), "spec_hash": f.sha256_hex(),
-                        "step": f.integer(), "samples_seen": f.integer(), "heldout_loss": f.real(0.0),
+                        "step": f.integer(0, MAX_STEP), "samples_seen": f.integer(), "heldout_loss": f.real(0.0),
                         "blob": f.blob_ref(), "inference": f.blob_ref(), "parent": f.sha256_hex(allow_empty=True),
                         "created_at": f.real(0.0)}
     swarm_id: str
@@ -189,7 +189,7 @@ class RouterRecord(SignedRecord):
 
     KIND: ClassVar[str] = "router"
     FIELDS: ClassVar = {**_common_fields(), "model": f.text(), "spec_hash": f.sha256_hex(),
-                        "num_clusters": f.integer(1, 9999), "step": f.integer(), "samples_seen": f.integer(),
+                        "num_clusters": f.integer(1, 9999), "step": f.integer(0, MAX_STEP), "samples_seen": f.integer(),
                         "heldout_accuracy": f.real(0.0, 1.0), "blob": f.blob_ref(), "inference": f.blob_ref(),
                         "parent": f.sha256_hex(allow_empty=True), "created_at": f.real(0.0)}
     swarm_id: str

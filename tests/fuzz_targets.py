@@ -1,4 +1,4 @@
-"""Fuzz targets over every decoder of `protocol/`: what hostile input looks like, and what each
+"""Fuzz targets over every decoder of `protocol/` (and the checkpoint header parser): what hostile input looks like, and what each
 decoder must promise about it.
 
 A target is a hypothesis strategy of inputs and a check that raises `AssertionError` when the
@@ -15,12 +15,16 @@ runs them for minutes. Strategies here are shared with `tests/test_protocol_reco
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict
 
 from hypothesis import strategies as st
+
+from ddm_models.checkpoint import MAX_STEP, CheckpointMetadata, InvalidCheckpoint
+from ddm_models.configs import ExpertConfig
 
 from protocol import blob_wire, keys
 from protocol.encoding import canonical_decode, canonical_encode
@@ -41,6 +45,7 @@ SIGNER = Identity.generate()
 hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 peer_ids = st.text(alphabet="123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", min_size=32, max_size=60)
 counts = st.integers(min_value=0, max_value=2**62)
+steps = st.integers(min_value=0, max_value=MAX_STEP)  # protocol.limits.MAX_STEP bounds every record's step
 times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40)
 clusters = st.integers(0, 9999)
@@ -49,10 +54,10 @@ maddr_lists = st.lists(st.integers(1, 65535).map(lambda p: f"/ip4/127.0.0.1/tcp/
 blobs = st.builds(BlobRef, hex64, st.integers(0, 2**36), hex64)
 
 RECORDS = {
-    "claim": st.builds(Claim, hex64, jobs, names, peer_ids, counts, st.sampled_from(["training", "released"]), times),
+    "claim": st.builds(Claim, hex64, jobs, names, peer_ids, steps, st.sampled_from(["training", "released"]), times),
     "checkpoint": st.builds(CheckpointRecord, hex64, clusters, names, st.sampled_from(["fm", "ddpm"]), hex64,
-                            counts, counts, st.floats(0, 1e6), blobs, blobs, st.one_of(st.just(""), hex64), times, times),
-    "router": st.builds(RouterRecord, hex64, names, hex64, st.integers(1, 9999), counts, counts, st.floats(0, 1),
+                            steps, counts, st.floats(0, 1e6), blobs, blobs, st.one_of(st.just(""), hex64), times, times),
+    "router": st.builds(RouterRecord, hex64, names, hex64, st.integers(1, 9999), steps, counts, st.floats(0, 1),
                         blobs, blobs, st.one_of(st.just(""), hex64), times, times),
     "provider": st.builds(ProviderRecord, hex64, hex64, peer_ids, maddr_lists, times),
     "peer": st.builds(PeerRecord, hex64, peer_ids, maddr_lists, st.sampled_from(["trainer", "client", "bootstrap"]),
@@ -379,6 +384,38 @@ def check_identity_pem(data: bytes) -> None:
                 lambda identity: _assert(len(identity.signer_id) == 64, "an accepted key has a signer id"))
 
 
+# --- checkpoint headers (ddm_models/checkpoint.py: a stranger's file's metadata) --------------------
+HEADER = CheckpointMetadata(kind="expert", config=ExpertConfig(), cluster=0, step=7, samples_seen=448,
+                            heldout_metric=0.25, extra={"seed": 0}).to_header()
+
+
+def _json_mutated(text: str) -> st.SearchStrategy:
+    return mutated(json.loads(text), msgpack_values.filter(lambda v: not isinstance(v, bytes))).map(
+        lambda value: json.dumps(value, default=str))
+
+
+header_inputs = st.one_of(
+    mutated(HEADER, st.one_of(msgpack_values, st.text(max_size=40))),
+    st.builds(lambda config, extra: {**HEADER, "config": config, "extra": extra},
+              st.one_of(_json_mutated(HEADER["config"]), st.text(max_size=60),
+                        st.integers(1, 3000).map(lambda n: "[" * n + "]" * n)),
+              st.one_of(_json_mutated(HEADER["extra"]), st.integers(1, 3000).map(lambda n: "{\"a\":" * n + "1" + "}" * n))),
+    msgpack_values)
+
+
+def check_checkpoint_header(header: Any) -> None:
+    """`CheckpointMetadata.from_header` returns metadata whose step is bounded and whose config hashes
+    to the header's claim, or raises `InvalidCheckpoint`; nothing else."""
+    try:
+        metadata = CheckpointMetadata.from_header(header, "fuzzed")
+    except InvalidCheckpoint:
+        return
+    except Exception as error:  # noqa: BLE001 - this is what the fuzzer looks for
+        raise AssertionError(f"header parser raised {type(error).__name__}: {str(error)[:200]}") from error
+    _assert(0 <= metadata.step <= MAX_STEP, "an accepted step is within the protocol's bound")
+    _assert(metadata.config_hash == header["config_hash"], "an accepted header's config hashes to its claim")
+
+
 def _assert(condition: bool, promise: str) -> None:
     if not condition:
         raise AssertionError(f"broken promise: {promise}")
@@ -405,4 +442,5 @@ TARGETS: Dict[str, Target] = {
     "blob_wire/request": Target(request_frames, check_request_frame),
     "blob_wire/response": Target(response_frames, check_response_frame),
     "Identity.from_pem": Target(pem_inputs, check_identity_pem),
+    "CheckpointMetadata.from_header": Target(header_inputs, check_checkpoint_header),
 }

@@ -6,6 +6,7 @@ and the honest ensemble still assembles. The tests run in order on one swarm.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -16,7 +17,9 @@ from node.identity_files import load_identity
 from node.swarm.manifest_files import write_manifest_file
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
-from protocol.records import Claim, decode_record
+from protocol.hashing import blob_ref_of
+from protocol.limits import MAX_STEP, MAX_SUBKEYS_PER_KEY
+from protocol.records import CheckpointRecord, Claim, RouterRecord, decode_record
 from tests.checkpoint_fixtures import write_expert_checkpoint
 from tests.swarm_harness import ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli, wait_until
 
@@ -62,17 +65,33 @@ def job_of(swarm, signer):
     return jobs[0] if jobs else None
 
 
+def _blobless_record(manifest, job, signer, now):
+    """A checkpoint record of `job` whose blob nobody has: what a squatter signs to look proven."""
+    blob = blob_ref_of(os.urandom(64))
+    if job == "router":
+        record = RouterRecord(manifest.swarm_id, manifest.router.name, manifest.router.spec_hash,
+                              manifest.num_clusters, 10**6, 32 * 10**6, 0.99, blob, blob, "", now, now + 600)
+    else:
+        spec = manifest.expert_for_cluster(1)
+        record = CheckpointRecord(manifest.swarm_id, 1, spec.name, spec.objective, spec.spec_hash, 10**6,
+                                  32 * 10**6, 0.001, blob, blob, "", now, now + 600)
+    return record.signed_by(signer)
+
+
 def test_squatted_jobs_are_taken_by_an_honest_node_that_then_trains_one(swarm):
     now = time.time()
-    for job in SQUATTED:  # three claims each, living the longest a claim may (15 min), never trained
-        for _ in range(3):
+    for job in SQUATTED:  # three claims each, living the longest a claim may (15 min), never trained, and a
+        for _ in range(3):  # checkpoint record each whose blob does not exist: "proof" of work never done
+            squatter = Identity.generate()
             claim = Claim(swarm["manifest"].swarm_id, job, "tiny-fm", swarm["observer"].peer_id, 10**6, "training",
-                          now + 800).signed_by(Identity.generate())
+                          now + 800).signed_by(squatter)
             swarm["observer"].call("publish", record=claim.encode().hex())
+            record = _blobless_record(swarm["manifest"], job, squatter, now)
+            swarm["observer"].call("publish", record=record.encode().hex())
     a = signer_of(swarm, "a")
     wait_until(lambda: announced(swarm, 0, a), 180, "the trainer of expert/0 to checkpoint")
-    # expert/0 has one claim (a proven trainer), the squatted jobs three each: by claim counts alone
-    # a newcomer would join expert/0
+    # expert/0 has one claim (a proven trainer), the squatted jobs three each: by claim counts alone,
+    # or counting every signer of a record as proven, a newcomer would join expert/0
     b_node = NodeProcess(swarm["path"], swarm["tmp"] / "b", swarm["peers"], "--max-steps", "40")
     swarm["nodes"]["b"] = b_node
     b = signer_of(swarm, "b")
@@ -89,20 +108,28 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
     poisoned = [write_expert_checkpoint(manifest, "tiny-fm", 0, 10**6 + 2, tmp / "nan.safetensors", poison="nan"),
                 write_expert_checkpoint(manifest, "tiny-fm", 0, 10**6 + 1, tmp / "narrow.safetensors",
                                         poison="wrong-architecture"),
-                write_expert_checkpoint(manifest, "tiny-fm", 0, 5, tmp / "old.safetensors")]  # claims 10**6 below
+                write_expert_checkpoint(manifest, "tiny-fm", 0, 5, tmp / "old.safetensors"),  # claims 10**6 below
+                # a real checkpoint (right architecture, finite weights) claiming a step no training reaches:
+                # adopted, every trainer of the job would count on from there
+                write_expert_checkpoint(manifest, "tiny-fm", 0, MAX_STEP - 1, tmp / "far.safetensors")]
     liar = LineProcess([sys.executable, "-m", "tests.peers.lying_node", "--manifest", str(swarm["path"]),
                         "--initial-peers", *swarm["peers"], "--identity", str(tmp / "liar" / "identity.pem"),
                         "--cluster", "0", "--behaviour", "file", "--file", *map(str, poisoned),
-                        "--step", str(10**6 + 2), str(10**6 + 1), str(10**6), "--store", str(tmp / "liar-store")],
+                        "--step", str(10**6 + 2), str(10**6 + 1), str(10**6), str(MAX_STEP - 1),
+                        "--store", str(tmp / "liar-store")],
                        env=child_env())
     swarm["others"].append(liar)
     announced_line = json.loads(liar.wait_for(lambda line: line.startswith("{"), timeout=90))
     swarm["liar_shas"], swarm["liar_exports"] = announced_line["sha256s"], announced_line["inference_sha256s"]
     adversary = DhtPeer(swarm["path"], swarm["peers"], adversary=True)
     swarm["others"].append(adversary)
-    assert adversary.call("flood", timeout=300, family="checkpoints", count=FLOOD, options={"cluster": 0})["stored"]
+    # past MAX_SUBKEYS_PER_KEY the checkpoint flood is refused by every honest peer (the records before it stay)
+    adversary.call("flood", timeout=300, family="checkpoints", count=FLOOD, options={"cluster": 0})
     assert adversary.call("flood", timeout=300, family="claims", count=FLOOD)["stored"]
-    wait_until(lambda: len(records(swarm, "checkpoints", cluster=0)) > FLOOD + 3, 60, "the poison and the flood")
+    liars = set(swarm["liar_shas"])
+    wait_until(lambda: (lambda found: len(found) > MAX_SUBKEYS_PER_KEY // 2 and
+                        liars <= {r.blob.sha256 for r in found})(records(swarm, "checkpoints", cluster=0)),
+               60, "the poison and the flood")
 
     a = signer_of(swarm, "a")
     d = NodeProcess(swarm["path"], tmp / "d", swarm["peers"], "--job", "expert/0")
@@ -112,7 +139,8 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
     every = swarm["manifest"].timing.checkpoint_every_steps
     assert 40 <= step <= announced(swarm, 0, a)[0].step and step % every == 0  # one of the trainer's own
     output = "".join(d.output)
-    assert output.count("skipping checkpoint") >= 3  # NaN weights, another architecture, an older file (refused)
+    assert output.count("skipping checkpoint") >= 3  # NaN weights, another architecture, an older file
+    assert "step 1099511627775" not in output  # the far-ahead one is passed over, never even fetched
     first = wait_until(lambda: announced(swarm, 0, signer_of(swarm, "d")), 180, "the resumed node's checkpoint")
     assert first[0].step > step
 
@@ -132,7 +160,7 @@ def test_honest_ensemble_assembles_despite_every_adversary(swarm):
     assert not {r.inference.sha256 for r in used} & set(swarm["liar_exports"])
     # the generator too downloaded the poisoned exports (the highest steps) and refused each for what it is
     output = " ".join((result.stdout + result.stderr).split())
-    nan_sha, narrow_sha, _ = swarm["liar_exports"]
+    nan_sha, narrow_sha, _, _ = swarm["liar_exports"]
     for sha, reason in ((nan_sha, "NaN"), (narrow_sha, "another architecture")):
         said = output.find(f"not used {sha[:16]}")
         assert said >= 0 and reason in output[said:said + 400], output[-3000:]

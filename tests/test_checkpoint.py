@@ -158,3 +158,26 @@ def test_a_changed_metadata_value_is_refused_as_corrupt(tmp_path):
     path.write_bytes(path.read_bytes().replace(b'"step":"7"', b'"step":"9"'))
     with pytest.raises(InvalidCheckpoint, match="corrupt"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("change", [
+    {"config": "[1, 2]"}, {"config": "7"}, {"config": '"expert"'}, {"config": "[" * 100000 + "]" * 100000},
+    {"config": '{"type": "ExpertConfig", "channels": ' + "[" * 5000 + "]" * 5000 + "}"},
+    {"extra": "[" * 100000 + "]" * 100000}, {"config_hash": None}, {"objective": 7}, {"step": "9" * 5000},
+    {"step": str(2**63)}, {"heldout_metric": "1e999"}, {"heldout_metric_name": "x" * 100000}, {"kind": ["expert"]}])
+def test_hostile_metadata_of_any_type_size_or_nesting_is_refused_as_invalid_checkpoint(tmp_path, change):
+    # a peer writes whatever header it likes; reading it may only ever raise InvalidCheckpoint
+    path = _write_expert(tmp_path / "e.safetensors", random_expert(cluster=0))
+    header = _rewrite(path)[1]
+    with pytest.raises(InvalidCheckpoint):
+        CheckpointMetadata.from_header({**header, **change}, "hostile")
+    if all(isinstance(value, str) for value in change.values()):
+        _rewrite(path, header={**header, **change})
+        with pytest.raises(InvalidCheckpoint):
+            read_checkpoint(path)
+
+
+@pytest.mark.parametrize("header", [["format"], "format", 7, {"format": {"nested": 1}}, {1: "x"}])
+def test_a_header_that_is_not_a_string_map_is_refused_as_invalid_checkpoint(header):
+    with pytest.raises(InvalidCheckpoint):
+        CheckpointMetadata.from_header(header, "hostile")

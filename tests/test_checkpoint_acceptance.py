@@ -2,7 +2,9 @@
 generation, mirroring and a node resuming a job all apply (no network here; the swarm tests show
 them applied by real peers)."""
 
+import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -71,3 +73,43 @@ def test_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     path.write_bytes(bytes(4096))
     with pytest.raises(InvalidCheckpoint):
         check_header(path, record_for(path), MANIFEST)
+
+
+def _claim(step, created_at=None, signer="a" * 64):
+    record = record_for(Path(__file__), step=step)
+    return dataclasses.replace(record, created_at=time.time() if created_at is None else created_at, signer=signer)
+
+
+def test_a_claimed_step_beyond_what_the_job_can_have_reached_since_it_was_verified_is_passed_over():
+    from node.checkpoints.acceptance import STEP_SLACK, STEPS_PER_S_BOUND, Verified, trusted_order
+    verified = Verified()
+    now = time.time()
+    verified.add(_claim(1000, created_at=now - 60), now=now)  # we checked step 1000, made a minute ago
+    reachable = 1000 + STEP_SLACK + int(STEPS_PER_S_BOUND * 60) - 100
+    honest, liar = _claim(reachable), _claim(10**9, signer="b" * 64)
+    assert trusted_order([liar, honest], verified, now=now) == [honest]
+    # later the same claim can have been reached: the bound grows with time, at the bound's rate
+    assert trusted_order([liar], verified, now=now + 10**6)[0] is liar
+
+
+def test_a_verified_record_with_an_old_creation_time_does_not_loosen_the_bound():
+    from node.checkpoints.acceptance import Verified
+    verified, now = Verified(), time.time()
+    verified.add(_claim(5000, created_at=now), now=now)
+    tight = verified.step_bound(MANIFEST.jobs[0], now)
+    verified.add(_claim(10, created_at=0.0), now=now)  # "made in 1970": would allow any step
+    assert verified.step_bound(MANIFEST.jobs[0], now) == tight
+
+
+def test_without_anything_verified_only_steps_well_below_the_protocol_bound_are_considered():
+    from node.checkpoints.acceptance import trusted_order
+    from protocol.limits import MAX_STEP
+    near_limit, ordinary = _claim(MAX_STEP - 1), _claim(10**6)
+    assert trusted_order([near_limit, ordinary]) == [ordinary]
+
+
+def test_a_record_claiming_a_step_near_the_int64_limit_is_refused_by_the_protocol():
+    from protocol.errors import InvalidRecord
+    from protocol.identity import Identity
+    with pytest.raises(InvalidRecord, match="'step' must be in"):
+        record_for(Path(__file__), step=2**63 - 1).signed_by(Identity.generate())

@@ -151,3 +151,9 @@ def test_fuzz_targets_cover_every_record_kind_and_decoder():
     assert {f"decode_record/{kind}/mutated" for kind in t.RECORDS} <= names
     assert {"canonical_decode/bytes", "parse_key/mutated", "RecordPolicy.accept", "SwarmManifest.from_dict/mutated",
             "blob_wire/request", "blob_wire/response", "Identity.from_pem"} <= names
+
+
+@settings(fuzz, max_examples=300)
+@given(t.header_inputs)
+def test_a_hostile_checkpoint_header_is_refused_as_invalid_checkpoint_or_parsed_exactly(header):
+    t.check_checkpoint_header(header)

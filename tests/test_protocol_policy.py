@@ -8,10 +8,10 @@ import pytest
 from protocol.errors import (ExpirationTooFar, InvalidManifest, InvalidRecord, RecordExpired, SwarmVersionMismatch,
                              UntrustedSigner)
 from protocol.identity import Identity
-from protocol.keys import checkpoint_key, claims_key, parse_key, providers_key
+from protocol.keys import beacon_key, checkpoint_key, claims_key, parse_key, providers_key
 from protocol.limits import MAX_EXPIRATION_AHEAD_S, PROTOCOL_VERSION
 from protocol.policy import RecordPolicy
-from protocol.records import CheckpointRecord, Claim, ProviderRecord
+from protocol.records import CheckpointRecord, Claim, ProviderRecord, SwarmBeacon
 from protocol.manifest import SwarmManifest
 from tests.protocol_fixtures import PEER_ID, checkpoint_fields, manifest, manifest_dict
 
@@ -146,3 +146,14 @@ def test_created_time_in_the_future_is_refused():
     record = CheckpointRecord(**checkpoint_fields(m, created_at=time.time() + 3600)).signed_by(ALICE)
     with pytest.raises(InvalidRecord, match="future"):
         _store(RecordPolicy(m), checkpoint_key(m.swarm_id, 1), record)
+
+
+def test_a_beacon_from_a_signer_outside_the_allowlist_is_refused():
+    # a stranger's beacon would make every peer of the swarm warn "peers run another manifest"
+    m = manifest(trust={"mode": "allowlist", "signers": [ALICE.signer_id]})
+    beacon = SwarmBeacon(m.swarm_id, m.name, PROTOCOL_VERSION, time.time() + 600)
+    with pytest.raises(UntrustedSigner):
+        _store(RecordPolicy(m), beacon_key(m.name), beacon.signed_by(MALLORY))
+    assert _store(RecordPolicy(m), beacon_key(m.name), beacon.signed_by(ALICE))
+    stranger = SwarmBeacon("f" * 64, m.name, PROTOCOL_VERSION + 1, time.time() + 600).signed_by(MALLORY)
+    assert _store(RecordPolicy(manifest()), beacon_key(m.name), stranger)  # open swarms: informative from anyone

@@ -11,8 +11,8 @@ import pytest
 
 from node.swarm.manifest_files import write_manifest_file
 from protocol.identity import Identity
-from protocol.keys import claims_key
-from protocol.limits import MAX_RECORD_BYTES
+from protocol.keys import checkpoint_key, claims_key
+from protocol.limits import MAX_RECORD_BYTES, MAX_SUBKEYS_PER_KEY
 from protocol.records import CheckpointRecord, Claim, ProviderRecord, decode_record
 from tests.protocol_fixtures import checkpoint_fields, manifest
 from tests.swarm_harness import BootstrapProcess, DhtPeer, LineProcess, child_env
@@ -222,3 +222,25 @@ def test_flood_of_valid_claims_from_fresh_identities_keeps_reads_bounded_and_hon
         assert honest.encode().hex() in reply["records"]
         again = peer.call("read", timeout=120, family="claims")  # the flood's signatures are checked once
         assert again["seconds"] < 15.0
+
+
+def test_flood_of_valid_checkpoint_records_past_the_key_cap_leaves_the_honest_record_visible(swarm):
+    # hivemind answers a read with a key's whole dictionary; past its message limit (~9,000 records) a
+    # reader sees nothing at all. Every honest peer holds at most MAX_SUBKEYS_PER_KEY entries per
+    # checkpoint key, keeping what it had: the honest trainer's record first, then the flood up to the cap.
+    m, trainer = swarm["manifest"], Identity.generate()
+    honest = CheckpointRecord(**checkpoint_fields(m, cluster=0)).signed_by(trainer)
+    swarm["peers"][0].call("publish", record=honest.encode().hex())
+    swarm["adversary"].call("flood", timeout=300, family="checkpoints", count=MAX_SUBKEYS_PER_KEY + 150,
+                            options={"cluster": 0})
+    key = checkpoint_key(m.swarm_id, 0)
+    held = [peer.call("stored_here", key=key)["entries"] for peer in swarm["peers"]]
+    assert max(held) == MAX_SUBKEYS_PER_KEY  # the flood reached honest storage and stopped at the cap
+    for peer in swarm["peers"]:
+        # the flooder's own node may answer with everything; the readers merge it with the honest answers
+        reply = peer.call("read", timeout=120, family="checkpoints", cluster=0)
+        assert honest.encode().hex() in reply["records"]
+    # the trainer renews its entry under the full key (publish confirms it by reading it back)
+    renewed = CheckpointRecord(**checkpoint_fields(m, cluster=0, step=200)).signed_by(trainer)
+    swarm["peers"][1].call("publish", record=renewed.encode().hex())
+    assert renewed.encode().hex() in swarm["peers"][2].call("read", family="checkpoints", cluster=0)["records"]

@@ -3,6 +3,7 @@
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ddm_models.text import (
     CachedTextEncoder,
     MiniLMEncoder,
     OpenCLIPEncoder,
+    load_pretrained_weights,
     TextBatch,
     TextEncoderError,
     TextEncoderUnavailable,
@@ -124,3 +126,28 @@ def test_unknown_encoder_name_is_refused():
 def test_openclip_without_local_weights_says_what_to_install():
     with pytest.raises(TextEncoderUnavailable, match="open_clip|local weights"):
         OpenCLIPEncoder("ViT-B-32", "laion2b_s34b_b79k")
+
+
+class _Exploit:
+    """A pickle that runs code when loaded: what a hostile `pretrained` file would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pretrained_weights_file_that_runs_code_when_unpickled_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "owned"
+    hostile = tmp_path / "text.pt"
+    torch.save({"weight": _Exploit(marker)}, hostile)
+    with pytest.raises(TextEncoderUnavailable, match="pretrained"):
+        load_pretrained_weights(hostile)
+    assert not marker.exists()
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"module.weight": torch.ones(2)}}, plain)
+    assert torch.equal(load_pretrained_weights(plain)["weight"], torch.ones(2))
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(3)}, tmp_path / "w.safetensors")
+    assert torch.equal(load_pretrained_weights(tmp_path / "w.safetensors")["weight"], torch.zeros(3))

@@ -3,7 +3,9 @@ and a mirror share.
 
 A record is only a promise about a blob. In an open swarm anyone may announce thousands of records
 at any step, so:
-1. candidates are ranked best first (`rank`: latest step, then best held-out metric);
+1. candidates are ranked best first by `trusted_order`, the one ranking decision: a record whose
+   claimed step is beyond what its job can plausibly have reached (`Verified.step_bound`) is passed
+   over, the rest go by `rank` (latest step, then best held-out metric);
 2. before fetching anything, a record whose blob is larger than its model's checkpoint can be (per
    blob kind, `size_limit`) is
    passed over (a garbage blob may not cost more than a real one), and providers are looked up for
@@ -31,6 +33,7 @@ fetch, and the inference export, the only one a generator fetches. A search is a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,8 @@ from node.checkpoints.specs import expert_config, router_config
 from node.errors import NodeError
 from protocol.errors import ProtocolError
 from protocol.hashing import BlobRef
+from protocol.jobs import Job
+from protocol.limits import MAX_STEP
 from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord
 
@@ -71,6 +76,79 @@ class Unreachable(NodeError):
 
 class Refused(NodeError):
     """A candidate's bytes are not what its signed record promises, or fail the swarm's checks."""
+
+
+# Claimed steps. A record's step is a claim nobody checked; a trainer that resumes from it continues
+# its numbering and a mirror prefers it, so a claim far ahead of the job's real progress must not
+# win. Bound: a record of a job may claim at most S + STEP_SLACK + STEPS_PER_S_BOUND * (now - t) for
+# the tightest (S, t) among the checkpoints of that job this node verified itself (fetched,
+# hash-checked, header-checked): S its step, t when it was made (its signed created_at, never later
+# than when we checked it). Every anchor grows at the same rate, so the tightest stays the tightest,
+# and a verified record with an old created_at cannot loosen the bound. With nothing verified for a
+# job only the protocol's bound applies, halved so that a trainer that adopts a step still has 2^39
+# steps before its own records reach protocol.limits.MAX_STEP.
+STEPS_PER_S_BOUND = 1000.0
+STEP_SLACK = 10_000
+UNVERIFIED_STEP_BOUND = MAX_STEP // 2
+
+
+class Verified:
+    """What this node fetched and checked itself, per job: the tightest step anchor (see
+    STEPS_PER_S_BOUND) and the signers whose checkpoint it verified. Filled by resume, the mirror, the
+    node's own checkpoints and claim-time proofs; read by `trusted_order` (step bounds) and the lease
+    choice (who is proven). Thread-safe; kept in memory for the life of the process."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._anchor: Dict[Job, Tuple[int, float]] = {}  # job -> (step, time it was reached, unix s)
+        self._signers: Dict[Job, Set[str]] = {}
+
+    def add(self, record: Record, now: Optional[float] = None) -> None:
+        now = time.time() if now is None else now
+        anchor = (record.step, min(now, record.created_at))
+        with self._lock:
+            known = self._anchor.get(record.job)
+            if known is None or _offset(anchor) < _offset(known):
+                self._anchor[record.job] = anchor
+            self._signers.setdefault(record.job, set()).add(record.signer)
+
+    def signers(self, job: Job) -> Set[str]:
+        with self._lock:
+            return set(self._signers.get(job, ()))
+
+    def step_bound(self, job: Job, now: Optional[float] = None) -> int:
+        """The highest step a record of `job` may claim and still be considered."""
+        now = time.time() if now is None else now
+        with self._lock:
+            known = self._anchor.get(job)
+        if known is None:
+            return UNVERIFIED_STEP_BOUND
+        step, reached = known
+        return min(UNVERIFIED_STEP_BOUND, step + STEP_SLACK + int(STEPS_PER_S_BOUND * max(0.0, now - reached)))
+
+
+def _offset(anchor: Tuple[int, float]) -> float:
+    step, reached = anchor
+    return step - STEPS_PER_S_BOUND * reached
+
+
+def trusted_order(records: List[Record], verified: Optional[Verified] = None, now: Optional[float] = None
+                  ) -> List[Record]:
+    """The one ranking decision the generator, a resuming trainer and a mirror share: the records
+    worth trying, best first. Drops records whose step is beyond `verified.step_bound` of their job
+    (see STEPS_PER_S_BOUND), then `rank`s the rest. The place where audit-based ranking plugs in."""
+    verified = verified if verified is not None else Verified()
+    bounds: Dict[Job, int] = {}
+    kept = []
+    for record in records:
+        if record.job not in bounds:
+            bounds[record.job] = verified.step_bound(record.job, now)
+        if record.step <= bounds[record.job]:
+            kept.append(record)
+    if len(kept) < len(records):
+        logger.info(f"passed over {len(records) - len(kept)} record(s) claiming a step beyond what their job can "
+                    f"have reached ({', '.join(f'{job} <= {bound}' for job, bound in bounds.items())})")
+    return rank(kept)
 
 
 def rank(records: List[Record]) -> List[Record]:
@@ -161,7 +239,8 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
                     check: Callable[[Path, Record], T], membership, store, manifest: SwarmManifest,
                     skip: Iterable[str] = (), rounds: int = 2, pause_s: float = 1.0,
                     max_failures: int = MAX_FAILURES, search: Optional[Search] = None,
-                    blob: str = "state") -> Optional[Accepted[T]]:
+                    blob: str = "state",
+                    order: Callable[[List[Record]], List[Record]] = trusted_order) -> Optional[Accepted[T]]:
     """The best record of `read()` whose blob `fetch` delivers and `check` accepts, or None.
 
     `fetch(record)` returns the verified file; `check(path, record)` returns what the caller keeps (a
@@ -170,13 +249,14 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
     `InvalidCheckpoint`/`Refused` from checking are refused. Anything else propagates: it is a bug.
     Blobs in `skip` (refused before) are not tried. `search` collects what was tried. `blob` is the
     kind of blob the search is about (`BLOB_KINDS`): its sizes, providers and hashes are the ones
-    looked at, and `fetch` must fetch it.
+    looked at, and `fetch` must fetch it. `order` ranks `read()`'s records (`trusted_order` with the
+    caller's `Verified`).
     """
     search = search if search is not None else Search()
     tried: Set[str] = set(skip)
     for round_ in range(rounds):
         unreachable_before = len(search.unreachable)
-        fresh = [record for record in rank(read()) if blob_of(record, blob).sha256 not in tried]
+        fresh = [record for record in order(read()) if blob_of(record, blob).sha256 not in tried]
         for record in obtainable(fresh, membership, store, manifest, search.passed, blob):
             if search.by_signer.get(record.signer, 0) >= max_failures:
                 search.passed.over_budget += 1

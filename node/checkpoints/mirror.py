@@ -13,7 +13,8 @@ from typing import Callable, Dict, List, Optional, Set
 from node.blobs.service import BlobService
 from node.errors import NodeError
 from ddm_models.checkpoint import check_same_weights
-from node.checkpoints.acceptance import Record, Search, check_header, check_loadable, find_acceptable
+from node.checkpoints.acceptance import (Record, Search, Verified, check_header, check_loadable, find_acceptable,
+                                         trusted_order)
 from node.swarm.announcer import Announcer
 from node.swarm.membership import SwarmMembership
 from protocol.errors import ProtocolError
@@ -35,6 +36,9 @@ class Mirror:
         self.fetching: List[str] = []  # held too: the node's gc runs in another thread
         # blobs the node needs for itself: a refused record of another signer may name one of them
         self.protected: Callable[[], Set[str]] = set
+        # what this node checked itself (shared with the node's resume): a mirror never switches to a
+        # record whose step is beyond what its job can have reached since (see trusted_order)
+        self.verified = Verified()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddm-mirror", daemon=True)
 
@@ -78,7 +82,8 @@ class Mirror:
             check = lambda path, record: None if record.blob.sha256 == held else self._check(path, record)  # noqa: E731
             accepted = find_acceptable(others, fetch=fetch, check=check, membership=self.membership,
                                        store=store, manifest=self.membership.manifest,
-                                       skip=self.refused, rounds=1, search=search)
+                                       skip=self.refused, rounds=1, search=search,
+                                       order=lambda records: trusted_order(records, self.verified))
             refused_exports = {sha: self._export_of.get(sha) for sha, _ in search.refused}
         finally:
             self.fetching = []
@@ -91,6 +96,7 @@ class Mirror:
         if accepted is None or accepted.record.blob.sha256 == held:
             return
         best = accepted.record
+        self.verified.add(best)
         self.announcer.provide(best.inference.sha256, now=True)
         self.announcer.provide(best.blob.sha256, now=True)
         previous = (held, self.exports.get(job))

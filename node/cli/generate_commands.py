@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from ddm_models.devices import resolve_device
@@ -53,8 +54,8 @@ def ensemble_table(ensemble) -> Table:
     for column in ("job", "model", "objective", "step", "held-out", "signer", "checkpoint"):
         table.add_column(column)
     for row in ensemble.describe():
-        table.add_row(row["job"], row["model"], row["objective"], str(row["step"]), f"{row['heldout']:.4f}",
-                      row["signer"] + "…", row["sha256"][:16] + "…")
+        table.add_row(*map(escape, (row["job"], row["model"], row["objective"], str(row["step"]),
+                                    f"{row['heldout']:.4f}", row["signer"] + "…", row["sha256"][:16] + "…")))
     return table
 
 
@@ -71,9 +72,15 @@ def obtain_ensemble(console: Console, swarm: str, initial_peers: Optional[List[s
     with progress.bar:
         ensemble = assemble_ensemble(swarm, initial_peers=initial_peers or (), cache_dir=cache_dir, verify=verify,
                                      progress=progress, device=device)
-    for sha, reason in ensemble.rejected:
-        console.print(f"[yellow]not used[/] {sha[:16]}…: {reason}")
+    print_rejections(console, ensemble.rejected)
     return ensemble
+
+
+def print_rejections(console: Console, rejected) -> None:
+    """One line per refused candidate. Reasons quote strangers' headers and p2pd's error text
+    (`[/ddm-swarm/blob/1]`): printed as text, never read as markup."""
+    for sha, reason in rejected:
+        console.print(f"[yellow]not used[/] {escape(sha[:16])}…: {escape(reason)}")
 
 
 def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_peers, routing, steps, guidance,
@@ -116,7 +123,8 @@ def generate(
     num: int = typer.Option(4, "--num", "-n", help="Images per prompt."),
     out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
     cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
-    verify: bool = typer.Option(False, help="Measure each expert's held-out loss; reject ones much worse than they claim."),
+    verify: bool = typer.Option(False, help="Measure each expert's held-out loss and the router's accuracy; "
+                                "reject ones much worse than they claim."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Use an ensemble saved by `ddm-swarm fetch` (offline)."),
     scale: int = typer.Option(4, help="Magnify each image this many times in the PNG."),
     device: str = DeviceOption,
@@ -141,7 +149,8 @@ def fetch(
     swarm: str = SwarmOption,
     initial_peers: Optional[List[str]] = InitialPeersOption,
     cache_dir: Optional[Path] = typer.Option(None, help="Checkpoint cache (default ~/.cache/ddm-swarm)."),
-    verify: bool = typer.Option(False, help="Measure each expert's held-out loss before accepting it."),
+    verify: bool = typer.Option(False, help="Measure each expert's held-out loss and the router's accuracy "
+                                "before accepting them."),
     device: str = DeviceOption,
 ) -> None:
     """Save the assembled ensemble so `generate --from DIR` works later with no network."""

@@ -6,6 +6,7 @@ import logging
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.live import Live
 from rich.table import Table
 
@@ -22,8 +23,8 @@ def status_table(status: NodeStatus, swarm: str) -> Table:
             ("loss", f"{status.loss:.4f}"), ("images/s", f"{status.images_per_s:.1f}"), ("peers", str(status.peers)),
             ("resumed from", status.resumed_from), ("last checkpoint", status.last_checkpoint),
             ("last announcement", status.last_announcement)]
-    for name, value in rows:
-        table.add_row(name, value)
+    for name, value in rows:  # a resumed-from line names a peer's record: text, not markup
+        table.add_row(name, escape(str(value)))
     return table
 
 

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from node.cli.app import (DeviceOption, InitialPeersOption, SwarmOption, app, checked_device, console, fail,
                           setup_logging)
@@ -141,7 +142,7 @@ def status(
     for table in status_tables(snapshot):
         out.print(table)
     for warning in snapshot["warnings"]:
-        out.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {escape(warning)}")  # quotes peers' beacons
 
 
 @app.command()

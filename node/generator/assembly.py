@@ -32,6 +32,8 @@ logger = logging.getLogger("ddm_swarm.assembly")
 # A checkpoint is "much worse than it claims" past this factor (plus a small absolute slack, since
 # the claim was measured with other noise draws).
 VERIFY_TOLERANCE = (1.5, 0.02)
+# A router is "much worse than it claims" when its measured accuracy falls below claim / factor - slack.
+ROUTER_VERIFY_TOLERANCE = (1.5, 0.02)
 
 
 class EnsembleUnavailable(NodeError):
@@ -107,15 +109,32 @@ class Ensemble:
         return load_ensemble(Path(folder))
 
 
+def verify_router(router: Router, claimed: float, heldout, encoder: TextEncoder, *, max_images: int = 512) -> float:
+    """The router's measured held-out accuracy (see `router_accuracy`); `Refused` if it is much below
+    `claimed` (ROUTER_VERIFY_TOLERANCE). `heldout`: (images, clusters (N,) int64)."""
+    from ddm_models.evaluation import router_accuracy
+
+    data, clusters = heldout
+    measured = router_accuracy(router, data, clusters, encoder, max_images=max_images)
+    factor, slack = ROUTER_VERIFY_TOLERANCE
+    if measured < claimed / factor - slack:
+        raise Refused(f"held-out accuracy measured {measured:.3f}, it claims {claimed:.3f}")
+    return measured
+
+
 class Assembler:
     """Picks and fetches the best acceptable checkpoint of every job through a node's `BlobService`
     (the acceptance rules are `node.checkpoints.acceptance`'s)."""
 
     def __init__(self, manifest: SwarmManifest, membership, blobs, *, verify: bool = False,
                  heldout: Optional[Callable[[int], object]] = None,
+                 router_heldout: Optional[Callable[[], Tuple[object, object]]] = None,
                  progress: Optional[Callable[[str, int, int], None]] = None, device: str = "cpu"):
+        """`heldout(cluster)`: that cluster's held-out images; `router_heldout()`: (held-out images,
+        their clusters); both used with `verify` only, measured on `device`."""
         self.manifest, self.membership, self.blobs = manifest, membership, blobs
         self.verify, self.heldout, self.progress = verify, heldout, progress
+        self.router_heldout = router_heldout
         self.device = resolve_device(device)  # where `verify` measures held-out losses
         self.rejected: List[Tuple[str, str]] = []  # (sha256, reason)
 
@@ -152,11 +171,18 @@ class Assembler:
         if measured > record.heldout_loss * factor + slack:
             raise Refused(f"held-out loss measured {measured:.4f}, it claims {record.heldout_loss:.4f}")
 
+    def _check_router(self, path: Path, record: RouterRecord) -> Router:
+        router = check_router(path, record, self.manifest, blob="inference")
+        if self.verify and self.router_heldout is not None:
+            verify_router(router, record.heldout_accuracy, self.router_heldout(),
+                          build_text_encoder(self.manifest.text_encoder))
+        return router
+
     def expert(self, cluster: int) -> Optional[Accepted[LoadedExpert]]:
         return self._find(Job.expert(cluster), self._check_expert)
 
     def router(self) -> Optional[Accepted[Router]]:
-        return self._find(Job.router(), lambda path, record: check_router(path, record, self.manifest, blob="inference"))
+        return self._find(Job.router(), self._check_router)
 
     def assemble(self, *, require_all: bool = False) -> Ensemble:
         experts, records, files = [], [], {}

@@ -63,14 +63,15 @@ def assemble_ensemble(swarm: Union[str, SwarmManifest], *, initial_peers: Sequen
         store = BlobStore(cache / "blobs")
         quota = cache_quota_bytes()
         blobs = BlobService(membership, store, loop, serve=False)
-        heldout = None
+        heldout = router_heldout = None
         if verify:
             from node.data.swarm_data import prepare_swarm_data
 
             data = prepare_swarm_data(manifest, cache)
             heldout = lambda cluster: data.expert_data(cluster)[1]  # noqa: E731
-        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout, progress=progress,
-                              device=device)
+            router_heldout = lambda: data.router_data()[2]  # noqa: E731
+        assembler = Assembler(manifest, membership, blobs, verify=verify, heldout=heldout,
+                              router_heldout=router_heldout, progress=progress, device=device)
         ensemble = assembler.assemble(require_all=require_all)
         used = {record.blob.sha256 for record in ensemble.records}
         for sha in used:

@@ -8,15 +8,20 @@
     out/manifest.yaml                             the swarm's manifest
 
 The weights files are the very inference blobs the records sign, so `load_ensemble` checks again
-what the generator checked when it fetched them: each record's signature, that its file hashes to the
-record's inference sha256, and header, architecture, step and finite weights (`check_expert`). The
-configs and model_index.json are for people and tools; nothing is trusted from them.
+what the generator checked when it fetched them: each record's signature and the swarm's record
+policy but for expiry (`RecordPolicy.check_saved`: this swarm, a trusted signer, an allowed model),
+that its file hashes to the record's inference sha256, and header, architecture, step and finite
+weights (`check_expert`). The configs and model_index.json are for people and tools; nothing is
+trusted from them. The folder may come from anyone: only regular files at the layout's own paths are
+opened (a symlink, FIFO or device is refused before it is read).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +32,7 @@ from node.files import atomic_write_bytes
 from node.swarm.manifest_files import read_manifest_file, write_manifest_file
 from protocol.errors import HashMismatch, ProtocolError
 from protocol.hashing import BlobHasher
+from protocol.policy import RecordPolicy
 from protocol.records import RouterRecord, decode_record
 
 if TYPE_CHECKING:
@@ -79,20 +85,22 @@ def load_ensemble(folder: Path) -> "Ensemble":
     from node.generator.assembly import Ensemble
 
     try:
-        index = json.loads((folder / "ensemble.json").read_text())
-        manifest = read_manifest_file(folder / "manifest.yaml")
-        json.loads((folder / "model_index.json").read_text())
+        index = json.loads(_read_regular(folder, "ensemble.json"))
+        manifest = read_manifest_file(_regular_file(folder, "manifest.yaml"))
+        json.loads(_read_regular(folder, "model_index.json"))
         entries = [(entry["folder"], decode_record(bytes.fromhex(entry["record"]))) for entry in index["checkpoints"]]
     except (OSError, ValueError, KeyError, TypeError, ProtocolError) as error:
         raise NotASavedEnsemble(f"{folder} is not an ensemble saved by `ddm-swarm fetch`: "
-                                f"{type(error).__name__}: {error}") from None
+                                f"{type(error).__name__}: {str(error)[:200]}") from None
     if index.get("swarm_id") != manifest.swarm_id:
         raise NotASavedEnsemble(f"{folder}/ensemble.json belongs to another swarm than its manifest.yaml")
+    policy = RecordPolicy(manifest)
     experts, router, records, files = [], None, [], {}
     for name, record in entries:
+        policy.check_saved(record)
         if name != folder_of(record):  # the folder is chosen from the signed record, never from the index
-            raise NotASavedEnsemble(f"{folder}/ensemble.json puts the record of {record.job} in folder {name!r}")
-        path = folder / name / WEIGHTS_FILE
+            raise NotASavedEnsemble(f"{folder}/ensemble.json puts the record of {record.job} in folder {name!r:.80}")
+        path = _regular_file(folder, folder_of(record), WEIGHTS_FILE)
         _check_file_hash(path, record.inference.sha256)
         if isinstance(record, RouterRecord):
             router = check_router(path, record, manifest, blob="inference")
@@ -103,13 +111,45 @@ def load_ensemble(folder: Path) -> "Ensemble":
     return Ensemble(manifest, experts, router, records, files)
 
 
+def _regular_file(folder: Path, *parts: str) -> Path:
+    """folder/parts...: every folder on the way a real folder and the last a regular file (lstat, so a
+    link is never followed); `NotASavedEnsemble` otherwise."""
+    path = folder
+    for position, part in enumerate(parts):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError as error:
+            raise NotASavedEnsemble(f"cannot read {path}: {error.strerror}; re-fetch the ensemble") from None
+        last = position == len(parts) - 1
+        if not (stat.S_ISREG(mode) if last else stat.S_ISDIR(mode)):
+            raise NotASavedEnsemble(f"{path} is not a regular {'file' if last else 'folder'} (a symlink, FIFO or "
+                                    "device is never read from a saved ensemble)")
+    return path
+
+
+def _open_regular(path: Path) -> int:
+    # O_NOFOLLOW and O_NONBLOCK: a file swapped for a link or a FIFO after the lstat is neither
+    # followed nor waited on; fstat then checks what was opened
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        raise NotASavedEnsemble(f"cannot read {path}: {error.strerror}; re-fetch the ensemble") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise NotASavedEnsemble(f"{path} is not a regular file")
+    return descriptor
+
+
+def _read_regular(folder: Path, name: str) -> str:
+    with os.fdopen(_open_regular(_regular_file(folder, name)), "rb") as handle:
+        return handle.read(16 * 1024 * 1024).decode()
+
+
 def _check_file_hash(path: Path, sha256: str) -> None:
     hasher = BlobHasher()
-    try:
-        with open(path, "rb") as handle:
-            for piece in iter(lambda: handle.read(1 << 22), b""):
-                hasher.update(piece)
-    except OSError as error:
-        raise NotASavedEnsemble(f"cannot read {path}: {error}; re-fetch the ensemble") from None
+    with os.fdopen(_open_regular(path), "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 22), b""):
+            hasher.update(piece)
     if hasher.finish().sha256 != sha256:
         raise HashMismatch(f"{path} does not hash to the sha256 its signed record names; re-fetch the ensemble")

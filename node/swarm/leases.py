@@ -5,9 +5,11 @@ with the fewest live claims, then the least progress; several trainers per job a
 every job is covered. Claims are leases renewed every T and expiring after 3T, so a node that dies
 orphans its job within 3T and the next node resumes it from the swarm's latest checkpoint.
 
-A claim costs nothing, so a peer may claim jobs it never trains. A claimer is *proven* on a job once
-it has a live checkpoint record of that job; a job whose claimers are all unproven is taken before
-any job with a proven trainer, so squatters cannot keep honest nodes off a job by piling claims on it.
+A claim costs nothing, so a peer may claim jobs it never trains, and a record costs nothing either:
+a claimer is *proven* on a job once this node fetched and verified a checkpoint of that job it signed
+(`node.checkpoints.acceptance.Verified`, filled by resume, the mirror and `resume.prove_claimers`);
+a job whose claimers are all unproven is taken before any job with a proven trainer, so squatters
+cannot keep honest nodes off a job by piling claims and blob-less records on it.
 """
 
 from __future__ import annotations
@@ -167,19 +169,21 @@ class Lease:
                 logger.warning(f"could not release the claim on {self.job}: {error}")
 
 
-def progress_by_job(membership: SwarmMembership, jobs: List[Job]) -> Tuple[Dict[Job, int], Dict[Job, Set[str]]]:
-    """Latest announced step of every job, and who announced a checkpoint of it (live records only)."""
+def progress_by_job(membership: SwarmMembership, jobs: List[Job], verified=None
+                    ) -> Tuple[Dict[Job, int], Dict[Job, Set[str]]]:
+    """Latest announced step of every job (live records), and the signers this node verified a
+    checkpoint of it from (`verified.signers(job)`; nobody without `verified`)."""
     progress: Dict[Job, int] = {}
     proven: Dict[Job, Set[str]] = {}
     for job in jobs:
         records = membership.job_checkpoints(job)
         progress[job] = max((r.step for r in records), default=0)
-        proven[job] = {r.signer for r in records}
+        proven[job] = verified.signers(job) if verified is not None else set()
     return progress, proven
 
 
 def claim_job(membership: SwarmMembership, jobs: List[Job], model_for_job, *, forced: Optional[Job] = None,
-              settle_s: float = 1.0, rounds: int = 5, after: float = 0.0) -> Lease:
+              settle_s: float = 1.0, rounds: int = 5, after: float = 0.0, verified=None) -> Lease:
     """Pick a job, claim it, and move if a simultaneous starter won the same job.
 
     `after` is the expiration of the last claim record this node published (the tombstone of the
@@ -187,7 +191,7 @@ def claim_job(membership: SwarmMembership, jobs: List[Job], model_for_job, *, fo
     expiration wins, so a new claim must outlive the tombstone or the DHT keeps the tombstone.
     """
     me = membership.identity.signer_id
-    progress, proven = progress_by_job(membership, jobs)
+    progress, proven = progress_by_job(membership, jobs, verified)
     job = forced or choose_job(jobs, membership.claims(), progress, me, get_dht_time(), proven)
     lease = Lease(membership, job, model_for_job(job), last_expiry=after)
     lease.renew(progress.get(job, 0))

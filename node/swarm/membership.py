@@ -77,6 +77,10 @@ class _NodeDHT(DHT):
 IDENTITY_RELEASE_S = 20.0
 
 
+async def _routing_peer_ids(_dht, node) -> List[str]:
+    return [str(peer_id) for peer_id in node.protocol.routing_table.peer_id_to_uid]
+
+
 class SwarmMembership:
     """Joins the swarm's DHT and publishes/reads its signed records."""
 
@@ -206,6 +210,11 @@ class SwarmMembership:
 
     def peers(self) -> List[PeerRecord]:
         return self.read(keys.peers_key(self.swarm_id), PeerRecord)
+
+    def contacted_peer_ids(self) -> List[str]:
+        """Peer ids in this node's DHT routing table: peers that answered it (see node.swarm.peer_cache)."""
+        with self._lock:
+            return self.dht.run_coroutine(_routing_peer_ids)
 
     # --- the swarm's name beacon -----------------------------------------------------------------
     def announce_beacon(self) -> None:

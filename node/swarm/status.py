@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from hivemind.utils.timed_storage import get_dht_time
+from rich.markup import escape
 from rich.table import Table
 
 from node.swarm.leases import live_claimers
@@ -72,7 +73,9 @@ def reachability(maddrs) -> str:
 
 
 def status_tables(status: Dict[str, Any]) -> list:
-    title = (f"swarm '{status['swarm']}' {status['swarm_id'][:12]}… protocol v{status['protocol_version']} — "
+    """The jobs and peers tables. Every cell comes from peers' records (a `software` of "[/]"), so each
+    is escaped: printed as text, never read as rich markup."""
+    title = escape(f"swarm '{status['swarm']}' {status['swarm_id'][:12]}… protocol v{status['protocol_version']} — "
              f"coverage {status['coverage']}, {status['online_peers']} peers online")
     jobs = Table(title=title)
     for column in ("job", "claims", "trainers", "latest step", "held-out", "model", "providers", "age"):
@@ -80,12 +83,13 @@ def status_tables(status: Dict[str, Any]) -> list:
     for job in status["jobs"]:
         heldout = "-" if job["heldout"] is None else f"{job['heldout']:.4f}"
         age = "-" if job["age_s"] is None else f"{job['age_s']:.0f}s"
-        jobs.add_row(job["job"], str(job["claims"]), ", ".join(job["trainers"]) or "-",
-                     str(job["latest_step"] if job["latest_step"] is not None else "-"), heldout,
-                     job["model"] or "-", str(job["providers"]), age)
+        jobs.add_row(*map(escape, (job["job"], str(job["claims"]), ", ".join(job["trainers"]) or "-",
+                                   str(job["latest_step"] if job["latest_step"] is not None else "-"), heldout,
+                                   job["model"] or "-", str(job["providers"]), age)))
     peers = Table(title="peers")
     for column in ("peer id", "role", "job", "state", "software"):
         peers.add_column(column)
     for peer in sorted(status["peers"], key=lambda p: (p["role"], p["job"])):
-        peers.add_row(peer["peer_id"][:20] + "…", peer["role"], peer["job"] or "-", peer["state"], peer["software"])
+        peers.add_row(*map(escape, (peer["peer_id"][:20] + "…", peer["role"], peer["job"] or "-", peer["state"],
+                                    peer["software"])))
     return [jobs, peers]

@@ -19,7 +19,9 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from protocol.errors import InvalidRecord, ProtocolError
-from protocol.keys import parse_key
+from node.swarm.storage_caps import cap_keys
+from protocol.keys import checkpoint_key, parse_key, router_key
+from protocol.limits import MAX_SUBKEYS_PER_KEY
 from protocol.manifest import SwarmManifest
 from protocol.policy import RecordPolicy, key_for_record
 from protocol.record_cache import RecordCache
@@ -37,6 +39,9 @@ class SwarmRecordValidator(RecordValidatorBase):
 
     def __init__(self, manifest: SwarmManifest):
         self.manifest = manifest
+        # checkpoint and router keys hold at most MAX_SUBKEYS_PER_KEY entries here (see storage_caps)
+        cap_keys([dht_key_id(checkpoint_key(manifest.swarm_id, k)) for k in range(manifest.num_clusters)]
+                 + [dht_key_id(router_key(manifest.swarm_id))], MAX_SUBKEYS_PER_KEY)
         self.policy = RecordPolicy(manifest)
         self.records = RecordCache()  # hivemind validates every entry of every answer: verify each once
         self.refused: Counter = Counter()

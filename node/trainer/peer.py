@@ -39,6 +39,7 @@ from node.swarm.announcer import Announcer
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.trainer.pipeline import CheckpointPipeline
+from node.checkpoints.acceptance import Verified
 from node.checkpoints.publishing import CHECKPOINT_PAUSE_S, publish_checkpoint
 from node.swarm.leases import Lease, MoveWatch, claim_job, keep_previous_job
 from node.errors import DiskFull
@@ -49,6 +50,7 @@ from node.data.shards import fetch_shard
 from node.data.swarm_data import job_data
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
+from node.swarm.peer_cache import PeerCache, join_with_cache
 from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
 from node.trainer.ranks import RankGroup, SingleRank
@@ -56,7 +58,7 @@ from node.trainer.state import JobFile, NodeOptions, NodeState, NodeStatus, Trai
 from node.swarm.presence import Presence
 from node.swarm.reachability import DialBackService, probe_reachability
 from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
-from node.trainer.resume import announce_again, resume_from_swarm
+from node.trainer.resume import announce_again, prove_claimers, resume_from_swarm
 from protocol.hashing import BlobRef
 from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
@@ -85,6 +87,7 @@ class SwarmNode:
         self.presence: Optional[Presence] = None
         self.announcer: Optional[Announcer] = None
         self.mirror: Optional[Mirror] = None
+        self.verified = Verified()  # checkpoints this node checked itself: step bounds, proven claimers
         # the job's, set while CLAIMING and RESUMING
         self.lease: Optional[Lease] = None
         self.data = None
@@ -158,11 +161,12 @@ class SwarmNode:
                                                            self.options.port, network))
         logger.info(f"reachability: {self.reachability.describe()}")
         reachable = self.reachability.reachable
+        self.peer_cache = PeerCache(self.data_dir / "peers.json")
         with identities_for_join(self.data_dir / "identity.pem", self.data_dir / "p2p.key") as (identity, p2p_key):
-            self.membership = SwarmMembership(  # an unreachable node is a DHT client: it stores no keys
-                self.manifest, identity, initial_peers=self.options.initial_peers, host=self.options.host,
-                port=self.options.port, p2p_identity_path=p2p_key, network=network, reachable=reachable,
-                client_mode=not reachable)
+            self.membership = join_with_cache(lambda peers: SwarmMembership(  # an unreachable node is a DHT client
+                self.manifest, identity, initial_peers=peers, host=self.options.host, port=self.options.port,
+                p2p_identity_path=p2p_key, network=network, reachable=reachable, client_mode=not reachable),
+                self.options.initial_peers, self.peer_cache)
             stop(self.membership.shutdown)  # before the identity files are written: that can fail too
         self._data_dir_lock = hold_exclusive_lock(self.data_dir / "node.lock", f"data dir {self.data_dir}")
         for problem in self.membership.beacon_problems():
@@ -186,6 +190,7 @@ class SwarmNode:
         self.mirror = Mirror(self.membership, self.blobs, self.announcer, self.jobs,
                              period_s=self.manifest.timing.lease_s)
         self.mirror.protected = self._own_blobs
+        self.mirror.verified = self.verified
         stop(self.mirror.stop)
         stop(self.checkpoints.close)  # a checkpoint in flight is finished before its announcer stops
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
@@ -200,8 +205,10 @@ class SwarmNode:
             logger.info(f"{forced}, this node's previous job, has other trainers while a job has none: moving")
             forced = None
         model_for = lambda job: self.manifest.model_for(job, self.options.model).name  # noqa: E731
+        if not forced:  # who is proven on which job: only what this node verified counts
+            prove_claimers(self.jobs, self.membership, self.blobs, self.store, self.manifest, self.verified)
         self.lease = claim_job(self.membership, self.jobs, model_for, forced=forced,
-                               after=self.lease.last_expiry if self.lease else 0.0)
+                               after=self.lease.last_expiry if self.lease else 0.0, verified=self.verified)
         job = self.lease.job
         self.job_file.write(job, self.lease.model)
         self.announcer.hold(self.lease)
@@ -261,8 +268,10 @@ class SwarmNode:
 
     def _resume_from_swarm(self, job: Job) -> None:
         spec_hash = self.manifest.model_for(job, self.lease.model).spec_hash
+        if self.published.record is not None and self.published.record.swarm_id == self.membership.swarm_id:
+            self.verified.add(self.published.record)  # our own work, made at its created_at
         record = resume_from_swarm(job, spec_hash, self.trainer, self.membership, self.blobs, self.store, self.manifest,
-                                   self.announcer)
+                                   self.announcer, self.verified)
         if record is None:
             return
         self.parent_blob = record.blob.sha256
@@ -359,6 +368,8 @@ class SwarmNode:
         if CHECKPOINT_PAUSE_S:
             time.sleep(CHECKPOINT_PAUSE_S)  # published.json written, announcement not yet queued
         self.announcer.announce_checkpoint(job, record)
+        self.verified.add(record)
+        self.peer_cache.remember(self.membership)  # the peers met so far: a way back in if the bootstraps go
         removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held()})
         for sha in removed.blobs:  # stop announcing what we no longer hold
             self.announcer.unprovide(sha)

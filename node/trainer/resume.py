@@ -15,7 +15,8 @@ from typing import List, Optional
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.announcer import Announcer
-from node.checkpoints.acceptance import Search, check_header, find_acceptable, rank
+from node.swarm.leases import live_claimers
+from node.checkpoints.acceptance import Search, Verified, check_header, find_acceptable, rank, trusted_order
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.swarm.membership import SwarmMembership
@@ -28,7 +29,8 @@ RESUME_ROUNDS = 3  # reads of the swarm's checkpoint records when resuming (see 
 
 
 def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMembership, blobs: BlobService,
-                      store: BlobStore, manifest: SwarmManifest, announcer: Announcer) -> Optional[Record]:
+                      store: BlobStore, manifest: SwarmManifest, announcer: Announcer,
+                      verified: Optional[Verified] = None) -> Optional[Record]:
     """Initialise `trainer` from the best acceptable checkpoint of `job` in the swarm newer than its
     step; the record it came from, or None if there was none.
 
@@ -36,7 +38,10 @@ def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMember
     record read a few seconds ago may name a blob its provider has already dropped. When every
     candidate of a round was unreachable, records are read again (at most RESUME_ROUNDS times); a
     candidate refused for its content is never tried twice (see `node.checkpoints.acceptance`).
+    Candidates go in `trusted_order` with `verified` (what this node checked itself): a step far
+    ahead of the job's verified progress is never adopted. The adopted record is added to `verified`.
     """
+    verified = verified if verified is not None else Verified()
     first_read = True
 
     def newer() -> List[Record]:
@@ -56,10 +61,40 @@ def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMember
     search = Search()
     accepted = find_acceptable(newer, fetch=lambda record: blobs.fetch(record.blob), check=adopt,
                                membership=membership, store=store, manifest=manifest, rounds=RESUME_ROUNDS,
-                               pause_s=0.0, search=search)
+                               pause_s=0.0, search=search, order=lambda records: trusted_order(records, verified))
     for sha, reason in search.refused:  # the operator sees why each newer checkpoint was not taken
         logger.warning(f"cannot resume from {sha[:12]}: {reason}")
-    return accepted.record if accepted else None
+    if accepted is None:
+        return None
+    verified.add(accepted.record)
+    return accepted.record
+
+
+def prove_claimers(jobs: List[Job], membership: SwarmMembership, blobs: BlobService, store: BlobStore,
+                   manifest: SwarmManifest, verified: Verified, max_failures: int = 3) -> None:
+    """Before choosing a job: for every job none of whose live claimers is proven yet, fetch the best
+    checkpoint one of them announced and check its header (hash, architecture, step), so that a claimer
+    counts as proven (`leases.choose_job`) only once this node verified its work. A record whose blob
+    nobody provides costs no download; at most one checkpoint is fetched per job, and the blob stays
+    in the store for the mirror."""
+    now = get_dht_time()
+    holders = live_claimers(membership.claims(), now)
+    for job in jobs:
+        claimers = set(holders.get(job, ())) - {membership.identity.signer_id}
+        if not claimers or claimers & verified.signers(job):
+            continue
+
+        def theirs() -> List[Record]:
+            return [r for r in membership.job_checkpoints(job) if r.signer in claimers]
+
+        accepted = find_acceptable(theirs, fetch=lambda record: blobs.fetch(record.blob),
+                                   check=lambda path, record: check_header(path, record, manifest),
+                                   membership=membership, store=store, manifest=manifest, rounds=1,
+                                   max_failures=max_failures, order=lambda records: trusted_order(records, verified))
+        if accepted is not None:
+            verified.add(accepted.record)
+            logger.info(f"{job}: verified the checkpoint of claimer {accepted.record.signer[:12]} (step "
+                        f"{accepted.record.step})")
 
 
 def announce_again(job: Job, published: PublishedCheckpoints, store: BlobStore, membership: SwarmMembership,

@@ -11,6 +11,8 @@ import time
 from functools import partial
 
 from hivemind.dht import DHT
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
 
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
@@ -84,6 +86,8 @@ def main() -> None:
                 reply = {"ok": True, "seconds": time.monotonic() - started}
             except Exception as error:  # noqa: BLE001 - the caller counts failures and reports why
                 reply = {"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
+        elif op == "stored_here":  # how many entries this peer's own DHT storage holds under a key
+            reply = {"entries": dht.run_coroutine(partial(_stored_here, command["key"]))}
         elif op == "stats":
             reply = membership.validator_stats()
         elif op == "time":
@@ -98,6 +102,11 @@ def main() -> None:
         membership.shutdown()
     else:
         dht.shutdown()
+
+
+async def _stored_here(key: str, _dht, node) -> int:
+    found = node.protocol.storage.get(DHTID.generate(source=key))
+    return len(found.value) if found is not None and isinstance(found.value, DictionaryDHTValue) else 0
 
 
 FLOOD_BATCH = 1000  # entries per store request: hivemind messages are capped at 4 MiB
