@@ -20,7 +20,7 @@ from protocol.manifest import SwarmManifest
 def create_swarm(base: str, out: Path, *, name: Optional[str] = None, num_clusters: Optional[int] = None,
                  trust_signers: Sequence[str] = (), lease_s: Optional[float] = None,
                  bootstrap_peers: Sequence[str] = (), pin_split: bool = False, cache_dir: Optional[Path] = None,
-                 description: Optional[str] = None) -> SwarmManifest:
+                 description: Optional[str] = None, operator: Optional[str] = None) -> SwarmManifest:
     """Write a new manifest to `out` (validated by reading it back) and return it."""
     manifest = load_manifest(base)
     data = manifest.to_file_dict()
@@ -33,6 +33,8 @@ def create_swarm(base: str, out: Path, *, name: Optional[str] = None, num_cluste
         data["cluster_experts"] = {k: v for k, v in data["cluster_experts"].items() if int(k) < num_clusters}
     if trust_signers:
         data["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
+    if operator:  # the key whose revocations every peer applies (`ddm-swarm revoke`)
+        data["trust"] = {**data["trust"], "operator": operator}
     if lease_s:
         data["timing"] = {**data["timing"], "lease_s": lease_s}
     if bootstrap_peers:

@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Generic, Iterable, Iterator, List, Optional, Set, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterable, Iterator, List, Optional, Set, Tuple, TypeVar, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,6 +34,9 @@ from ddm_models.experts import build_expert
 from ddm_models.router import Router, build_router
 from ddm_models.sampling import LoadedExpert
 from node.checkpoints.specs import expert_config, router_config
+
+if TYPE_CHECKING:
+    from node.checkpoints.audits import Evidence
 from node.errors import NodeError
 from protocol.errors import ProtocolError
 from protocol.manifest import SwarmManifest
@@ -58,11 +61,33 @@ class Refused(NodeError):
     """A candidate's bytes are not what its signed record promises, or fail the swarm's checks."""
 
 
-def rank(records: List[Record]) -> List[Record]:
-    """Best first: the latest step, then the lowest held-out loss (the highest router accuracy), then the newest."""
+def rank(records: List[Record], evidence: Optional["Evidence"] = None) -> List[Record]:
+    """Best first. With `evidence` (`node.checkpoints.audits`): what the operator revoked and what its
+    audits contradict are left out; audited experts come first, by the median loss independent
+    auditors measured; the rest follow as without evidence: the latest step, then the lowest claimed
+    held-out loss (the highest router accuracy), then the newest."""
     def metric(record: Record) -> float:
         return -record.heldout_accuracy if isinstance(record, RouterRecord) else record.heldout_loss
-    return sorted(records, key=lambda r: (-r.step, metric(r), -r.created_at))
+
+    def claimed(record: Record) -> tuple:
+        return (-record.step, metric(record), -record.created_at)
+
+    if evidence is None:
+        return sorted(records, key=claimed)
+    audited, unaudited = [], []
+    for record in records:
+        if evidence.is_revoked(record):
+            continue
+        verdict = evidence.verdict(record)
+        if verdict.contradicted:
+            logger.warning(f"passing over {record.KIND} {record.blob.sha256[:12]} (step {record.step}, signer "
+                           f"{record.signer[:12]}): {verdict.auditors} independent audit(s) measured a median "
+                           f"loss of {verdict.median:.4f}, it claims {record.heldout_loss:.4f}")
+        elif verdict.median is not None:
+            audited.append((verdict.median, *claimed(record), record))
+        else:
+            unaudited.append(record)
+    return [entry[-1] for entry in sorted(audited, key=lambda e: e[:-1])] + sorted(unaudited, key=claimed)
 
 
 def check_header(path: Path, record: Record, manifest: SwarmManifest) -> CheckpointMetadata:
@@ -134,20 +159,24 @@ class Search:
 def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record], Path],
                     check: Callable[[Path, Record], T], membership, store, manifest: SwarmManifest,
                     skip: Iterable[str] = (), rounds: int = 2, pause_s: float = 1.0,
-                    max_failures: int = MAX_FAILURES, search: Optional[Search] = None) -> Optional[Accepted[T]]:
+                    max_failures: int = MAX_FAILURES, search: Optional[Search] = None,
+                    evidence: Optional[Callable[[List[Record]], "Evidence"]] = None) -> Optional[Accepted[T]]:
     """The best record of `read()` whose blob `fetch` delivers and `check` accepts, or None.
 
     `fetch(record)` returns the verified file; `check(path, record)` returns what the caller keeps (a
     loaded expert, a header) or raises. Failures are sorted by type: `NodeError`/`TimeoutError` from
     fetching is unreachable; `ProtocolError` (bytes that do not hash to the record) and
     `InvalidCheckpoint`/`Refused` from checking are refused. Anything else propagates: it is a bug.
-    Blobs in `skip` (refused before) are not tried. `search` collects what was tried.
+    Blobs in `skip` (refused before) are not tried. `search` collects what was tried. `evidence(records)`
+    (audits and revocations, `node.checkpoints.audits.read_evidence`) orders and filters them (`rank`).
     """
     search = search if search is not None else Search()
     tried: Set[str] = set(skip)
     for round_ in range(rounds):
         unreachable_before = len(search.unreachable)
-        fresh = [record for record in rank(read()) if record.blob.sha256 not in tried]
+        records = read()
+        fresh = [record for record in rank(records, evidence(records) if evidence else None)
+                 if record.blob.sha256 not in tried]
         for record in obtainable(fresh, membership, store, manifest, search.passed):
             if search.failures >= max_failures:
                 logger.warning(f"gave up on this job after {search.failures} unusable checkpoints")

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Set
 from node.blobs.service import BlobService
 from node.errors import NodeError
 from node.checkpoints.acceptance import Record, Search, check_loadable, find_acceptable
+from node.checkpoints.audits import Evidence, read_evidence
 from node.swarm.announcer import Announcer
 from node.swarm.membership import SwarmMembership
 from protocol.errors import ProtocolError
@@ -63,15 +64,23 @@ class Mirror:
                 self.fetching = record.blob.sha256  # held too: the node's gc runs in another thread
             return self.blobs.fetch(record.blob)
 
+        seen: Dict[str, Evidence] = {}
+
+        def evidence(records: List[Record]) -> Evidence:
+            seen["evidence"] = read_evidence(self.membership, records)
+            return seen["evidence"]
+
         search = Search()
         try:
             # the blob held already passed the checks: it is not loaded again every period
             check = lambda path, record: None if record.blob.sha256 == held else self._check(path, record)  # noqa: E731
             accepted = find_acceptable(others, fetch=fetch, check=check, membership=self.membership,
                                        store=self.blobs.store, manifest=self.membership.manifest,
-                                       skip=self.refused, rounds=1, search=search)
+                                       skip=self.refused, rounds=1, search=search, evidence=evidence)
         finally:
             self.fetching = None
+        if held and "evidence" in seen and (accepted is None or accepted.record.blob.sha256 != held):
+            self._drop_if_withdrawn(job, held, others(), seen["evidence"])
         for sha, reason in search.refused:
             self.refused.add(sha)
             if self.blobs.store.has(sha) and sha not in self.protected() and sha not in self.mirrored.values():
@@ -85,6 +94,20 @@ class Mirror:
         logger.info(f"mirroring {job} step {best.step} ({best.blob.sha256[:12]})")
         if held and held not in self.mirrored.values():
             self.announcer.unprovide(held)
+
+    def _drop_if_withdrawn(self, job: Job, held: str, records: List[Record], evidence: Evidence) -> None:
+        """Stop serving the blob held for `job` once the operator revoked it (or its signer) or its
+        audits contradict it: a mirror must not keep a withdrawn contribution alive."""
+        record = next((r for r in records if r.blob.sha256 == held), None)
+        if record is None or not (evidence.is_revoked(record) or evidence.verdict(record).contradicted):
+            return
+        del self.mirrored[job]
+        self.refused.add(held)
+        if held not in self.mirrored.values():
+            self.announcer.unprovide(held)
+            if held not in self.protected():
+                self.blobs.store.delete(held)
+        logger.warning(f"stopped mirroring {job} {held[:12]}: revoked by the operator or contradicted by its audits")
 
     def _check(self, path: Path, record: Record) -> None:
         check_loadable(path, record, self.membership.manifest)

@@ -22,6 +22,7 @@ from ddm_models.sampling import EnsembleSampler, LoadedExpert, Routing, SampleRe
 from ddm_models.text import TextEncoder, build_text_encoder
 from node.checkpoints.acceptance import (Accepted, Record, Refused, Search, T, check_expert, check_router,
                                          find_acceptable)
+from node.checkpoints.audits import read_evidence
 from node.errors import NodeError
 from node.files import atomic_write_bytes
 from node.swarm.manifest_files import read_manifest_file, write_manifest_file
@@ -154,7 +155,7 @@ class Assembler:
         search = Search()
         accepted = find_acceptable(lambda: self.membership.job_checkpoints(job), fetch=self._fetch, check=check,
                                    membership=self.membership, store=self.blobs.store, manifest=self.manifest,
-                                   search=search)
+                                   search=search, evidence=lambda records: read_evidence(self.membership, records))
         self.rejected += search.refused + search.unreachable
         return accepted
 

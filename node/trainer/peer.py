@@ -46,6 +46,7 @@ from node.checkpoints.specs import check_model_specs, expert_config, router_conf
 from node.data.swarm_data import prepare_swarm_data
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
+from node.checkpoints.audits import Auditor
 from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
 from node.trainer.state import NodeOptions, NodeState, NodeStatus, TrainingSummary
@@ -76,6 +77,7 @@ class SwarmNode:
         self.presence: Optional[Presence] = None
         self.announcer: Optional[Announcer] = None
         self.mirror: Optional[Mirror] = None
+        self.auditor: Optional[Auditor] = None
         # the job's, set while CLAIMING and RESUMING
         self.lease: Optional[Lease] = None
         self.data = None
@@ -167,6 +169,10 @@ class SwarmNode:
                              period_s=self.manifest.timing.lease_s)
         self.mirror.protected = self._own_blobs
         stop(self.mirror.stop)
+        self.auditor = Auditor(self.membership, self.blobs, self.manifest, self.jobs,
+                               lambda cluster: self.data.expert_data(cluster)[1] if self.data is not None else None,
+                               period_s=self.manifest.timing.lease_s)
+        stop(self.auditor.stop)
         stop(self.checkpoints.close)  # a checkpoint in flight is finished before its announcer stops
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
                     f"(signer {identity.signer_id[:12]}…)")
@@ -199,6 +205,7 @@ class SwarmNode:
             self.announcer.start()
             if self.options.mirror:
                 self.mirror.start()
+                self.auditor.start()
         self._moving, self._uncovered_seen = False, 0
 
     def _previous_job(self) -> Optional[Job]:
@@ -357,7 +364,8 @@ class SwarmNode:
         if CHECKPOINT_PAUSE_S:
             time.sleep(CHECKPOINT_PAUSE_S)  # published.json written, announcement not yet queued
         self.announcer.announce_checkpoint(job, record)
-        removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held()})
+        removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held(),
+                                            *([self.auditor.fetching] if self.auditor.fetching else [])})
         for sha in removed.blobs:  # stop announcing what we no longer hold
             self.announcer.unprovide(sha)
         self.parent_blob = record.blob.sha256

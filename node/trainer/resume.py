@@ -14,6 +14,7 @@ from typing import List, Optional
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.announcer import Announcer
+from node.checkpoints.audits import read_evidence
 from node.checkpoints.acceptance import check_header, find_acceptable, rank
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
@@ -53,7 +54,7 @@ def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMember
 
     accepted = find_acceptable(newer, fetch=lambda record: blobs.fetch(record.blob), check=adopt,
                                membership=membership, store=store, manifest=manifest, rounds=RESUME_ROUNDS,
-                               pause_s=0.0)
+                               pause_s=0.0, evidence=lambda records: read_evidence(membership, records))
     return accepted.record if accepted else None
 
 
