@@ -51,6 +51,7 @@ LOOKUP_BATCH = 64
 # two AdamW moments) and a small JSON header.
 _COPIES, _HEADER_BYTES = 4, 1 << 20
 _size_limits: Dict[Tuple[str, str], int] = {}
+_contradicted_seen: Set[str] = set()
 
 
 class Unreachable(NodeError):
@@ -80,6 +81,9 @@ def rank(records: List[Record], evidence: Optional["Evidence"] = None) -> List[R
             continue
         verdict = evidence.verdict(record)
         if verdict.contradicted:
+            if record.blob.sha256 in _contradicted_seen:
+                continue
+            _contradicted_seen.add(record.blob.sha256)  # said once per process: a mirror ranks every period
             logger.warning(f"passing over {record.KIND} {record.blob.sha256[:12]} (step {record.step}, signer "
                            f"{record.signer[:12]}): {verdict.auditors} independent audit(s) measured a median "
                            f"loss of {verdict.median:.4f}, it claims {record.heldout_loss:.4f}")

@@ -32,6 +32,7 @@ from ddm_models.data import ImageDataset
 from ddm_models.evaluation import AUDIT_IMAGES, audit_loss, audit_seed
 from ddm_models.fingerprints import sample_fingerprint
 from ddm_models.text import build_text_encoder
+from node.checkpoints.acceptance import Refused, check_expert, obtainable
 from node.errors import NodeError
 from protocol.errors import ProtocolError
 from protocol.jobs import Job
@@ -46,6 +47,9 @@ AGREEMENT_REL = 1e-9
 CONTRADICTION = (1.5, 0.02)
 FINGERPRINT_QUORUM = 3
 AUDIT_TTL_S = 24 * 3600.0
+# The auditor thread's niceness: under a busy trainer it gets about a tenth of a core (CFS weights
+# 110 against 1024); 19 would starve it (1.5%) on a shared machine.
+AUDIT_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,21 @@ def read_evidence(membership, records: Iterable, data_sha256: Optional[Dict[int,
     return evidence
 
 
+def check_claim(expert, record: CheckpointRecord, data: ImageDataset, text_encoder) -> float:
+    """Audit `expert` here (as an auditor would) and raise `Refused` if the measurement contradicts its
+    record's claimed loss; the measured loss otherwise. A node about to adopt a stranger's checkpoint
+    checks it itself rather than wait for the swarm's auditors."""
+    measured = audit_loss(expert, data, text_encoder, seed=audit_seed(record.blob.sha256))
+    factor, slack = CONTRADICTION
+    if measured > record.heldout_loss * factor + slack:
+        raise Refused(f"held-out loss measured {measured:.4f} here, its record claims {record.heldout_loss:.4f}")
+    return measured
+
+
 class Auditor:
     """Audits other signers' expert checkpoints in the background: each period, the best-claimed
     candidates of every expert job that this node has not audited yet, at most `max_per_period` in
-    all, in a thread at the lowest CPU priority (nice 19) so training keeps its share."""
+    all, in a thread at a low CPU priority (nice `AUDIT_NICENESS`) so training keeps its share."""
 
     def __init__(self, membership, blobs, manifest, jobs: List[Job], heldout: Callable[[int], Optional[ImageDataset]],
                  *, period_s: float, max_per_period: int = 2, per_job: int = 3):
@@ -138,7 +153,7 @@ class Auditor:
 
     def _run(self) -> None:
         try:  # Linux: a thread is a task with its own niceness
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICENESS)
         except (AttributeError, OSError):
             pass
         while not self._stop.wait(self.period_s):
@@ -159,8 +174,6 @@ class Auditor:
 
     def audit_round(self) -> int:
         """Audit up to `max_per_period` candidates; the number of audits published."""
-        from node.checkpoints.acceptance import check_expert, obtainable
-
         published = 0
         candidates = self.candidates()
         revoked = read_evidence(self.membership, candidates).revoked
