@@ -149,3 +149,16 @@ def test_a_manifest_without_an_operator_keeps_its_swarm_id():
     legacy = {**manifest.to_dict(), "trust": {"mode": "open", "signers": []}}
     assert manifest.swarm_id == sha256_hex(canonical_encode(legacy))
     assert MANIFEST.swarm_id != manifest.swarm_id and MANIFEST.trust.operator == OPERATOR.signer_id
+
+
+def test_a_node_refutes_a_strangers_claim_on_its_own_held_out_data_before_adopting_it():
+    from node.checkpoints.acceptance import Refused
+    from node.checkpoints.audits import check_claim
+
+    data, expert = subset(small_digits(), range(0, 1797, 13)), random_expert(0, width=64)
+    liar = checkpoint(Identity.generate(), 10**6, claimed=0.001)
+    with pytest.raises(Refused, match="claims 0.0010"):
+        check_claim(expert, liar, data, text_encoder())
+    measured = audit_loss(expert, data, text_encoder(), seed=audit_seed(liar.blob.sha256))
+    honest = checkpoint(Identity.generate(), 40, claimed=measured * 0.9)  # claims measured with other draws
+    assert check_claim(expert, honest, data, text_encoder()) == measured
