@@ -151,6 +151,10 @@ class Auditor:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
+    def held(self) -> List[str]:
+        """The blob being fetched for an audit right now (the node's gc must not remove it)."""
+        return [self.fetching] if self.fetching else []
+
     def _run(self) -> None:
         try:  # Linux: a thread is a task with its own niceness
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICENESS)

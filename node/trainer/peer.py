@@ -364,8 +364,7 @@ class SwarmNode:
         if CHECKPOINT_PAUSE_S:
             time.sleep(CHECKPOINT_PAUSE_S)  # published.json written, announcement not yet queued
         self.announcer.announce_checkpoint(job, record)
-        removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held(),
-                                            *([self.auditor.fetching] if self.auditor.fetching else [])})
+        removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held(), *self.auditor.held()})
         for sha in removed.blobs:  # stop announcing what we no longer hold
             self.announcer.unprovide(sha)
         self.parent_blob = record.blob.sha256
