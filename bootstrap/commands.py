@@ -1,5 +1,5 @@
-"""The operator's commands: `ddm-swarm bootstrap` (a long-lived bootstrap peer) and `ddm-swarm swarm
-create` (a new manifest). Registered on node's command line through the entry-point group
+"""The operator's commands: `ddm-swarm bootstrap` (a long-lived bootstrap peer), `ddm-swarm swarm
+create` (a new manifest) and `ddm-swarm revoke` (withdraw a signer or a checkpoint). Registered on node's command line through the entry-point group
 `ddm_swarm.commands` (pyproject.toml): `bootstrap` sits above `node`, so it imports node's app and
 adds to it, never the other way round."""
 
@@ -117,6 +117,7 @@ def swarm_create(
     bootstrap_peer: Optional[List[str]] = typer.Option(None, help="Bootstrap multiaddr nodes join through (repeat)."),
     shard_url: Optional[List[str]] = typer.Option(None, help="Mirror serving <url>/<sha256>.tar (repeat)."),
     pin_split: bool = typer.Option(True, help="Without --data: compute the data split now and pin its sha256."),
+    operator: Optional[str] = typer.Option(None, help="Signer id of the operator, whose revocations every peer applies."),
 ) -> None:
     """Make a swarm: from your captioned images (--data: embed, cluster, shard, pin), or derived from a bundled one."""
     setup_logging()
@@ -131,7 +132,7 @@ def swarm_create(
                 max_shard_bytes=int(max_shard_mib * 2**20), caption_column=caption_column, image_column=image_column,
                 models_from=base, text_encoder=text_encoder, expert_size=expert_size, router_size=router_size,
                 trust_signers=signer or (), lease_s=lease_s, bootstrap_peers=bootstrap_peer or (),
-                shard_urls=shard_url or ())
+                shard_urls=shard_url or (), operator=operator)
             print(created.summary())
             print(f"next: ddm-swarm bootstrap --swarm {out}   (it seeds the shards in {created.shard_folder})")
             return
@@ -139,9 +140,34 @@ def swarm_create(
 
         manifest = create_swarm(base, out, name=name, num_clusters=num_clusters, trust_signers=signer or (),
                                 lease_s=lease_s, bootstrap_peers=bootstrap_peer or (), pin_split=pin_split,
-                                description=description)
+                                description=description, operator=operator)
     except Exception as error:
         fail(error)
     print(f"wrote {out}: swarm '{manifest.name}' id {manifest.swarm_id}")
     if manifest.clustering.assignment_sha256:
         print(f"data split pinned: {manifest.clustering.assignment_sha256}")
+
+
+@app.command()
+def revoke(
+    key: Path = typer.Option(..., help="The operator's identity file (its signer id is the manifest's trust.operator)."),
+    signer: Optional[str] = typer.Option(None, help="Signer id to revoke: every checkpoint and audit it signed."),
+    checkpoint: Optional[str] = typer.Option(None, help="sha256 of one checkpoint blob to revoke."),
+    reason: str = typer.Option("", help="One line saying why (shown to peers)."),
+    swarm: str = SwarmOption,
+    initial_peers: Optional[List[str]] = InitialPeersOption,
+) -> None:
+    """Sign a revocation and store it in the swarm: every peer then refuses what it names, generators
+    assemble without it and mirrors stop serving it."""
+    from bootstrap.revocation import publish_revocation
+    from node.swarm.manifest_files import load_manifest
+
+    setup_logging()
+    try:
+        manifest = load_manifest(swarm)
+        record = publish_revocation(manifest, key, signer=signer, checkpoint=checkpoint, reason=reason,
+                                    initial_peers=initial_peers or ())
+    except Exception as error:
+        fail(error)
+    print(f"revoked {record.target_kind} {record.target} in swarm '{manifest.name}' until "
+          f"{record.expires_at:.0f} (run again before then to keep it revoked)")

@@ -38,7 +38,7 @@ from protocol.manifest import SwarmManifest
 def create_swarm(base: str, out: Path, *, name: Optional[str] = None, num_clusters: Optional[int] = None,
                  trust_signers: Sequence[str] = (), lease_s: Optional[float] = None,
                  bootstrap_peers: Sequence[str] = (), pin_split: bool = False, cache_dir: Optional[Path] = None,
-                 description: Optional[str] = None) -> SwarmManifest:
+                 description: Optional[str] = None, operator: Optional[str] = None) -> SwarmManifest:
     """Write a new manifest to `out` (validated by reading it back) and return it."""
     manifest = load_manifest(base)
     data = manifest.to_file_dict()
@@ -51,6 +51,8 @@ def create_swarm(base: str, out: Path, *, name: Optional[str] = None, num_cluste
         data["cluster_experts"] = {k: v for k, v in data["cluster_experts"].items() if int(k) < num_clusters}
     if trust_signers:
         data["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
+    if operator:  # the key whose revocations every peer applies (`ddm-swarm revoke`)
+        data["trust"] = {**data["trust"], "operator": operator}
     if lease_s:
         data["timing"] = {**data["timing"], "lease_s": lease_s}
     if bootstrap_peers:
@@ -103,7 +105,7 @@ def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clust
                            text_encoder: Optional[str] = None, expert_size: Optional[str] = None,
                            router_size: Optional[str] = None, trust_signers: Sequence[str] = (),
                            lease_s: Optional[float] = None, bootstrap_peers: Sequence[str] = (),
-                           shard_urls: Sequence[str] = ()) -> CreatedSwarm:
+                           shard_urls: Sequence[str] = (), operator: Optional[str] = None) -> CreatedSwarm:
     """Make a swarm of a captioned image collection and write its manifest to `out`.
 
     `data` is a source spec for `ddm_models.sources.open_source` (a folder, a .tar shard or a folder
@@ -126,6 +128,8 @@ def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clust
                      else f"{source.description}, {clusters} clusters")
     if trust_signers:
         data_dict["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
+    if operator:  # the key whose revocations every peer applies (`ddm-swarm revoke`)
+        data_dict["trust"] = {**data_dict["trust"], "operator": operator}
     if lease_s:
         data_dict["timing"] = {**data_dict["timing"], "lease_s": lease_s}
     data_dict["bootstrap_peers"] = check_initial_peers(bootstrap_peers) if bootstrap_peers else []

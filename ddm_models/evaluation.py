@@ -3,6 +3,7 @@ claims; comparing an ensemble with a monolithic model image by image)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -92,3 +93,44 @@ def velocity_losses(velocity: Callable[[torch.Tensor, torch.Tensor, TextBatch], 
         v = velocity(x_t, t_part, text_encoder.encode([captions[i] for i in part.tolist()]))
         losses.append((v.float() - (eps - x0)).pow(2).flatten(1).mean(1))
     return torch.cat(losses) if losses else torch.zeros(0)
+
+
+# --- audits: a measurement other peers can repeat ----------------------------------------------------
+AUDIT_IMAGES = 128
+AUDIT_BATCH = 32
+
+
+def audit_seed(blob_sha256: str) -> int:
+    """The seed of every honest audit of one checkpoint: its blob's sha256, read as a number (60 bits),
+    so auditors draw the same (t, noise) without agreeing on anything but the checkpoint."""
+    return int(blob_sha256[:15], 16)
+
+
+@torch.no_grad()
+def audit_loss(expert: LoadedExpert, data: TrainingData, text_encoder: TextEncoder, *, seed: int,
+               max_images: int = AUDIT_IMAGES, batch_size: int = AUDIT_BATCH,
+               caption_sampler: CaptionSampler = sample_captions) -> float:
+    """`expert_loss`, made repeatable by other peers: the first `max_images` images of `data` in their
+    order, in fixed batches, with (t, noise, captions) drawn from `seed` on the CPU, the network run
+    in float64 on a copy of the weights and the squared errors summed in float64. Two peers with
+    other torch thread counts then differ only by float64 rounding (about 1e-12 relative, see
+    tests/test_audits.py), where float32 differs by about 1e-6."""
+    n = min(max_images, len(data))
+    if n == 0:
+        raise ValueError("cannot audit an expert on an empty data set")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *data.image_shape), generator=generator, dtype=torch.float64)
+    u = ((torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)) / n)
+    captions = batch_captions(data, torch.arange(n), generator, caption_sampler)
+    model = copy.deepcopy(expert.model).to("cpu", torch.float64).eval()
+    images = data.images_at(slice(0, n)).to(torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        part = slice(start, min(n, start + batch_size))
+        x_in, timestep, target = expert.objective.training_example(images[part], noise[part], u[part])
+        encoded = text_encoder.encode(captions[part]).to("cpu")
+        text = TextBatch(encoded.states.to(torch.float64), encoded.mask,
+                         None if encoded.pooled is None else encoded.pooled.to(torch.float64))
+        prediction = model(x_in.to(torch.float64), timestep.to(torch.float64), text)
+        total += (prediction.to(torch.float64) - target.to(torch.float64)).pow(2).sum()
+    return float(total) / noise.numel()

@@ -12,13 +12,15 @@ from protocol.errors import InvalidRecord
 BEACON_PREFIX = "ddm-swarm/beacon/"
 _KEY = re.compile(
     r"^(?P<swarm>[0-9a-f]{64})/(?:(?P<simple>claims|router|peers)"
-    r"|ckpt/(?P<cluster>0|[1-9][0-9]{0,3})|providers/(?P<blob>[0-9a-f]{64}))$"
+    r"|ckpt/(?P<cluster>0|[1-9][0-9]{0,3})|providers/(?P<blob>[0-9a-f]{64})"
+    r"|audits/(?P<audited>[0-9a-f]{64})|revoked/(?P<revoked>[0-9a-f]{64}))$"
 )
 _BEACON = re.compile(r"^ddm-swarm/beacon/(?P<name>[A-Za-z0-9._-]{1,64})$")
 
 # Which record kind may live under which key family.
 KIND_OF_FAMILY = {"claims": "claim", "ckpt": "checkpoint", "router": "router", "providers": "provider",
-                  "peers": "peer", "beacon": "beacon"}
+                  "peers": "peer", "beacon": "beacon",
+                  "audits": "audit", "revoked": "revocation"}
 
 
 def claims_key(swarm_id: str) -> str:
@@ -37,6 +39,16 @@ def providers_key(swarm_id: str, blob_sha256: str) -> str:
     return f"{swarm_id}/providers/{blob_sha256}"
 
 
+def audits_key(swarm_id: str, blob_sha256: str) -> str:
+    """Audits of one checkpoint blob, one per auditor (the auditor's signer id is the subkey)."""
+    return f"{swarm_id}/audits/{blob_sha256}"
+
+
+def revocation_key(swarm_id: str, target: str) -> str:
+    """The operator's revocation of one signer id or checkpoint sha256 (the operator is the subkey)."""
+    return f"{swarm_id}/revoked/{target}"
+
+
 def peers_key(swarm_id: str) -> str:
     return f"{swarm_id}/peers"
 
@@ -47,11 +59,12 @@ def beacon_key(swarm_name: str) -> str:
 
 @dataclass(frozen=True)
 class ParsedKey:
-    family: str  # claims | ckpt | router | providers | peers | beacon
+    family: str  # claims | ckpt | router | providers | peers | beacon | audits | revoked
     swarm_id: str = ""
     cluster: int = -1
     blob_sha256: str = ""
     swarm_name: str = ""
+    target: str = ""  # audits: the audited blob's sha256; revoked: the revoked signer id or sha256
 
     @property
     def record_kind(self) -> str:
@@ -72,4 +85,8 @@ def parse_key(key: str) -> ParsedKey:
         return ParsedKey(match["simple"], swarm_id=match["swarm"])
     if match["cluster"] is not None:
         return ParsedKey("ckpt", swarm_id=match["swarm"], cluster=int(match["cluster"]))
+    if match["audited"] is not None:
+        return ParsedKey("audits", swarm_id=match["swarm"], target=match["audited"])
+    if match["revoked"] is not None:
+        return ParsedKey("revoked", swarm_id=match["swarm"], target=match["revoked"])
     return ParsedKey("providers", swarm_id=match["swarm"], blob_sha256=match["blob"])

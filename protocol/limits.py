@@ -25,6 +25,10 @@ MAX_EXPIRATION_AHEAD_S = {
     "checkpoint": 7 * 24 * 3600,
     "router": 7 * 24 * 3600,
     "beacon": 24 * 3600,
+    "audit": 7 * 24 * 3600,  # as long as the checkpoint it measures
+    # the operator renews a revocation (`ddm-swarm revoke` again) within this; peers that saw one
+    # keep refusing its target for as long as they run
+    "revocation": 30 * 24 * 3600,
 }
 
 # Clocks of honest peers disagree by this much at most; records from further in the future are refused.

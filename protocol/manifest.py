@@ -79,9 +79,15 @@ class ModelSpec:
 class TrustPolicy:
     mode: str = "open"  # open: any signer; allowlist: only `signers`
     signers: Tuple[str, ...] = ()
+    # the operator's signer id: the one key whose revocations every peer applies ("" = nobody)
+    operator: str = ""
 
     def allows(self, signer_id: str) -> bool:
-        return self.mode == "open" or signer_id in self.signers
+        return self.mode == "open" or signer_id in self.signers or (bool(self.operator) and signer_id == self.operator)
+
+    def to_dict(self) -> dict:
+        # `operator` only when set: a manifest without one keeps the swarm id it always had
+        return {"mode": self.mode, "signers": list(self.signers), **({"operator": self.operator} if self.operator else {})}
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ class SwarmManifest:
             "experts": [dict(vars(spec)) for spec in self.experts], "router": dict(vars(self.router)),
             "default_expert": self.default_expert,
             "cluster_experts": {str(k): v for k, v in self.cluster_experts},
-            "trust": {"mode": self.trust.mode, "signers": list(self.trust.signers)},
+            "trust": self.trust.to_dict(),
             "timing": dict(vars(self.timing)), "sampling": dict(vars(self.sampling)),
         }
 
@@ -293,8 +299,11 @@ def _cluster_experts(data: Mapping) -> Tuple[Tuple[int, str], ...]:
 
 
 def _trust(fields: _Fields) -> TrustPolicy:
-    policy = TrustPolicy(mode=fields.get("mode", str, "open"), signers=tuple(fields.get("signers", list, [])))
+    policy = TrustPolicy(mode=fields.get("mode", str, "open"), signers=tuple(fields.get("signers", list, [])),
+                         operator=fields.get("operator", str, ""))
     fields.done()
+    if policy.operator and not is_signer_id(policy.operator):
+        raise InvalidManifest("manifest field 'trust.operator' must be a signer id (64 hex chars)")
     if policy.mode not in ("open", "allowlist"):
         raise InvalidManifest("manifest field 'trust.mode' must be 'open' or 'allowlist'")
     bad = [s for s in policy.signers if not is_signer_id(s)]

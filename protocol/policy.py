@@ -16,8 +16,8 @@ from protocol import keys
 from protocol.keys import ParsedKey, parse_key
 from protocol.limits import CLOCK_SKEW_S, MAX_EXPIRATION_AHEAD_S
 from protocol.manifest import SwarmManifest
-from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord, SignedRecord,
-                              SwarmBeacon, decode_record)
+from protocol.records import (AuditRecord, CheckpointRecord, Claim, PeerRecord, ProviderRecord, Revocation,
+                              RouterRecord, SignedRecord, SwarmBeacon, decode_record)
 
 # A DHT entry may not outlive the expiration its author signed; allow float rounding only.
 _EXPIRY_SLACK_S = 1.0
@@ -105,6 +105,17 @@ class RecordPolicy:
                 raise InvalidRecord("router checkpoint does not match this swarm's router spec or cluster count")
         if isinstance(record, ProviderRecord) and record.blob_sha256 != parsed.blob_sha256:
             raise InvalidRecord("provider record stored under another blob's key")
+        if isinstance(record, AuditRecord):
+            if record.checkpoint != parsed.target or record.cluster >= k:
+                raise InvalidRecord("audit stored under another checkpoint's key, or of a cluster the swarm lacks")
+            if record.signer == record.checkpoint_signer:
+                raise InvalidRecord("a signer may not audit its own checkpoint")
+        if isinstance(record, Revocation):
+            operator = self.manifest.trust.operator
+            if not operator or record.signer != operator:
+                raise UntrustedSigner("only the swarm's operator (manifest trust.operator) may revoke")
+            if record.target != parsed.target:
+                raise InvalidRecord("revocation stored under another target's key")
 
 
 def describe_beacon(beacon: SwarmBeacon, manifest: SwarmManifest) -> Optional[str]:
@@ -134,4 +145,8 @@ def key_for_record(record: SignedRecord) -> str:
         return keys.providers_key(record.swarm_id, record.blob_sha256)
     if isinstance(record, PeerRecord):
         return keys.peers_key(record.swarm_id)
+    if isinstance(record, AuditRecord):
+        return keys.audits_key(record.swarm_id, record.checkpoint)
+    if isinstance(record, Revocation):
+        return keys.revocation_key(record.swarm_id, record.target)
     raise InvalidRecord(f"no DHT key for records of kind {record.KIND}")

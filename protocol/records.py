@@ -269,3 +269,60 @@ class SwarmBeacon(SignedRecord):
 
     def _wire_version(self) -> int:
         return self.protocol_version
+
+
+REVOCATION_TARGETS = ("signer", "checkpoint")
+# a perceptual hash of an audit's seeded samples: 16 hex chars (64 bits) per image, up to 8 images
+_FINGERPRINT = r"^(?:[0-9a-f]{16}){1,8}$"
+
+
+@dataclass(frozen=True)
+class AuditRecord(SignedRecord):
+    """An auditor's measurement of one expert checkpoint: its held-out loss on the cluster's held-out
+    data, with (t, noise) drawn from `seed` (derived from the checkpoint's sha256, so honest auditors
+    draw the same), over `images` images whose bytes hash to `data_sha256`; and a perceptual hash of a
+    few samples drawn with fixed seeds (`fingerprint`, empty when not computed)."""
+
+    KIND: ClassVar[str] = "audit"
+    FIELDS: ClassVar = {**_common_fields(), "cluster": f.integer(0, 9999), "checkpoint": f.sha256_hex(),
+                        "checkpoint_signer": f.sha256_hex(), "step": f.integer(), "loss": f.real(0.0),
+                        "seed": f.integer(), "images": f.integer(1, 2**31), "data_sha256": f.sha256_hex(),
+                        "fingerprint": f.text(max_chars=128, pattern=_FINGERPRINT, allow_empty=True),
+                        "created_at": f.real(0.0)}
+    swarm_id: str
+    cluster: int
+    checkpoint: str  # the audited blob's sha256
+    checkpoint_signer: str  # who signed the audited checkpoint record (an auditor never counts for itself)
+    step: int
+    loss: float
+    seed: int
+    images: int
+    data_sha256: str
+    fingerprint: str
+    created_at: float
+    expires_at: float
+    signer: str = ""
+    signature: bytes = b""
+
+    @property
+    def job(self) -> Job:
+        return Job.expert(self.cluster)
+
+
+@dataclass(frozen=True)
+class Revocation(SignedRecord):
+    """The swarm operator (`trust.operator` of the manifest) withdraws a signer or one checkpoint:
+    every peer refuses what it names. `target` is a signer id or a checkpoint blob's sha256."""
+
+    KIND: ClassVar[str] = "revocation"
+    FIELDS: ClassVar = {**_common_fields(), "target_kind": f.text(choices=REVOCATION_TARGETS),
+                        "target": f.sha256_hex(), "reason": f.text(max_chars=200, allow_empty=True),
+                        "created_at": f.real(0.0)}
+    swarm_id: str
+    target_kind: str
+    target: str
+    reason: str
+    created_at: float
+    expires_at: float
+    signer: str = ""
+    signature: bytes = b""

@@ -35,8 +35,8 @@ from protocol.limits import MAX_BLOB_BYTES, MAX_RANGE_BYTES
 from protocol.manifest import SwarmManifest
 from protocol.policy import RecordPolicy, key_for_record
 from protocol.jobs import Job
-from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord, SignedRecord,
-                              SwarmBeacon, decode_record)
+from protocol.records import (AuditRecord, CheckpointRecord, Claim, PeerRecord, ProviderRecord, Revocation,
+                              RouterRecord, SignedRecord, SwarmBeacon, decode_record)
 from tests.protocol_fixtures import PEER_ID, checkpoint_fields, manifest_dict
 
 SIGNER = Identity.generate()
@@ -63,6 +63,12 @@ RECORDS = {
     "peer": st.builds(PeerRecord, hex64, peer_ids, maddr_lists, st.sampled_from(["trainer", "client", "bootstrap"]),
                       st.one_of(st.just(""), jobs), st.sampled_from(["joining", "online", "offline"]), names, times),
     "beacon": st.builds(SwarmBeacon, hex64, names, st.integers(1, 100), times),
+    "audit": st.builds(AuditRecord, hex64, clusters, hex64, hex64, counts, st.floats(0, 1e6), counts,
+                       st.integers(1, 2**31), hex64,
+                       st.one_of(st.just(""), st.lists(st.text(alphabet="0123456789abcdef", min_size=16, max_size=16),
+                                                       min_size=1, max_size=8).map("".join)), times, times),
+    "revocation": st.builds(Revocation, hex64, st.sampled_from(["signer", "checkpoint"]), hex64,
+                            st.text(max_size=40), times, times),
 }
 records = st.one_of(*RECORDS.values())
 
@@ -229,12 +235,17 @@ def _rebuild(parsed: keys.ParsedKey) -> str:
         return keys.checkpoint_key(parsed.swarm_id, parsed.cluster)
     if parsed.family == "providers":
         return keys.providers_key(parsed.swarm_id, parsed.blob_sha256)
+    if parsed.family == "audits":
+        return keys.audits_key(parsed.swarm_id, parsed.target)
+    if parsed.family == "revoked":
+        return keys.revocation_key(parsed.swarm_id, parsed.target)
     return f"{parsed.swarm_id}/{parsed.family}"
 
 
 valid_keys = st.one_of(
     hex64.map(keys.claims_key), hex64.map(keys.router_key), hex64.map(keys.peers_key),
     st.builds(keys.checkpoint_key, hex64, clusters), st.builds(keys.providers_key, hex64, hex64),
+    st.builds(keys.audits_key, hex64, hex64), st.builds(keys.revocation_key, hex64, hex64),
     st.text(alphabet="abcxyzABC019._-", min_size=1, max_size=64).map(keys.beacon_key))
 key_inputs = st.one_of(valid_keys, valid_keys.flatmap(near_miss), st.text(max_size=140),
                        st.builds(lambda a, b: a + b, valid_keys, st.text(max_size=4)), msgpack_scalars)
@@ -254,16 +265,23 @@ POLICY_MANIFEST = SwarmManifest.from_dict(manifest_dict())
 POLICY = RecordPolicy(POLICY_MANIFEST)
 
 
+def _valid_entry_record(kind: str, now: float) -> SignedRecord:
+    if kind == "audit":
+        return AuditRecord(POLICY_MANIFEST.swarm_id, 0, "ab" * 32, "cd" * 32, 40, 0.25, 7, 64, "ef" * 32,
+                           "0123456789abcdef", now, now + 600)
+    return CheckpointRecord(**checkpoint_fields(POLICY_MANIFEST, created_at=now, expires_at=now + 600))
+
+
 @st.composite
-def dht_entries(draw) -> tuple:
-    """(key, subkey, value, expiration_time) near a valid checkpoint entry of `POLICY_MANIFEST`."""
+def dht_entries(draw, kind: str = "checkpoint") -> tuple:
+    """(key, subkey, value, expiration_time) near a valid `kind` entry of `POLICY_MANIFEST`."""
     now = time.time()
-    record = CheckpointRecord(**checkpoint_fields(POLICY_MANIFEST, created_at=now, expires_at=now + 600))
+    record = _valid_entry_record(kind, now)
     if draw(st.booleans()):
         record = record.signed_by(SIGNER)
         value = record.encode()
     else:
-        value = draw(near_record_wire("checkpoint"))
+        value = draw(near_record_wire(kind))
     key = draw(st.one_of(st.just(key_for_record(record)), key_inputs))
     subkey = draw(st.one_of(st.just(SIGNER.signer_id), near_miss(SIGNER.signer_id)))
     expiration = draw(st.one_of(st.just(now + 600), st.floats(), near_miss(now + 600.0)))
@@ -437,6 +455,7 @@ TARGETS: Dict[str, Target] = {
     "parse_key/valid": Target(valid_keys, check_valid_key_parses),
     "parse_key/mutated": Target(key_inputs, check_parse_key),
     "RecordPolicy.accept": Target(dht_entries(), check_policy_accept),
+    "RecordPolicy.accept/audit": Target(dht_entries("audit"), check_policy_accept),
     "SwarmManifest.from_dict/round-trip": Target(valid_manifest_dicts(), check_manifest_round_trip),
     "SwarmManifest.from_dict/mutated": Target(manifest_inputs, check_manifest_from_dict),
     "blob_wire/request": Target(request_frames, check_request_frame),

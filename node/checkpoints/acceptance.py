@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Generic, Iterable, Iterator, List, Optional, Set, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterable, Iterator, List, Optional, Set, Tuple, TypeVar, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -56,6 +56,9 @@ from protocol.limits import MAX_STEP
 from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, RouterRecord
 
+if TYPE_CHECKING:
+    from node.checkpoints.audits import Evidence
+
 logger = logging.getLogger("ddm_swarm.acceptance")
 Record = Union[CheckpointRecord, RouterRecord]
 T = TypeVar("T")
@@ -68,6 +71,7 @@ BLOB_KINDS = ("state", "inference")
 _BYTES_PER_ELEMENT, _HEADER_BYTES = {"state": 4 * 4, "inference": 2}, 1 << 20
 _CONTENTS = {"state": "training", "inference": "inference"}
 _elements: Dict[Tuple[str, str], int] = {}
+_contradicted_seen: Set[str] = set()
 
 
 class Unreachable(NodeError):
@@ -132,11 +136,12 @@ def _offset(anchor: Tuple[int, float]) -> float:
     return step - STEPS_PER_S_BOUND * reached
 
 
-def trusted_order(records: List[Record], verified: Optional[Verified] = None, now: Optional[float] = None
-                  ) -> List[Record]:
+def trusted_order(records: List[Record], verified: Optional[Verified] = None, now: Optional[float] = None,
+                  evidence: Optional["Evidence"] = None) -> List[Record]:
     """The one ranking decision the generator, a resuming trainer and a mirror share: the records
     worth trying, best first. Drops records whose step is beyond `verified.step_bound` of their job
-    (see STEPS_PER_S_BOUND), then `rank`s the rest. The place where audit-based ranking plugs in."""
+    (see STEPS_PER_S_BOUND), then `rank`s the rest with `evidence` (audits and revocations,
+    `node.checkpoints.audits.read_evidence`)."""
     verified = verified if verified is not None else Verified()
     bounds: Dict[Job, int] = {}
     kept = []
@@ -148,14 +153,39 @@ def trusted_order(records: List[Record], verified: Optional[Verified] = None, no
     if len(kept) < len(records):
         logger.info(f"passed over {len(records) - len(kept)} record(s) claiming a step beyond what their job can "
                     f"have reached ({', '.join(f'{job} <= {bound}' for job, bound in bounds.items())})")
-    return rank(kept)
+    return rank(kept, evidence)
 
 
-def rank(records: List[Record]) -> List[Record]:
-    """Best first: the latest step, then the lowest held-out loss (the highest router accuracy), then the newest."""
+def rank(records: List[Record], evidence: Optional["Evidence"] = None) -> List[Record]:
+    """Best first. With `evidence` (`node.checkpoints.audits`): what the operator revoked and what its
+    audits contradict are left out; audited experts come first, by the median loss independent
+    auditors measured; the rest follow as without evidence: the latest step, then the lowest claimed
+    held-out loss (the highest router accuracy), then the newest."""
     def metric(record: Record) -> float:
         return -record.heldout_accuracy if isinstance(record, RouterRecord) else record.heldout_loss
-    return sorted(records, key=lambda r: (-r.step, metric(r), -r.created_at))
+
+    def claimed(record: Record) -> tuple:
+        return (-record.step, metric(record), -record.created_at)
+
+    if evidence is None:
+        return sorted(records, key=claimed)
+    audited, unaudited = [], []
+    for record in records:
+        if evidence.is_revoked(record):
+            continue
+        verdict = evidence.verdict(record)
+        if verdict.contradicted:
+            if record.blob.sha256 in _contradicted_seen:
+                continue
+            _contradicted_seen.add(record.blob.sha256)  # said once per process: a mirror ranks every period
+            logger.warning(f"passing over {record.KIND} {record.blob.sha256[:12]} (step {record.step}, signer "
+                           f"{record.signer[:12]}): {verdict.auditors} independent audit(s) measured a median "
+                           f"loss of {verdict.median:.4f}, it claims {record.heldout_loss:.4f}")
+        elif verdict.median is not None:
+            audited.append((verdict.median, *claimed(record), record))
+        else:
+            unaudited.append(record)
+    return [entry[-1] for entry in sorted(audited, key=lambda e: e[:-1])] + sorted(unaudited, key=claimed)
 
 
 def blob_of(record: Record, blob: str) -> BlobRef:

@@ -15,6 +15,7 @@ from node.errors import NodeError
 from ddm_models.checkpoint import check_same_weights
 from node.checkpoints.acceptance import (Record, Search, Verified, check_header, check_loadable, find_acceptable,
                                          trusted_order)
+from node.checkpoints.audits import Evidence, read_evidence
 from node.swarm.announcer import Announcer
 from node.swarm.membership import SwarmMembership
 from protocol.errors import ProtocolError
@@ -76,17 +77,24 @@ class Mirror:
             self.blobs.fetch(record.inference)
             return path
 
+        seen: Dict[str, Evidence] = {}
+
+        def order(records: List[Record]) -> List[Record]:
+            seen["evidence"] = read_evidence(self.membership, records)
+            return trusted_order(records, self.verified, evidence=seen["evidence"])
+
         search, self._export_of = Search(), {}
         try:
             # the blobs held already passed the checks: they are not loaded again every period
             check = lambda path, record: None if record.blob.sha256 == held else self._check(path, record)  # noqa: E731
             accepted = find_acceptable(others, fetch=fetch, check=check, membership=self.membership,
                                        store=store, manifest=self.membership.manifest,
-                                       skip=self.refused, rounds=1, search=search,
-                                       order=lambda records: trusted_order(records, self.verified))
+                                       skip=self.refused, rounds=1, search=search, order=order)
             refused_exports = {sha: self._export_of.get(sha) for sha, _ in search.refused}
         finally:
             self.fetching = []
+        if held and "evidence" in seen and (accepted is None or accepted.record.blob.sha256 != held):
+            self._drop_if_withdrawn(job, held, others(), seen["evidence"])
         for sha, reason in search.refused:
             self.refused.add(sha)
             for blob in (sha, refused_exports.get(sha)):
@@ -105,6 +113,22 @@ class Mirror:
         for blob in previous:
             if blob and blob not in self.held():
                 self.announcer.unprovide(blob)
+
+    def _drop_if_withdrawn(self, job: Job, held: str, records: List[Record], evidence: Evidence) -> None:
+        """Stop serving the blob held for `job` once the operator revoked it (or its signer) or its
+        audits contradict it: a mirror must not keep a withdrawn contribution alive."""
+        record = next((r for r in records if r.blob.sha256 == held), None)
+        if record is None or not (evidence.is_revoked(record) or evidence.verdict(record).contradicted):
+            return
+        del self.mirrored[job]
+        export = self.exports.pop(job, None)
+        self.refused.add(held)
+        for blob in (held, export):  # the training state and its inference export both go
+            if blob and blob not in self.held():
+                self.announcer.unprovide(blob)
+                if blob not in self.protected():
+                    self.blobs.store.delete(blob)
+        logger.warning(f"stopped mirroring {job} {held[:12]}: revoked by the operator or contradicted by its audits")
 
     def _check(self, path: Path, record: Record) -> None:
         manifest = self.membership.manifest

@@ -166,6 +166,11 @@ class ShardData:
         return (self._load(shards.train, f"{self.manifest.name}/cluster-{cluster}"),
                 self._load(shards.heldout, f"{self.manifest.name}/cluster-{cluster}/heldout"))
 
+    def heldout_data(self, cluster: int) -> CaptionedDataset:
+        """The held-out samples of one cluster only (an auditor of another cluster's experts fetches
+        its held-out shards, a tenth of the data or so, never its training shards)."""
+        return self._load(expert_shards(self.manifest, cluster).heldout, f"{self.manifest.name}/cluster-{cluster}/heldout")
+
     def router_data(self) -> Tuple[CaptionedDataset, None, Tuple[CaptionedDataset, None]]:
         """The router's sample (its own cluster labels) and a bounded held-out sample of every cluster."""
         shards = router_shards(self.manifest)

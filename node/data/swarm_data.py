@@ -37,6 +37,10 @@ class SwarmData:
         return (subset(self.dataset, train, f"{self.dataset.name}/cluster-{cluster}"),
                 subset(self.dataset, heldout, f"{self.dataset.name}/cluster-{cluster}/heldout"))
 
+    def heldout_data(self, cluster: int) -> ImageDataset:
+        """The held-out images of one cluster (what an auditor measures experts on)."""
+        return self.expert_data(cluster)[1]
+
     def prefetch(self, job) -> None:
         """Nothing to fetch: every peer builds this data set itself."""
 

@@ -22,7 +22,8 @@ from ddm_models.router import Router
 from ddm_models.sampling import EnsembleSampler, LoadedExpert, Routing, SampleResult
 from ddm_models.text import TextEncoder, build_text_encoder
 from node.checkpoints.acceptance import (Accepted, Record, Refused, Search, T, check_expert, check_router,
-                                         find_acceptable)
+                                         find_acceptable, trusted_order)
+from node.checkpoints.audits import read_evidence
 from node.errors import NodeError
 from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
@@ -147,7 +148,9 @@ class Assembler:
         search = Search()
         accepted = find_acceptable(lambda: self.membership.job_checkpoints(job), fetch=self._fetch, check=check,
                                    membership=self.membership, store=self.blobs.store, manifest=self.manifest,
-                                   search=search, blob="inference")
+                                   search=search, blob="inference",
+                                   order=lambda records: trusted_order(records, evidence=read_evidence(self.membership,
+                                                                                                       records)))
         self.rejected += search.refused + search.unreachable
         return accepted
 

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from functools import partial
-from typing import Dict, Iterable, List, Optional, Sequence, Type, TypeVar, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Type, TypeVar, Union
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2PDaemonError
@@ -31,7 +31,8 @@ from protocol.limits import MAX_EXPIRATION_AHEAD_S
 from protocol.manifest import SwarmManifest
 from protocol.policy import RecordPolicy, describe_beacon, key_for_record
 from protocol.record_cache import RecordCache
-from protocol.records import (CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord, SignedRecord,
+from protocol.records import (AuditRecord, CheckpointRecord, Claim, PeerRecord, ProviderRecord, Revocation,
+                              RouterRecord, SignedRecord,
                               SwarmBeacon)
 
 logger = logging.getLogger("ddm_swarm.membership")
@@ -200,10 +201,21 @@ class SwarmMembership:
 
     def providers_of(self, blob_sha256s: Sequence[str]) -> Dict[str, List[ProviderRecord]]:
         """Provider records of several blobs at once (one DHT traversal); blobs nobody provides are absent."""
-        wanted = {keys.providers_key(self.swarm_id, sha): sha for sha in dict.fromkeys(blob_sha256s)}
+        return self._read_many(keys.providers_key, blob_sha256s, ProviderRecord)
+
+    def audits_of(self, blob_sha256s: Sequence[str]) -> Dict[str, List[AuditRecord]]:
+        """Audit records of several checkpoint blobs at once; blobs nobody audited are absent."""
+        return self._read_many(keys.audits_key, blob_sha256s, AuditRecord)
+
+    def revocations_of(self, targets: Sequence[str]) -> List[Revocation]:
+        """The operator's live revocations of any of `targets` (signer ids, blob sha256s)."""
+        return [r for found in self._read_many(keys.revocation_key, targets, Revocation).values() for r in found]
+
+    def _read_many(self, key_of: Callable[[str, str], str], names: Sequence[str], kind: Type[R]) -> Dict[str, List[R]]:
+        wanted = {key_of(self.swarm_id, name): name for name in dict.fromkeys(names)}
         found = {}
         for key, entries in self._get_many(list(wanted)).items():
-            records = self._accept(key, entries, ProviderRecord)
+            records = self._accept(key, entries, kind)
             if records:
                 found[wanted[key]] = records
         return found

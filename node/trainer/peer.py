@@ -51,6 +51,7 @@ from node.data.swarm_data import job_data
 from node.identity_files import identities_for_join
 from node.swarm.membership import SwarmMembership
 from node.swarm.peer_cache import PeerCache, join_with_cache
+from node.checkpoints.audits import Auditor
 from node.checkpoints.mirror import Mirror
 from node.network import NetworkLoop
 from node.trainer.ranks import RankGroup, SingleRank
@@ -88,6 +89,7 @@ class SwarmNode:
         self.announcer: Optional[Announcer] = None
         self.mirror: Optional[Mirror] = None
         self.verified = Verified()  # checkpoints this node checked itself: step bounds, proven claimers
+        self.auditor: Optional[Auditor] = None
         # the job's, set while CLAIMING and RESUMING
         self.lease: Optional[Lease] = None
         self.data = None
@@ -192,6 +194,10 @@ class SwarmNode:
         self.mirror.protected = self._own_blobs
         self.mirror.verified = self.verified
         stop(self.mirror.stop)
+        self.auditor = Auditor(self.membership, self.blobs, self.manifest, self.jobs,
+                               lambda cluster: self.data.heldout_data(cluster) if self.data is not None else None,
+                               period_s=self.manifest.timing.lease_s)
+        stop(self.auditor.stop)
         stop(self.checkpoints.close)  # a checkpoint in flight is finished before its announcer stops
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
                     f"(signer {identity.signer_id[:12]}…)")
@@ -224,6 +230,7 @@ class SwarmNode:
             self.announcer.start()
             if self.options.mirror:
                 self.mirror.start()
+                self.auditor.start()
         self._moving = False
         self.moves.reset()
 
@@ -370,7 +377,7 @@ class SwarmNode:
         self.announcer.announce_checkpoint(job, record)
         self.verified.add(record)
         self.peer_cache.remember(self.membership)  # the peers met so far: a way back in if the bootstraps go
-        removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held()})
+        removed = self.store.gc(keep={*self._own_blobs(), *self.mirror.held(), *self.auditor.held()})
         for sha in removed.blobs:  # stop announcing what we no longer hold
             self.announcer.unprovide(sha)
         self.parent_blob = record.blob.sha256

@@ -16,13 +16,16 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.announcer import Announcer
 from node.swarm.leases import live_claimers
-from node.checkpoints.acceptance import Search, Verified, check_header, find_acceptable, rank, trusted_order
+from node.checkpoints.audits import check_claim, read_evidence
+from node.checkpoints.acceptance import (Search, Verified, check_expert, check_header, find_acceptable, rank,
+                                         trusted_order)
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
 from node.swarm.membership import SwarmMembership
 from node.checkpoints.published import PublishedCheckpoints, Record
 from protocol.jobs import Job
 from protocol.manifest import SwarmManifest
+from protocol.records import CheckpointRecord
 
 logger = logging.getLogger("ddm_swarm.node")
 RESUME_ROUNDS = 3  # reads of the swarm's checkpoint records when resuming (see resume_from_swarm)
@@ -56,12 +59,18 @@ def resume_from_swarm(job: Job, spec_hash: str, trainer, membership: SwarmMember
 
     def adopt(path: Path, record: Record) -> None:
         check_header(path, record, manifest)  # what its record says: job, model, step
+        heldout = getattr(trainer, "heldout", None)
+        if isinstance(record, CheckpointRecord) and heldout is not None and len(heldout):
+            # never continue from a claim this node can refute on its own held-out data
+            check_claim(check_expert(path, record, manifest), record, heldout, trainer.text_encoder)
         trainer.init_from_checkpoint(path)
 
     search = Search()
     accepted = find_acceptable(newer, fetch=lambda record: blobs.fetch(record.blob), check=adopt,
                                membership=membership, store=store, manifest=manifest, rounds=RESUME_ROUNDS,
-                               pause_s=0.0, search=search, order=lambda records: trusted_order(records, verified))
+                               pause_s=0.0, search=search,
+                               order=lambda records: trusted_order(records, verified,
+                                                                   evidence=read_evidence(membership, records)))
     for sha, reason in search.refused:  # the operator sees why each newer checkpoint was not taken
         logger.warning(f"cannot resume from {sha[:12]}: {reason}")
     if accepted is None:

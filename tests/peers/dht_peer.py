@@ -62,6 +62,8 @@ def main() -> None:
                 records = membership.checkpoints(command["cluster"])
             elif command["family"] == "providers":
                 records = membership.providers(command["sha256"])
+            elif command["family"] == "audits":
+                records = membership.audits_of([command["sha256"]]).get(command["sha256"], [])
             else:
                 records = getattr(membership, FAMILIES[command["family"]])()
             reply = {"records": [r.encode().hex() for r in records], "seconds": time.monotonic() - started}
