@@ -13,6 +13,7 @@ import time
 import pytest
 import yaml
 
+from node.checkpoints.acceptance import STEP_SLACK
 from node.identity_files import load_identity
 from node.swarm.manifest_files import write_manifest_file
 from protocol.identity import Identity
@@ -105,17 +106,21 @@ def test_squatted_jobs_are_taken_by_an_honest_node_that_then_trains_one(swarm):
 
 def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swarm):
     tmp, manifest = swarm["tmp"], swarm["manifest"]
-    poisoned = [write_expert_checkpoint(manifest, "tiny-fm", 0, 10**6 + 2, tmp / "nan.safetensors", poison="nan"),
-                write_expert_checkpoint(manifest, "tiny-fm", 0, 10**6 + 1, tmp / "narrow.safetensors",
+    # Poison at steps a resuming node still finds plausible (within STEP_SLACK of the trainer's
+    # verified progress), so that it fetches and refuses each for what it is; and one real checkpoint
+    # at a step no training reaches, which it passes over unfetched (adopted, every trainer of the job
+    # would count on from there).
+    top = max(r.step for r in announced(swarm, 0, signer_of(swarm, "a"))) + STEP_SLACK // 2
+    steps = [top + 2, top + 1, top, MAX_STEP - 1]
+    poisoned = [write_expert_checkpoint(manifest, "tiny-fm", 0, steps[0], tmp / "nan.safetensors", poison="nan"),
+                write_expert_checkpoint(manifest, "tiny-fm", 0, steps[1], tmp / "narrow.safetensors",
                                         poison="wrong-architecture"),
-                write_expert_checkpoint(manifest, "tiny-fm", 0, 5, tmp / "old.safetensors"),  # claims 10**6 below
-                # a real checkpoint (right architecture, finite weights) claiming a step no training reaches:
-                # adopted, every trainer of the job would count on from there
-                write_expert_checkpoint(manifest, "tiny-fm", 0, MAX_STEP - 1, tmp / "far.safetensors")]
+                write_expert_checkpoint(manifest, "tiny-fm", 0, 5, tmp / "old.safetensors"),  # claims `top`
+                write_expert_checkpoint(manifest, "tiny-fm", 0, steps[3], tmp / "far.safetensors")]
     liar = LineProcess([sys.executable, "-m", "tests.peers.lying_node", "--manifest", str(swarm["path"]),
                         "--initial-peers", *swarm["peers"], "--identity", str(tmp / "liar" / "identity.pem"),
                         "--cluster", "0", "--behaviour", "file", "--file", *map(str, poisoned),
-                        "--step", str(10**6 + 2), str(10**6 + 1), str(10**6), str(MAX_STEP - 1),
+                        "--step", *map(str, steps),
                         "--store", str(tmp / "liar-store")],
                        env=child_env())
     swarm["others"].append(liar)
@@ -140,7 +145,8 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
     assert 40 <= step <= announced(swarm, 0, a)[0].step and step % every == 0  # one of the trainer's own
     output = "".join(d.output)
     assert output.count("skipping checkpoint") >= 3  # NaN weights, another architecture, an older file
-    assert "step 1099511627775" not in output  # the far-ahead one is passed over, never even fetched
+    assert f"step {MAX_STEP - 1}" not in output  # the far-ahead one is passed over, never even fetched
+    assert "claiming a step beyond what their job can have reached" in output
     first = wait_until(lambda: announced(swarm, 0, signer_of(swarm, "d")), 180, "the resumed node's checkpoint")
     assert first[0].step > step
 

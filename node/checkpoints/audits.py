@@ -32,7 +32,7 @@ from ddm_models.conditioning import TrainingData
 from ddm_models.evaluation import AUDIT_IMAGES, audit_loss, audit_seed
 from ddm_models.fingerprints import sample_fingerprint
 from ddm_models.text import build_text_encoder
-from node.checkpoints.acceptance import Refused, check_expert, obtainable
+from node.checkpoints.acceptance import Refused, check_expert, obtainable, rank
 from node.errors import NodeError
 from protocol.errors import ProtocolError
 from protocol.jobs import Job
@@ -47,6 +47,7 @@ AGREEMENT_REL = 1e-9
 CONTRADICTION = (1.5, 0.02)
 FINGERPRINT_QUORUM = 3
 AUDIT_TTL_S = 24 * 3600.0
+MAX_EVIDENCE_RECORDS = 128
 # The auditor thread's niceness: under a busy trainer it gets about a tenth of a core (CFS weights
 # 110 against 1024); 19 would starve it (1.5%) on a shared machine.
 AUDIT_NICENESS = 10
@@ -102,8 +103,12 @@ class Evidence:
 
 
 def read_evidence(membership, records: Iterable, data_sha256: Optional[Dict[int, str]] = None) -> Evidence:
-    """The audits of `records`' blobs and the revocations of their blobs and signers, in two DHT traversals."""
+    """The audits of `records`' blobs and the revocations of their blobs and signers, in two DHT
+    traversals (batched). Of a flood, only the MAX_EVIDENCE_RECORDS best-claimed records are looked at
+    (the rest rank as unaudited): what a read costs stays bounded."""
     records = list(records)
+    if len(records) > MAX_EVIDENCE_RECORDS:
+        records = rank(records)[:MAX_EVIDENCE_RECORDS]
     evidence = Evidence(data_sha256=dict(data_sha256 or {}))
     if not records:
         return evidence

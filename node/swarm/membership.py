@@ -39,6 +39,10 @@ logger = logging.getLogger("ddm_swarm.membership")
 R = TypeVar("R", bound=SignedRecord)
 # A DHT call that takes longer means the DHT process is gone or wedged; fail instead of hanging.
 DHT_CALL_TIMEOUT_S = 60.0
+# keys per pipe message (~140 pickled bytes each): multiprocessing writes a message over 16 KiB in two
+# writes, and hivemind's DHT process, reading its end non-blocking under uvloop, fails when it sees
+# the header before the rest (hivemind PR #660); 64 keys stay one ~9 KiB write
+GET_MANY_BATCH = 64
 
 
 def check_initial_peers(initial_peers: Iterable[str]) -> List[str]:
@@ -162,9 +166,15 @@ class SwarmMembership:
         return {subkey: (item.value, item.expiration_time) for subkey, item in result.value.items()}
 
     def _get_many(self, keys: Sequence[str]) -> Dict[str, dict]:
-        """Several keys in one DHT traversal: key -> {subkey: (value, expiration)} (absent if not found)."""
-        with self._lock:
-            return self.dht.run_coroutine(partial(_get_many, list(keys)), return_future=True).result(DHT_CALL_TIMEOUT_S)
+        """Several keys in one DHT traversal per GET_MANY_BATCH keys: key -> {subkey: (value, expiration)}
+        (absent if not found). Batched (GET_MANY_BATCH): each call is one message through hivemind's pipe
+        to its DHT process, and a message sent in two writes can leave that process unusable."""
+        keys, found = list(keys), {}
+        for start in range(0, len(keys), GET_MANY_BATCH):
+            with self._lock:
+                found.update(self.dht.run_coroutine(partial(_get_many, keys[start:start + GET_MANY_BATCH]),
+                                                    return_future=True).result(DHT_CALL_TIMEOUT_S))
+        return found
 
     def _accept(self, key: str, entries: dict, kind: Type[R]) -> List[R]:
         records, now, parsed = [], get_dht_time(), keys.parse_key(key)
