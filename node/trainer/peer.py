@@ -55,7 +55,8 @@ from node.trainer.ranks import RankGroup, SingleRank
 from node.trainer.state import JobFile, NodeOptions, NodeState, NodeStatus, TrainingSummary
 from node.swarm.presence import Presence
 from node.swarm.reachability import DialBackService, probe_reachability
-from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
+from node.checkpoints.published import PublishedCheckpoints, Record, UnreadableNodeFile
+from node.trainer.initialisation import PretrainedStart
 from node.trainer.resume import announce_again, resume_from_swarm
 from protocol.hashing import BlobRef
 from protocol.jobs import Job
@@ -85,6 +86,7 @@ class SwarmNode:
         self.presence: Optional[Presence] = None
         self.announcer: Optional[Announcer] = None
         self.mirror: Optional[Mirror] = None
+        self.pretrained: Optional[PretrainedStart] = None  # --init-from
         # the job's, set while CLAIMING and RESUMING
         self.lease: Optional[Lease] = None
         self.data = None
@@ -187,6 +189,9 @@ class SwarmNode:
                              period_s=self.manifest.timing.lease_s)
         self.mirror.protected = self._own_blobs
         stop(self.mirror.stop)
+        if self.options.init_from is not None:
+            self.pretrained = PretrainedStart(self.options.init_from, self.manifest, self.membership, self.blobs,
+                                              self.store, self.announcer)
         stop(self.checkpoints.close)  # a checkpoint in flight is finished before its announcer stops
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
                     f"(signer {identity.signer_id[:12]}…)")
@@ -243,6 +248,7 @@ class SwarmNode:
             leftover.unlink(missing_ok=True)
         self.published = PublishedCheckpoints(state)
         self.parent_blob = self.published.blob
+        resumed = None  # what this job resumed from, if anything: a pretrained start never replaces it
         if (state / "state.safetensors").exists():
             try:
                 self.trainer.load_state(state)
@@ -253,23 +259,32 @@ class SwarmNode:
                     "swarm's latest") from None
             self._set(resumed_from=f"local step {self.trainer.step}")
             logger.info(f"resumed {job} from this node's own state at step {self.trainer.step}")
-        self._resume_from_swarm(job)
+            resumed = f"this node's own state at step {self.trainer.step}"
+        record = self._resume_from_swarm(job)
+        resumed = f"the swarm's checkpoint at step {record.step}" if record is not None else resumed
+        if self.pretrained is not None and not job.is_router:  # --init-from
+            started = self.pretrained.start(job, self.lease.model, self.trainer, state,
+                                            seed=self.options.seed + job.cluster, resumed=resumed)
+            if started is not None:
+                self.parent_blob = started.parent_blob or self.parent_blob
+                self._set(resumed_from=f"--init-from {started.description}"[:80])
         announce_again(job, self.published, self.store, self.membership, self.announcer,
                        self.manifest.timing.record_ttl_s)
         self._last_ckpt_step = self.trainer.step
         self._set(step=self.trainer.step)
 
-    def _resume_from_swarm(self, job: Job) -> None:
+    def _resume_from_swarm(self, job: Job) -> Optional[Record]:
         spec_hash = self.manifest.model_for(job, self.lease.model).spec_hash
         record = resume_from_swarm(job, spec_hash, self.trainer, self.membership, self.blobs, self.store, self.manifest,
                                    self.announcer)
         if record is None:
-            return
+            return None
         self.parent_blob = record.blob.sha256
         self.announcer.provide(record.blob.sha256)
         self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
         logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
                     f"(signer {record.signer[:12]}…)")
+        return record
 
     def _fetch_shard(self, ref: BlobRef) -> Path:
         """A data shard of this node's job (see `node.data.shards`), then served on."""
