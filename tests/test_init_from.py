@@ -2,20 +2,26 @@
 DDPM checkpoint of its cluster (a file, or the swarm's best record) or from a facebookresearch DiT
 file, and announces ordinary checkpoints of the swarm's FM spec that other peers accept. Real nodes
 against a real bootstrap peer on 127.0.0.1; the sources are tiny checkpoints made here. A wrong
-source is refused in one line before the node joins. Each node test takes 20-50 s on a loaded machine."""
+source is a typed error, and `ddm-swarm node` refuses it in one line before it joins. Each node
+test takes 20-50 s on a loaded machine."""
 
+import argparse
+import dataclasses
 import time
 
 import pytest
 import torch
 
-from ddm_models.checkpoint import read_checkpoint, state_dict_part
+from ddm_models.checkpoint import (CheckpointMetadata, checkpoint_tensors, read_checkpoint, state_dict_part,
+                                   write_checkpoint)
 from ddm_models.experts import build_expert
 from node.blobs.store import BlobStore
 from node.checkpoints.acceptance import check_expert
 from node.checkpoints.specs import expert_config
 from node.identity_files import load_or_create_identity
 from node.swarm.manifest_files import load_manifest
+from node.trainer.initialisation import InvalidInitSource, read_init_source
+from protocol.jobs import Job
 from protocol.records import decode_record
 from tests.checkpoint_fixtures import write_expert_checkpoint
 from tests.swarm_harness import ROOT, BootstrapProcess, DhtPeer, NodeProcess, run_cli, wait_until
@@ -157,7 +163,7 @@ def test_a_node_initialised_from_the_swarm_converts_its_clusters_best_ddpm_recor
 
 def _not_a_checkpoint(tmp):
     (tmp / "notes.txt").write_text("not weights")
-    return ["--init-from", str(tmp / "notes.txt")], "neither a ddm-swarm checkpoint"
+    return ["--init-from", str(tmp / "notes.txt")], "not a file torch.save wrote"
 
 
 def _fm_checkpoint(tmp):
@@ -175,6 +181,26 @@ def _ddpm_of_a_ddpm_cluster(tmp):
     return ["--init-from", str(path)], "expert/3 trains the ddpm model"
 
 
+def _ddpm_of_another_width(tmp):
+    path = write_expert_checkpoint(MANIFEST, DDPM, cluster=0, step=10, path=tmp / "narrow.safetensors",
+                                   poison="wrong-architecture")
+    return ["--init-from", str(path)], "they differ in width (16 vs 32)"
+
+
+def _ddpm_whose_tensors_belie_its_header(tmp):
+    config = expert_config(MANIFEST.expert_spec(DDPM), MANIFEST)
+    narrow = build_expert(dataclasses.replace(config, width=16)).state_dict()
+    path = write_checkpoint(tmp / "lying.safetensors", CheckpointMetadata(kind="expert", config=config, cluster=0,
+                                                                          step=10, samples_seen=0),
+                            checkpoint_tensors(narrow, narrow))
+    return ["--init-from", str(path)], "its tensors do not fit the architecture its header names"
+
+
+def _dit_with_pickled_objects(tmp):
+    torch.save({"model": write_dit_file(tmp / "dit.pt"), "args": argparse.Namespace(model="DiT-XL/2")}, tmp / "dit.pt")
+    return ["--init-from", str(tmp / "dit.pt")], "holds pickled objects other than tensors; it is refused unread"
+
+
 def _dit_of_another_width(tmp):
     state = write_dit_file(tmp / "dit.pt")
     state["x_embedder.proj.weight"] = torch.zeros(48, 1, 2, 2)
@@ -182,8 +208,20 @@ def _dit_of_another_width(tmp):
     return ["--init-from", str(tmp / "dit.pt")], "width: DiT has 48"
 
 
-@pytest.mark.parametrize("bad", [_not_a_checkpoint, _fm_checkpoint, _ddpm_of_another_cluster, _ddpm_of_a_ddpm_cluster,
-                                 _dit_of_another_width])
+BAD_SOURCES = [_not_a_checkpoint, _fm_checkpoint, _ddpm_of_another_cluster, _ddpm_of_a_ddpm_cluster,
+               _ddpm_of_another_width, _ddpm_whose_tensors_belie_its_header, _dit_with_pickled_objects, _dit_of_another_width]
+
+
+@pytest.mark.parametrize("bad", BAD_SOURCES)
+def test_a_source_that_cannot_initialise_the_expert_is_a_typed_error_saying_why(tmp_path, bad):
+    args, reason = bad(tmp_path)
+    job = Job.parse(args[args.index("--job") + 1]) if "--job" in args else None
+    with pytest.raises(InvalidInitSource) as refused:
+        read_init_source(args[1], MANIFEST, job)
+    assert reason in str(refused.value)
+
+
+@pytest.mark.parametrize("bad", [_not_a_checkpoint, _ddpm_of_another_cluster, _dit_of_another_width])
 def test_a_source_that_cannot_initialise_the_expert_is_refused_before_joining(tmp_path, bad):
     args, reason = bad(tmp_path)
     started = time.monotonic()

@@ -24,16 +24,19 @@ a checkpoint, of another architecture, or a DDPM of another cluster than --job, 
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import FrozenSet, List, Optional, Tuple
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from ddm_models.checkpoint import CheckpointMetadata, InvalidCheckpoint
 from ddm_models.configs import ExpertConfig
 from ddm_models.conversion import check_convertible, convert_ddpm_checkpoint
+from ddm_models.experts import build_expert
 from ddm_models.pretrained_dit import (check_dit_fits, check_dit_position_embedding, dit_checkpoint_to_expert,
                                        read_dit_state_dict)
 from node.checkpoints.acceptance import Search, check_header, find_acceptable
@@ -134,7 +137,7 @@ def read_init_source(text: str, manifest: SwarmManifest, job: Optional[Job] = No
 
 def _swarm_source(manifest: SwarmManifest, job: Optional[Job], model: Optional[str]) -> InitSource:
     targets = _expert_targets(manifest, job, model)
-    jobs = frozenset(j for j, spec, config in targets if config.objective == "fm" and _ddpm_specs_into(manifest, config))
+    jobs = frozenset(j for j, _, config in targets if config.objective == "fm" and _ddpm_specs_into(manifest, config))
     if not jobs:
         models = sorted({spec.name for _, spec, _ in targets})
         raise InvalidInitSource(f"--init-from {SWARM}: no DDPM model of swarm '{manifest.name}' converts into "
@@ -171,16 +174,38 @@ def _ddpm_file(path: Path, header, manifest: SwarmManifest, job: Optional[Job], 
     why_not = _convertible(metadata.config, target)
     if why_not:
         raise InvalidInitSource(f"{where}: {why_not}")
+    _check_ema_shapes(path, metadata.config, where)
     return InitSource(InitKind.DDPM_FILE, path, frozenset({pinned}), cluster=metadata.cluster)
+
+
+def _check_ema_shapes(path: Path, config: ExpertConfig, where: str) -> None:
+    """The file's EMA tensors must have the names and shapes its header's config builds (read from
+    the safetensors header: no weight is loaded; their values are checked when they are converted)."""
+    with torch.device("meta"):  # shapes only
+        expected = {f"ema/{name}": tuple(t.shape) for name, t in build_expert(config).state_dict().items()}
+    with safe_open(str(path), framework="pt") as handle:
+        found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys() if name.startswith("ema/")}
+    wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+    if wrong:
+        raise InvalidInitSource(f"{where}: its tensors do not fit the architecture its header names "
+                                f"({', '.join(wrong[:3])}{' …' if len(wrong) > 3 else ''})")
+
+
+def _is_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (a pickle, protocol 2, before PyTorch 1.6)."""
+    with open(path, "rb") as file:
+        return zipfile.is_zipfile(file) or file.seek(0) == 0 and file.read(1) == b"\x80"
 
 
 def _dit_file(path: Path, manifest: SwarmManifest, job: Optional[Job], model: Optional[str]) -> InitSource:
     where = f"--init-from {path}"
+    neither = f"{where} is neither a ddm-swarm checkpoint (safetensors) nor a facebookresearch DiT .pt file"
+    if not _is_torch_file(path):
+        raise InvalidInitSource(f"{neither}: it is not a file torch.save wrote")
     try:
         state = read_dit_state_dict(path)
     except InvalidCheckpoint as error:
-        raise InvalidInitSource(f"{where} is neither a ddm-swarm checkpoint (safetensors) nor a facebookresearch "
-                                f"DiT .pt file: {error}") from None
+        raise InvalidInitSource(f"{neither}: {error}") from None
     jobs, refusals = set(), {}
     for candidate, spec, target in _expert_targets(manifest, job, model):
         try:
@@ -242,13 +267,15 @@ class PretrainedStart:
         """Convert the best acceptable DDPM checkpoint of `job`'s cluster in the swarm into `converted`."""
         ddpm_hashes = {spec.spec_hash for spec in _ddpm_specs_into(self.manifest, target)}
 
+        def ddpm_records() -> list:
+            return [r for r in self.membership.job_checkpoints(job) if r.spec_hash in ddpm_hashes]
+
         def convert(path: Path, record) -> Path:
             check_header(path, record, self.manifest)  # what its record says: job, model, step
             return convert_ddpm_checkpoint(path, converted, target=target, seed=seed)
 
         search = Search()
-        accepted = find_acceptable(lambda: [r for r in self.membership.job_checkpoints(job) if r.spec_hash in ddpm_hashes],
-                                   fetch=lambda record: self.blobs.fetch(record.blob), check=convert,
+        accepted = find_acceptable(ddpm_records, fetch=lambda record: self.blobs.fetch(record.blob), check=convert,
                                    membership=self.membership, store=self.store, manifest=self.manifest,
                                    rounds=SEARCH_ROUNDS, search=search)
         for sha, reason in search.refused:
