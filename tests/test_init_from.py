@@ -231,3 +231,25 @@ def test_a_source_that_cannot_initialise_the_expert_is_refused_before_joining(tm
     assert "error:" in result.stderr and reason in " ".join(result.stderr.split()), result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "node").exists()  # it never joined
     assert time.monotonic() - started < 45
+
+
+def _dit_position_table(width: int, grid: int) -> torch.Tensor:
+    """DiT's fixed position table as its models.py computes it (MAE's 2D sin-cos, w first): (1, T, D)."""
+    def one_axis(dim, positions):
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+        angles = positions.reshape(-1, 1).double() * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    w, h = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="xy")
+    return torch.cat([one_axis(width // 2, w), one_axis(width // 2, h)], dim=1).float()[None]
+
+
+def test_the_released_dit_xl_2_256_shapes_and_position_table_fit_the_laion_swarms_fm_spec():
+    from ddm_models.pretrained_dit import check_dit_fits, check_dit_position_embedding
+    laion = load_manifest("laion-aesthetics")
+    target = expert_config(laion.expert_spec(laion.default_expert), laion)
+    # DiT-XL-2-256x256.pt's shapes (the checks read shapes, and the position table's values)
+    state = {"x_embedder.proj.weight": torch.empty(1152, 4, 2, 2), "pos_embed": _dit_position_table(1152, 16),
+             "blocks.27.attn.qkv.weight": torch.empty(1), "blocks.0.mlp.fc1.weight": torch.empty(4608, 1)}
+    check_dit_fits(state, target, "DiT-XL-2-256x256.pt")
+    check_dit_position_embedding(state, target, "DiT-XL-2-256x256.pt")

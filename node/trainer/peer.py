@@ -1,7 +1,8 @@
 """A training node of the swarm: join, claim a job, train, checkpoint, announce, serve.
 
 States (`NodeState`): JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its lease)
--> RESUMING (local state, or the swarm's latest checkpoint of an orphaned job) -> TRAINING
+-> RESUMING (local state, or the swarm's latest checkpoint of an orphaned job; with nothing to
+resume, `--init-from`'s pretrained start, `node.trainer.initialisation`) -> TRAINING
 (checkpoints every N steps, each written locally, added to the blob store, then announced) ->
 MOVING (its job has other trainers while some job has none: checkpoint, give the job back, back to
 CLAIMING) | SERVING (budget spent: the job is given back, blobs are still served) | HANDING_OVER
