@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import PatchEmbed
 
 from ddm_models.checkpoint import CheckpointMetadata, InvalidCheckpoint, checkpoint_tensors, write_checkpoint
 from ddm_models.configs import DIT_SHAPES, ExpertConfig
@@ -86,6 +87,20 @@ def check_dit_fits(state: dict[str, torch.Tensor], target: ExpertConfig, where: 
              for field, value in found.items() if getattr(target, field) != value]
     if wrong:
         raise InvalidCheckpoint(f"{where} cannot initialise {target.name!r}: " + "; ".join(wrong))
+
+
+def check_dit_position_embedding(state: dict[str, torch.Tensor], target: ExpertConfig, where: str) -> None:
+    """Raise `InvalidCheckpoint` unless DiT's `pos_embed` (if it has one) is the fixed sin-cos table
+    (1, T, D) the expert of `target` builds: a learned one cannot be kept. Builds the patch embedding
+    alone (cheap even for DiT-XL), without touching the caller's random state."""
+    if "pos_embed" not in state:
+        return
+    with torch.random.fork_rng(devices=[]):
+        ours = PatchEmbed(height=target.sample_size, width=target.sample_size, patch_size=target.patch_size,
+                          in_channels=target.in_channels, embed_dim=target.width, interpolation_scale=1).pos_embed
+    if state["pos_embed"].shape != ours.shape or not torch.allclose(state["pos_embed"].float(), ours, atol=1e-4):
+        raise InvalidCheckpoint(f"{where}: its position embedding is not DiT's fixed sin-cos one; "
+                                "a learned one cannot be kept by this expert")
 
 
 def _frequencies(t: torch.Tensor) -> torch.Tensor:
@@ -153,14 +168,10 @@ def init_expert_from_dit(path: str | Path, target: ExpertConfig, *, seed: int = 
     docstring), its fresh parts seeded by `seed`."""
     state = read_dit_state_dict(path)
     check_dit_fits(state, target, str(path))
+    check_dit_position_embedding(state, target, str(path))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_expert(target)
-    if "pos_embed" in state:
-        ours = model.pos_embed.pos_embed
-        if state["pos_embed"].shape != ours.shape or not torch.allclose(state["pos_embed"].float(), ours, atol=1e-4):
-            raise InvalidCheckpoint(f"{path}: its position embedding is not DiT's fixed sin-cos one; "
-                                    "a learned one cannot be kept by this expert")
     model.load_state_dict(dit_to_expert_state(state, model))
     return model
 

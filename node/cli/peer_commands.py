@@ -49,6 +49,11 @@ def node(
     mirror: bool = typer.Option(True, help="Also keep and serve the latest checkpoint of every other job."),
     threads: int = typer.Option(1, help="torch threads (one per core; several nodes on a machine share them)."),
     seed: int = typer.Option(0, help="Training seed (a restart must use the same one)."),
+    init_from: Optional[str] = typer.Option(
+        None, "--init-from", help="Start an expert with nothing to resume from pretrained weights: a DDPM expert "
+                                  "checkpoint file (converted to flow matching; trains that checkpoint's cluster), "
+                                  "'swarm' (the best DDPM checkpoint of the claimed cluster in the swarm), or a "
+                                  "facebookresearch DiT .pt file. Checked before joining; resuming always wins."),
     announce: Optional[List[str]] = AnnounceOption,
     reachability: str = ReachabilityOption,
     relay: bool = RelayOption,
@@ -66,6 +71,7 @@ def node(
     """Join a swarm, claim the job that most needs work, train it, announce and serve checkpoints."""
     from node.cli.node_view import NodeView
     from node.swarm.manifest_files import load_manifest
+    from node.trainer.initialisation import read_init_source
     from node.trainer.peer import SwarmNode
     from node.trainer.ranks import start_ranks
     from node.trainer.state import NodeOptions
@@ -74,10 +80,13 @@ def node(
     try:
         manifest = load_manifest(swarm)
         peers = initial_peers or list(manifest.bootstrap_peers)
+        forced = parse_job(job, manifest)
+        source = read_init_source(init_from, manifest, forced, model) if init_from is not None else None
+        forced = forced or (source.pinned_job if source else None)  # a DDPM checkpoint is of one cluster
         options = NodeOptions(data_dir=data_dir, initial_peers=peers, host=host, port=port,
-                              job=parse_job(job, manifest), model=model, max_steps=max_steps, max_minutes=max_minutes,
+                              job=forced, model=model, max_steps=max_steps, max_minutes=max_minutes,
                               exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed,
-                              device=checked_device(device),
+                              device=checked_device(device), init_from=source,
                               network=network_options(announce, reachability, relay, auto_relay, relay_service,
                                                       nat_traversal, port_map, direct_port))
         ranks = start_ranks(manifest, options, gpus)

@@ -1,7 +1,8 @@
 """A training node of the swarm: join, claim a job, train, checkpoint, announce, serve.
 
 States (`NodeState`): JOINING (DHT, identity, blob server) -> CLAIMING (pick a job, take its lease)
--> RESUMING (local state, or the swarm's latest checkpoint of an orphaned job) -> TRAINING
+-> RESUMING (local state, or the swarm's latest checkpoint of an orphaned job; with nothing to
+resume, `--init-from`'s pretrained start, `node.trainer.initialisation`) -> TRAINING
 (checkpoints every N steps, each written locally, added to the blob store, then announced) ->
 MOVING (its job has other trainers while some job has none: checkpoint, give the job back, back to
 CLAIMING) | SERVING (budget spent: the job is given back, blobs are still served) | HANDING_OVER
@@ -58,7 +59,8 @@ from node.trainer.ranks import RankGroup, SingleRank
 from node.trainer.state import JobFile, NodeOptions, NodeState, NodeStatus, TrainingSummary
 from node.swarm.presence import Presence
 from node.swarm.reachability import DialBackService, probe_reachability
-from node.checkpoints.published import PublishedCheckpoints, UnreadableNodeFile
+from node.checkpoints.published import PublishedCheckpoints, Record, UnreadableNodeFile
+from node.trainer.initialisation import PretrainedStart
 from node.trainer.resume import announce_again, prove_claimers, resume_from_swarm
 from protocol.hashing import BlobRef
 from protocol.jobs import Job
@@ -90,6 +92,7 @@ class SwarmNode:
         self.mirror: Optional[Mirror] = None
         self.verified = Verified()  # checkpoints this node checked itself: step bounds, proven claimers
         self.auditor: Optional[Auditor] = None
+        self.pretrained: Optional[PretrainedStart] = None  # --init-from
         # the job's, set while CLAIMING and RESUMING
         self.lease: Optional[Lease] = None
         self.data = None
@@ -198,6 +201,9 @@ class SwarmNode:
                                lambda cluster: self.data.heldout_data(cluster) if self.data is not None else None,
                                period_s=self.manifest.timing.lease_s)
         stop(self.auditor.stop)
+        if self.options.init_from is not None:
+            self.pretrained = PretrainedStart(self.options.init_from, self.manifest, self.membership, self.blobs,
+                                              self.store, self.announcer)
         stop(self.checkpoints.close)  # a checkpoint in flight is finished before its announcer stops
         logger.info(f"joined swarm '{self.manifest.name}' as {self.membership.peer_id} "
                     f"(signer {identity.signer_id[:12]}…)")
@@ -257,6 +263,7 @@ class SwarmNode:
             leftover.unlink(missing_ok=True)
         self.published = PublishedCheckpoints(state)
         self.parent_blob = self.published.blob
+        resumed = None  # what this job resumed from, if anything: a pretrained start never replaces it
         if (state / "state.safetensors").exists():
             try:
                 self.trainer.load_state(state)
@@ -267,25 +274,34 @@ class SwarmNode:
                     "swarm's latest") from None
             self._set(resumed_from=f"local step {self.trainer.step}")
             logger.info(f"resumed {job} from this node's own state at step {self.trainer.step}")
-        self._resume_from_swarm(job)
+            resumed = f"this node's own state at step {self.trainer.step}"
+        record = self._resume_from_swarm(job)
+        resumed = f"the swarm's checkpoint at step {record.step}" if record is not None else resumed
+        if self.pretrained is not None and not job.is_router:  # --init-from
+            started = self.pretrained.start(job, self.lease.model, self.trainer, state,
+                                            seed=self.options.seed + job.cluster, resumed=resumed)
+            if started is not None:
+                self.parent_blob = started.parent_blob or self.parent_blob
+                self._set(resumed_from=f"--init-from {started.description}"[:80])
         announce_again(job, self.published, self.store, self.membership, self.announcer,
                        self.manifest.timing.record_ttl_s)
         self._last_ckpt_step = self.trainer.step
         self._set(step=self.trainer.step)
 
-    def _resume_from_swarm(self, job: Job) -> None:
+    def _resume_from_swarm(self, job: Job) -> Optional[Record]:
         spec_hash = self.manifest.model_for(job, self.lease.model).spec_hash
         if self.published.record is not None and self.published.record.swarm_id == self.membership.swarm_id:
             self.verified.add(self.published.record)  # our own work, made at its created_at
         record = resume_from_swarm(job, spec_hash, self.trainer, self.membership, self.blobs, self.store, self.manifest,
                                    self.announcer, self.verified)
         if record is None:
-            return
+            return None
         self.parent_blob = record.blob.sha256
         self.announcer.provide(record.blob.sha256)
         self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
         logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
                     f"(signer {record.signer[:12]}…)")
+        return record
 
     def _fetch_shard(self, ref: BlobRef) -> Path:
         """A data shard of this node's job (see `node.data.shards`), then served on."""

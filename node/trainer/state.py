@@ -8,12 +8,15 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from node.checkpoints.published import UnreadableNodeFile
 from node.files import atomic_write_bytes
 from node.swarm.reachability import NetworkOptions
 from protocol.jobs import InvalidJob, Job
+
+if TYPE_CHECKING:
+    from node.trainer.initialisation import InitSource
 
 
 class NodeState(str, Enum):
@@ -56,6 +59,7 @@ class NodeOptions:
     device: str = "auto"  # CUDA when present, else the CPU (`ddm_models.devices.resolve_device`)
     slice_s: float = 2.0  # train this long between looks at the outside world
     network: NetworkOptions = field(default_factory=NetworkOptions)  # how this node is reached
+    init_from: Optional["InitSource"] = None  # a pretrained start for a job with nothing to resume (checked)
 
 
 @dataclass
