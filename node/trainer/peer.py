@@ -31,11 +31,7 @@ from typing import Callable, List, Optional, Set
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
-from ddm_models.checkpoint import InvalidCheckpoint
 from ddm_models.devices import resolve_device
-from ddm_models.text import build_text_encoder
-from ddm_models.training import ExpertTrainer
-from ddm_models.router_training import RouterTrainer
 from node.swarm.announcer import Announcer
 from node.blobs.service import BlobService
 from node.blobs.store import BlobStore
@@ -46,7 +42,7 @@ from node.swarm.leases import Lease, MoveWatch, claim_job, keep_previous_job
 from node.errors import DiskFull
 from node.files import hold_exclusive_lock
 from node.trainer.handover import hand_over_checkpoint, needs_hand_over
-from node.checkpoints.specs import check_model_specs, expert_config, router_config, training_options
+from node.checkpoints.specs import check_model_specs
 from node.data.shards import fetch_shard
 from node.data.swarm_data import job_data
 from node.identity_files import identities_for_join
@@ -59,7 +55,8 @@ from node.trainer.ranks import RankGroup, SingleRank
 from node.trainer.state import JobFile, NodeOptions, NodeState, NodeStatus, TrainingSummary
 from node.swarm.presence import Presence
 from node.swarm.reachability import DialBackService, probe_reachability
-from node.checkpoints.published import PublishedCheckpoints, Record, UnreadableNodeFile
+from node.checkpoints.published import PublishedCheckpoints, Record
+from node.trainer.building import build_trainer, load_own_state
 from node.trainer.initialisation import PretrainedStart
 from node.trainer.resume import announce_again, prove_claimers, resume_from_swarm
 from protocol.hashing import BlobRef
@@ -229,7 +226,8 @@ class SwarmNode:
         self.data = job_data(self.manifest, self.data_dir / "cache", fetch=self._fetch_shard)
         self.data.prefetch(job)  # a node's other training processes read the shards from its store
         self.ranks.start_job(job, self.lease.model)
-        self.trainer = self._build_trainer(job)
+        self.trainer = build_trainer(self.manifest, job, self.lease.model, self.data, seed=self.options.seed,
+                                     device=self.options.device)
         self._resume(job)
         self.ranks.share_state(self.trainer)
         if not self._moving:  # the first job; a node that moves keeps its announcer and mirror
@@ -239,20 +237,6 @@ class SwarmNode:
                 self.auditor.start()
         self._moving = False
         self.moves.reset()
-
-    def _build_trainer(self, job: Job):
-        text = build_text_encoder(self.manifest.text_encoder)
-        if job.is_router:
-            options = training_options(self.manifest.router)
-            train, clusters, heldout = self.data.router_data()
-            return RouterTrainer(router_config(self.manifest), train, clusters, text, seed=self.options.seed,
-                                 device=self.options.device, heldout=heldout, **options)
-        cluster = job.cluster
-        spec = self.manifest.expert_spec(self.lease.model)
-        train, heldout = self.data.expert_data(cluster)
-        return ExpertTrainer(expert_config(spec, self.manifest), train, text, seed=self.options.seed + cluster,
-                             device=self.options.device, cluster=cluster, heldout=heldout,
-                             **training_options(spec))
 
     def _state_dir(self, job: Job) -> Path:
         return self.data_dir / "jobs" / job.slug / self.lease.model
@@ -264,14 +248,7 @@ class SwarmNode:
         self.published = PublishedCheckpoints(state)
         self.parent_blob = self.published.blob
         resumed = None  # what this job resumed from, if anything: a pretrained start never replaces it
-        if (state / "state.safetensors").exists():
-            try:
-                self.trainer.load_state(state)
-            except InvalidCheckpoint as error:
-                raise UnreadableNodeFile(
-                    f"{state / 'state.safetensors'} cannot be loaded ({error}). Move it away and restart: the node "
-                    f"then resumes from its last published checkpoint (step {self.published.step}) or the "
-                    "swarm's latest") from None
+        if load_own_state(self.trainer, state, self.published):
             self._set(resumed_from=f"local step {self.trainer.step}")
             logger.info(f"resumed {job} from this node's own state at step {self.trainer.step}")
             resumed = f"this node's own state at step {self.trainer.step}"

@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from types import SimpleNamespace
 from typing import Callable, List, Optional
 
 import torch
@@ -254,7 +253,7 @@ def follow(manifest, options) -> None:
     """A follower rank's whole life: join the group, obey rank 0's commands until STOP."""
     from node.blobs.store import BlobStore
     from node.data.swarm_data import job_data
-    from node.trainer.peer import SwarmNode
+    from node.trainer.building import build_trainer
     from protocol.jobs import Job
 
     rank, local_rank, _ = torchrun_world()
@@ -264,8 +263,7 @@ def follow(manifest, options) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 got it too and decides
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     command_device = _join_group(options.device)
-    # the trainer a job gets is decided in one place, SwarmNode._build_trainer; this node never joins
-    builder = SwarmNode(manifest, options)
+    # the trainer a job gets is decided in one place (node.trainer.building); a follower never joins
     trainer = None
     while True:
         command = torch.zeros(2, dtype=torch.int64, device=command_device)
@@ -275,10 +273,9 @@ def follow(manifest, options) -> None:
             described = [None]
             dist.broadcast_object_list(described, src=0)
             job, model = Job.parse(described[0][0]), described[0][1]
-            builder.lease = SimpleNamespace(job=job, model=model)
             store = BlobStore(options.data_dir / "blobs")  # rank 0 fetched the job's shards and filled the cache
-            builder.data = job_data(manifest, options.data_dir / "cache", fetch=lambda ref: store.path(ref.sha256))
-            trainer = builder._build_trainer(job)
+            data = job_data(manifest, options.data_dir / "cache", fetch=lambda ref: store.path(ref.sha256))
+            trainer = build_trainer(manifest, job, model, data, seed=options.seed, device=options.device)
             logger.info(f"rank {rank}: training {job} ({model}) with rank 0")
         elif what == STATE:
             trainer.share_state_from_rank0()
