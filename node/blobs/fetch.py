@@ -32,6 +32,7 @@ import hashlib
 import logging
 import random
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -39,7 +40,9 @@ from typing import Callable, Optional, Sequence
 from protocol.blob_wire import BlobRequest
 from protocol.errors import HashMismatch
 from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
+from protocol.limits import CHUNK_BYTES
 from node.blobs.banlist import BanList
+from node.blobs.buffers import ChunkBuffers
 from node.blobs.direct import DirectRoutes
 from node.blobs.outcome import BlobUnavailable, FetchReport, NotProvided, RecordContradicted, ref_key  # noqa: F401 (re-exported)
 from node.blobs.partial import PartialDownload
@@ -54,14 +57,18 @@ Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
 MAX_PROVIDERS = 16  # providers one download uses, sampled from those given
 MAX_OPENING = 8  # streams being opened at once (each pending open holds a descriptor to the daemon)
 MIN_OVERALL_RATE = 256 * 1024  # bytes/s: the whole download's deadline is its size at this rate, plus slack
+# Chunks one stream has read and not yet seen verified. One was too few: a stream waited for its
+# last chunk's hash before reading on, so on a loaded machine (a 4 MiB verify taking ~40 ms) two
+# streams could not outrun two verifies at a time (benchmarks/transfer.py).
+VERIFYING_PER_STREAM = 3
 
 
 class _Download:
     def __init__(self, p2p, ref: BlobRef, providers: Sequence[object], partial: PartialDownload, *,
                  bans: BanList, report: FetchReport, progress: Optional[Progress], executor: ThreadPoolExecutor,
                  streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float,
-                 direct: Optional[DirectRoutes] = None) -> None:
-        self.p2p, self.ref, self.partial, self.direct = p2p, ref, partial, direct
+                 buffers: ChunkBuffers, direct: Optional[DirectRoutes] = None) -> None:
+        self.p2p, self.ref, self.partial, self.direct, self.buffers = p2p, ref, partial, direct, buffers
         self.scope = ref_key(ref)
         self.bans, self.report, self.progress, self.executor = bans, report, progress, executor
         self.streams_per_provider = streams_per_provider
@@ -204,21 +211,24 @@ class _Download:
         return True
 
     async def _stream_worker(self, provider: Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> bool:
-        """One stream to one provider: request chunks (two outstanding), read them, verify the previous
-        one on a worker thread while the next arrives. True: its direct route failed, start it again."""
+        """One stream to one provider: request chunks (two outstanding), read them, verify the last
+        ones read (up to `VERIFYING_PER_STREAM`) on worker threads while the next arrives. True: its
+        direct route failed, start it again."""
         restart = False
         loop = asyncio.get_running_loop()
         outstanding: list[int] = []  # requested on this stream, answers not read yet, in order
-        verifying: Optional[asyncio.Future] = None  # (index, data, matches) of the last chunk read
+        verifying: deque[asyncio.Future] = deque()  # (index, data, matches) of chunks read, oldest first
         stream = None
 
         def settle(result: tuple[int, bytearray, bool]) -> None:
             index, data, matches = result
             provider.holding.discard(index)
             if not matches:
+                self.buffers.give_back(data)
                 scheduler.give_back([index])
                 raise ProviderFault(f"chunk {index} does not match its digest")
             if scheduler.is_done(index):  # endgame: another stream delivered it first
+                self.buffers.give_back(data)
                 return
             hasher.offer(index, data)
             scheduler.done(index)
@@ -243,22 +253,19 @@ class _Download:
                     provider.holding.add(index)
                     start, end = chunk_span(index, self.ref.size)
                     await stream.send(BlobRequest.range(self.ref.sha256, start, end).encode())
-                if verifying is not None and (not outstanding or verifying.done()):
-                    pending, verifying = verifying, None
-                    settle(await pending)
+                while verifying and (verifying[0].done() or not outstanding
+                                     or len(verifying) >= VERIFYING_PER_STREAM):
+                    settle(await verifying.popleft())
                 if not outstanding:
-                    if verifying is None and scheduler.finished:
+                    if scheduler.finished:
                         break
                     continue  # nothing to ask for now; wait in take() for chunks other streams give back
                 start, end = chunk_span(outstanding[0], self.ref.size)
                 await expect_ok(stream, end - start, self.stall_timeout)
                 self.answered.add(provider.name)
-                data = bytearray(end - start)
+                data = self.buffers.take(end - start)
                 await stream.read_into(data, self.stall_timeout, self.min_rate)
-                if verifying is not None:
-                    pending, verifying = verifying, None
-                    settle(await pending)
-                verifying = asyncio.ensure_future(verify(outstanding.pop(0), data))
+                verifying.append(asyncio.ensure_future(verify(outstanding.pop(0), data)))
         except ProviderFault as error:
             restart = self._direct_failed(provider, stream, error)
             if not restart:
@@ -270,9 +277,9 @@ class _Download:
             if not restart:
                 self._drop(provider, str(error))
         finally:
-            if verifying is not None:  # a chunk read before the stream failed is still worth keeping
+            while verifying:  # chunks read before the stream failed are still worth keeping
                 try:
-                    settle(await verifying)
+                    settle(await verifying.popleft())
                 except ProviderFault as error:
                     if not self._direct_failed(provider, stream, error):
                         self._ban(provider, str(error))
@@ -342,11 +349,15 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
         deadline_s = connect_timeout + 2 * stall_timeout + ref.size / MIN_OVERALL_RATE
     partial = await asyncio.to_thread(PartialDownload, store, ref)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"blob-{ref.sha256[:8]}")
+    # The whole-file hash has a thread of its own: sharing the chunk verifiers' threads, it queued
+    # behind them and lagged ~15 chunks by the last one (70 ms of a 740 ms, 128 MiB download).
+    whole_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blob-{ref.sha256[:8]}-whole")
+    buffers = ChunkBuffers(CHUNK_BYTES)
     download = _Download(p2p, ref, providers, partial, bans=bans if bans is not None else BanList(), report=report,
                          progress=progress, executor=executor, streams_per_provider=streams_per_provider,
                          stall_timeout=stall_timeout, min_rate=min_rate, connect_timeout=connect_timeout,
-                         direct=direct)
-    hasher = OrderedHasher(ref.num_chunks, partial.read_chunk, executor)
+                         buffers=buffers, direct=direct)
+    hasher = OrderedHasher(ref.num_chunks, partial.read_chunk, whole_executor, give_back=buffers.give_back)
     try:
         try:
             async with asyncio.timeout(deadline_s):
@@ -363,6 +374,7 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
         # Threads may still be writing or hashing a chunk: let them finish before the files close
         # (a closed descriptor's number can be reused at once, by an unrelated file).
         await asyncio.to_thread(executor.shutdown)
+        await asyncio.to_thread(whole_executor.shutdown)
         partial.close()
         report.seconds = time.perf_counter() - started
 
