@@ -188,6 +188,12 @@ class StreamReceiver:
         finally:
             protocol.target = None
 
+    @property
+    def unclaimed_bytes(self) -> int:
+        """Bytes read off the connection that no read has claimed yet: at most `MAX_PENDING` plus
+        one read of the scratch buffer, whatever the peer sends ahead (the rest waits in the kernel)."""
+        return len(self._protocol.pending)
+
     async def send(self, frame: bytes) -> None:
         if self._protocol.closed:
             raise StreamClosed(self._protocol.closed)
