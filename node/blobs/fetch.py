@@ -32,7 +32,6 @@ import hashlib
 import logging
 import random
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -57,10 +56,6 @@ Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
 MAX_PROVIDERS = 16  # providers one download uses, sampled from those given
 MAX_OPENING = 8  # streams being opened at once (each pending open holds a descriptor to the daemon)
 MIN_OVERALL_RATE = 256 * 1024  # bytes/s: the whole download's deadline is its size at this rate, plus slack
-# Chunks one stream has read and not yet seen verified. One was too few: a stream waited for its
-# last chunk's hash before reading on, so on a loaded machine (a 4 MiB verify taking ~40 ms) two
-# streams could not outrun two verifies at a time (benchmarks/transfer.py).
-VERIFYING_PER_STREAM = 3
 
 
 class _Download:
@@ -211,13 +206,12 @@ class _Download:
         return True
 
     async def _stream_worker(self, provider: Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> bool:
-        """One stream to one provider: request chunks (two outstanding), read them, verify the last
-        ones read (up to `VERIFYING_PER_STREAM`) on worker threads while the next arrives. True: its
-        direct route failed, start it again."""
+        """One stream to one provider: request chunks (two outstanding), read them, verify the previous
+        one on a worker thread while the next arrives. True: its direct route failed, start it again."""
         restart = False
         loop = asyncio.get_running_loop()
         outstanding: list[int] = []  # requested on this stream, answers not read yet, in order
-        verifying: deque[asyncio.Future] = deque()  # (index, data, matches) of chunks read, oldest first
+        verifying: Optional[asyncio.Future] = None  # (index, data, matches) of the last chunk read
         stream = None
 
         def settle(result: tuple[int, bytearray, bool]) -> None:
@@ -253,11 +247,11 @@ class _Download:
                     provider.holding.add(index)
                     start, end = chunk_span(index, self.ref.size)
                     await stream.send(BlobRequest.range(self.ref.sha256, start, end).encode())
-                while verifying and (verifying[0].done() or not outstanding
-                                     or len(verifying) >= VERIFYING_PER_STREAM):
-                    settle(await verifying.popleft())
+                if verifying is not None and (not outstanding or verifying.done()):
+                    pending, verifying = verifying, None
+                    settle(await pending)
                 if not outstanding:
-                    if scheduler.finished:
+                    if verifying is None and scheduler.finished:
                         break
                     continue  # nothing to ask for now; wait in take() for chunks other streams give back
                 start, end = chunk_span(outstanding[0], self.ref.size)
@@ -265,7 +259,10 @@ class _Download:
                 self.answered.add(provider.name)
                 data = self.buffers.take(end - start)
                 await stream.read_into(data, self.stall_timeout, self.min_rate)
-                verifying.append(asyncio.ensure_future(verify(outstanding.pop(0), data)))
+                if verifying is not None:
+                    pending, verifying = verifying, None
+                    settle(await pending)
+                verifying = asyncio.ensure_future(verify(outstanding.pop(0), data))
         except ProviderFault as error:
             restart = self._direct_failed(provider, stream, error)
             if not restart:
@@ -277,9 +274,9 @@ class _Download:
             if not restart:
                 self._drop(provider, str(error))
         finally:
-            while verifying:  # chunks read before the stream failed are still worth keeping
+            if verifying is not None:  # a chunk read before the stream failed is still worth keeping
                 try:
-                    settle(await verifying.popleft())
+                    settle(await verifying)
                 except ProviderFault as error:
                     if not self._direct_failed(provider, stream, error):
                         self._ban(provider, str(error))
