@@ -104,3 +104,25 @@ def test_a_peer_that_trickles_bytes_below_the_minimum_rate_is_reported_too_slow(
         peer.close()
 
     run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_body_sent_before_its_reader_asks_waits_in_the_socket_not_in_a_second_copy(loop_name):
+    # Bytes read with no target named are copied twice more (scratch, pending, target): a
+    # downloader busy hashing must leave them in the kernel, then receive them into its buffer.
+    async def scenario():
+        stream, peer = await receiver_and_peer()
+        body = os.urandom(4 * 1024 * 1024)
+        sender = asyncio.create_task(asyncio.get_running_loop().sock_sendall(peer, BlobResponse.ok(len(body)).encode()
+                                                                             + body))
+        header = await stream.read_response(5)
+        await asyncio.sleep(0.3)  # the reader is busy elsewhere; the peer goes on sending
+        assert stream.unclaimed_bytes <= 64 * 1024  # of the 4 MiB sent ahead
+        received = bytearray(header.length)
+        await stream.read_into(received, 5)
+        assert received == body
+        await sender
+        stream.close()
+        peer.close()
+
+    run(loop_name, scenario)

@@ -87,15 +87,17 @@ class ChunkScheduler:
 class OrderedHasher:
     """sha256 of the whole blob, fed chunk by chunk in index order on a worker thread.
 
-    `offer(index, data)` hands over a verified chunk; chunks that arrive ahead of the hashing
-    cursor wait in memory, up to `max_buffered`, beyond which they are read back from disk
-    (`read_chunk`) when their turn comes.
+    `offer(index, data)` hands over a verified chunk that is already written to disk; chunks that
+    arrive ahead of the hashing cursor wait in memory, up to `max_buffered`, beyond which they are
+    read back from disk (`read_chunk`) when their turn comes. Every buffer offered goes to
+    `give_back` once the hasher no longer reads it (see `node.blobs.buffers`).
     """
 
     def __init__(self, num_chunks: int, read_chunk: Callable[[int], bytes], executor: Executor,
-                 max_buffered: int = 16) -> None:
+                 max_buffered: int = 16, give_back: Callable[[bytearray], None] = lambda buffer: None) -> None:
         self.num_chunks = num_chunks
         self._read_chunk = read_chunk
+        self._give_back = give_back
         self._executor = executor
         self._max_buffered = max_buffered
         self._ready: dict[int, Optional[bytes]] = {}
@@ -104,13 +106,17 @@ class OrderedHasher:
         self._digest = hashlib.sha256()
         self._pump: Optional[asyncio.Task] = None
 
-    def offer(self, index: int, data: Optional[bytes] = None) -> None:
+    def offer(self, index: int, data: Optional[bytearray] = None) -> None:
         if index < self._cursor or index in self._ready:
+            if data is not None:
+                self._give_back(data)
             return
         if data is not None and (index == self._cursor or self._buffered < self._max_buffered):
             self._ready[index] = data
             self._buffered += 1
         else:
+            if data is not None:  # on disk already: read back when its turn comes
+                self._give_back(data)
             self._ready[index] = None
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run())
@@ -120,10 +126,12 @@ class OrderedHasher:
         while self._cursor in self._ready:
             data = self._ready.pop(self._cursor)
             if data is None:
-                data = await loop.run_in_executor(self._executor, self._read_chunk, self._cursor)
+                await loop.run_in_executor(self._executor, self._digest.update,
+                                           await loop.run_in_executor(self._executor, self._read_chunk, self._cursor))
             else:
                 self._buffered -= 1
-            await loop.run_in_executor(self._executor, self._digest.update, data)
+                await loop.run_in_executor(self._executor, self._digest.update, data)
+                self._give_back(data)  # not reached when cancelled mid-update: the thread may still read it
             self._cursor += 1
 
     async def hexdigest(self) -> str:

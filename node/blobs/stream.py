@@ -70,7 +70,11 @@ def close_quietly(writer: asyncio.StreamWriter) -> None:
 class _ReceiveProtocol(asyncio.BufferedProtocol):
     """Reads into the current target buffer if there is one, else into `pending` (headers)."""
 
-    MAX_PENDING = 1 << 20  # without a target, stop reading beyond this: the peer must wait for us
+    # Without a target, stop reading beyond this: the rest stays in the kernel's socket buffer until
+    # `read_into` names its buffer, and is then received straight into it. Bytes read without a
+    # target are copied twice more (scratch -> pending -> target); with a 1 MiB bound about a quarter
+    # of a download took that path while the worker waited for a chunk's hash (benchmarks/transfer.py).
+    MAX_PENDING = 16 * 1024
 
     def __init__(self, transport: asyncio.Transport, leftover: bytes) -> None:
         self.transport = transport
@@ -80,7 +84,7 @@ class _ReceiveProtocol(asyncio.BufferedProtocol):
         self.received = 0  # total bytes, for stall detection
         self.closed: Optional[str] = None
         self.waiter: Optional[asyncio.Future] = None
-        self._scratch = bytearray(256 * 1024)
+        self._scratch = bytearray(self.MAX_PENDING)  # headers are tens of bytes
 
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
         if self.target is not None and self.filled < len(self.target):
@@ -183,6 +187,12 @@ class StreamReceiver:
                              f"a {len(target)}-byte body", deadline)
         finally:
             protocol.target = None
+
+    @property
+    def unclaimed_bytes(self) -> int:
+        """Bytes read off the connection that no read has claimed yet: at most `MAX_PENDING` plus
+        one read of the scratch buffer, whatever the peer sends ahead (the rest waits in the kernel)."""
+        return len(self._protocol.pending)
 
     async def send(self, frame: bytes) -> None:
         if self._protocol.closed:
