@@ -51,6 +51,7 @@ def test_a_resuming_node_adopts_the_honest_checkpoint_behind_a_dozen_fake_candid
         honest = LineProcess([sys.executable, "-m", "tests.peers.lying_node", "--manifest", str(path),
                               "--initial-peers", *boot.maddrs, "--identity", str(tmp_path / "honest.pem"),
                               "--cluster", "0", "--behaviour", "file", "--file", str(honest_file), "--step", "40",
+                              "--heldout-loss", "10",  # an untrained file's honest claim: audits cannot refute it
                               "--store", str(tmp_path / "honest-store")], env=child_env())
         processes.append(honest)
         announced = json.loads(honest.wait_for(lambda line: line.startswith("{"), timeout=90))

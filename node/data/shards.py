@@ -166,10 +166,14 @@ class ShardData:
         return (self._load(shards.train, f"{self.manifest.name}/cluster-{cluster}"),
                 self._load(shards.heldout, f"{self.manifest.name}/cluster-{cluster}/heldout"))
 
-    def heldout_data(self, cluster: int) -> CaptionedDataset:
-        """The held-out samples of one cluster only (an auditor of another cluster's experts fetches
-        its held-out shards, a tenth of the data or so, never its training shards)."""
-        return self._load(expert_shards(self.manifest, cluster).heldout, f"{self.manifest.name}/cluster-{cluster}/heldout")
+    def heldout_data(self, cluster: int) -> Optional[CaptionedDataset]:
+        """The held-out samples of one cluster if this node holds their shards already (those of its
+        own job), else None: an auditor never downloads another cluster's data, so a node holds only
+        its own job's shards."""
+        shards = expert_shards(self.manifest, cluster).heldout
+        if not shards or any(shard.blob.sha256 not in self.held for shard, _ in shards):
+            return None
+        return self._load(shards, f"{self.manifest.name}/cluster-{cluster}/heldout")
 
     def router_data(self) -> Tuple[CaptionedDataset, None, Tuple[CaptionedDataset, None]]:
         """The router's sample (its own cluster labels) and a bounded held-out sample of every cluster."""

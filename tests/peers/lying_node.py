@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--identity", required=True)
     parser.add_argument("--cluster", type=int, default=0)
     parser.add_argument("--step", type=int, nargs="+", default=[10**6])
+    parser.add_argument("--heldout-loss", type=float, default=0.001,
+                        help="the loss the records claim (a liar's usual 0.001; an honest file claims what it has)")
     parser.add_argument("--model", default=None, help="model of the manifest (default: the cluster's)")
     parser.add_argument("--behaviour", choices=["garbage", "corrupt", "file"], required=True)
     parser.add_argument("--file", nargs="+", default=[], help="with several, each is announced by a fresh signer")
@@ -89,7 +91,7 @@ def main() -> None:
         now = get_dht_time()
         for ref, export, step, signer in zip(blobs, exports, args.step, signers):
             record = CheckpointRecord(membership.swarm_id, args.cluster, spec.name, spec.objective, spec.spec_hash,
-                                      step, step * 32, 0.001, ref, export, "", now, now + 600)
+                                      step, step * 32, args.heldout_loss, ref, export, "", now, now + 600)
             membership.publish(record.signed_by(signer), confirm=False)
 
     def keep_providing() -> None:
