@@ -38,6 +38,10 @@ class BootstrapPeer:
         with identities_for_join(signer_path, identity_path) as (signer, p2p_key):
             self.membership = SwarmMembership(manifest, signer, initial_peers=initial_peers, host=host, port=port,
                                               p2p_identity_path=p2p_key, network=network, reachable=network.reachability == "public")
+        if not manifest.trust.allows(signer.signer_id):  # it still routes and relays; its records are refused
+            logger.warning(f"this bootstrap's signer {signer.signer_id} is not in swarm '{manifest.name}''s "
+                           f"allow-list: every peer refuses its presence records (and the shards it seeds are "
+                           f"found only through the manifest's URLs). Add it to trust.signers ({signer_path}).")
         self.presence = Presence(self.membership, role="bootstrap")
         # joining nodes ask it whether they can be dialed back (node.swarm.reachability)
         self.loop = NetworkLoop()

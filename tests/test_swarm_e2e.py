@@ -36,9 +36,11 @@ def swarm(tmp_path_factory):
     write_manifest_file(manifest, path)
     boot = BootstrapProcess(path, tmp / "boot.key")
     peers = boot.maddrs
-    nodes = {"a": NodeProcess(path, tmp / "a", peers, "--job", "expert/0"),
-             "b": NodeProcess(path, tmp / "b", peers, "--job", "expert/1"),
-             "r": NodeProcess(path, tmp / "r", peers, "--job", "router")}
+    # no audits here (tests/test_audits_e2e.py has them): an audited honest checkpoint ranks before every
+    # unaudited one, and the liars below would then never be tried, nor reported
+    nodes = {"a": NodeProcess(path, tmp / "a", peers, "--job", "expert/0", "--no-audit"),
+             "b": NodeProcess(path, tmp / "b", peers, "--job", "expert/1", "--no-audit"),
+             "r": NodeProcess(path, tmp / "r", peers, "--job", "router", "--no-audit")}
     observer = DhtPeer(path, peers)
     state = {"tmp": tmp, "path": path, "manifest": manifest, "peers": peers, "signers": signers,
              "outsider": outsider, "nodes": nodes, "observer": observer, "others": []}
@@ -136,7 +138,7 @@ def test_checkpoint_survives_its_only_original_provider_through_a_mirror(swarm):
 
 def test_killed_nodes_job_is_taken_over_from_its_last_checkpoint_after_the_lease_expires(swarm):
     time.sleep(3 * swarm["manifest"].timing.lease_s + 1)  # the dead node's lease runs out
-    c = NodeProcess(swarm["path"], swarm["tmp"] / "c", swarm["peers"])
+    c = NodeProcess(swarm["path"], swarm["tmp"] / "c", swarm["peers"], "--no-audit")
     swarm["others"].append(c)
     killed_step, signer = swarm["killed_step"], swarm["signers"]["c"]
     first = wait_until(lambda: latest_by(swarm, 0, signer), 180, "the new node's first checkpoint of expert/0")

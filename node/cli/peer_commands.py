@@ -47,6 +47,8 @@ def node(
     max_minutes: Optional[float] = typer.Option(None, help="Stop training after this many minutes."),
     exit_when_done: bool = typer.Option(False, help="Exit when the budget is spent instead of serving on."),
     mirror: bool = typer.Option(True, help="Also keep and serve the latest checkpoint of every other job."),
+    audit: bool = typer.Option(True, help="Audit other signers' expert checkpoints in the background (a low-priority "
+                               "thread measuring held-out loss; with --mirror only)."),
     threads: int = typer.Option(1, help="torch threads (one per core; several nodes on a machine share them)."),
     seed: int = typer.Option(0, help="Training seed (a restart must use the same one)."),
     init_from: Optional[str] = typer.Option(
@@ -85,7 +87,7 @@ def node(
         forced = forced or (source.pinned_job if source else None)  # a DDPM checkpoint is of one cluster
         options = NodeOptions(data_dir=data_dir, initial_peers=peers, host=host, port=port,
                               job=forced, model=model, max_steps=max_steps, max_minutes=max_minutes,
-                              exit_when_done=exit_when_done, mirror=mirror, threads=threads, seed=seed,
+                              exit_when_done=exit_when_done, mirror=mirror, audit=audit, threads=threads, seed=seed,
                               device=checked_device(device), init_from=source,
                               network=network_options(announce, reachability, relay, auto_relay, relay_service,
                                                       nat_traversal, port_map, direct_port))

@@ -234,7 +234,8 @@ class SwarmNode:
             self.announcer.start()
             if self.options.mirror:
                 self.mirror.start()
-                self.auditor.start()
+                if self.options.audit:
+                    self.auditor.start()
         self._moving = False
         self.moves.reset()
 

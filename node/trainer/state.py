@@ -54,6 +54,7 @@ class NodeOptions:
     max_minutes: Optional[float] = None
     exit_when_done: bool = False  # else keep serving blobs after the budget is spent
     mirror: bool = True
+    audit: bool = True  # with mirror: audit other signers' expert checkpoints (node.checkpoints.audits)
     threads: int = 1
     seed: int = 0
     device: str = "auto"  # CUDA when present, else the CPU (`ddm_models.devices.resolve_device`)
