@@ -131,11 +131,13 @@ def simulate(config: SimConfig, progress: Optional[Callable[[float], None]] = No
         if int(t) % 60 == 0 and alive:
             _mirror_figures(swarm, alive, samples)
         if not steady and t >= config.warmup_s:
-            steady = {**swarm.counters.totals(), "t": t, "peer_s": 0.0}
+            steady = {**swarm.counters.totals(), "t": t, "peer_s": 0.0,
+                      "purposes": {k: list(v) for k, v in swarm.counters.by_purpose.items()}}
         if steady and "until" not in steady:
             steady["peer_s"] += len(alive) * config.sample_s
             if t >= cost_end:  # the probes' mass moves are not the swarm's steady cost
                 steady["until"] = swarm.counters.totals()
+                steady["purposes_until"] = {k: list(v) for k, v in swarm.counters.by_purpose.items()}
         if progress:
             progress(t / end)
     return _figures(swarm, config, network, samples, steady)
@@ -166,9 +168,13 @@ def _figures(swarm: Swarm, config: SimConfig, network: NetworkModel, samples: li
     peer_min = steady.get("peer_s", 0.0) / 60.0
     per_min = {key: (totals[key] - steady[key]) / peer_min if peer_min else None
                for key in ("gets", "stores", "bytes_in", "bytes_out")} if steady else {}
-    for purpose, row in swarm.counters.by_purpose.items():
-        purposes[purpose] = {"ops": round((row[0] + row[1]) / max(1.0, sum(s[2] for s in samples) * config.sample_s / 60), 2),
-                             "bytes": round((row[2] + row[3]) / max(1.0, sum(s[2] for s in samples) * config.sample_s / 60))}
+    # by purpose, per alive peer per minute over the same steady window as the totals
+    rows_until = steady.get("purposes_until") or {k: list(v) for k, v in swarm.counters.by_purpose.items()}
+    for purpose, row in rows_until.items():
+        start = steady.get("purposes", {}).get(purpose, [0, 0, 0.0, 0.0])
+        if peer_min:
+            purposes[purpose] = {"ops": round((row[0] + row[1] - start[0] - start[1]) / peer_min, 2),
+                                 "bytes": round((row[2] + row[3] - start[2] - start[3]) / peer_min)}
     ops = (per_min["gets"] + per_min["stores"]) if per_min else None
     return {
         "n": config.n, "k": config.k, "jobs": swarm.J, "minutes": config.minutes, "lease_s": swarm.T,
