@@ -80,9 +80,16 @@ def _churn(swarm: Swarm, config: SimConfig, rng: np.random.Generator) -> Callabl
     q, departed = swarm.q, []
 
     def depart(peer: Peer, then_return: Optional[float], crash: Optional[bool] = None) -> None:
+        """`crash` given: an orphan probe's departure, replaced by a newcomer, and its identity never
+        restarts (else a restart of the very trainer that left, continuing its job by
+        `keep_previous_job`, would count as the takeover)."""
         if not peer.alive:
             return
         swarm.leave(peer, crash=rng.random() < config.crash_share if crash is None else crash)
+        if crash is not None:
+            if config.half_life_s:
+                born(swarm.arrive(None))
+            return
         departed.append(peer.slot)
         if then_return is not None:
             fresh = rng.random() < config.fresh_share
