@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,21 +46,33 @@ from benchmarks.simulation.run import SimConfig, simulate  # noqa: E402
 HOUR = 3600.0
 
 
+def scale_cell(n: int, k: int, half_life_h: float, minutes_floor: float) -> SimConfig:
+    """One cell of the N x K x half-life grid, as short as its figures allow: the first N arrive over
+    60 s and each spends a claim procedure (K + 1 sequential reads, `hops` round trips each) before
+    its claim lands, resumes, and announces a first checkpoint (300 s); costs are measured over the 3
+    minutes after that (the mirror may still be filling at large K: `mirror_fresh_share`); then two orphan probes (every
+    trainer of one job crashes; of another, leaves cleanly) and time for their takeover, which takes a
+    mover's claim procedure again."""
+    hops = NetworkModel.internet(n).hops
+    claim_s = (k + 1) * hops * 0.08 * 1.2 + 15  # lognormal(0.6) has mean 1.2x its median
+    ready = 60 + claim_s + 15  # the last of the first N has claimed and resumed
+    warmup = 60 * math.ceil((ready + 300 + 60) / 60)  # then every trainer has announced a checkpoint (every 300 s)
+    probe = warmup + 180  # costs: the 3 minutes before the probes
+    end = probe + 30 + 300  # 5 minutes for the takeovers (one that takes longer is reported as not done)
+    return SimConfig(n=n, k=k, minutes=max(minutes_floor, math.ceil(end / 60)), half_life_s=half_life_h * HOUR,
+                     warmup_s=warmup, probes=((probe, "crash"), (probe + 30, "clean")))
+
+
 def grid(kind: str) -> Dict[str, SimConfig]:
-    """name -> configuration. 'scale': N x K at a 2 h half-life; 'churn': half-lives at one size;
-    'check': the real runs' setups."""
+    """name -> configuration. 'scale': N x K x half-life; 'check': the real runs' setups; 'orphans':
+    about one trainer per job, where churn itself orphans jobs."""
     runs: Dict[str, SimConfig] = {}
     ks = (8, 64, 256, 1024) if kind == "full" else (8, 64)
-    sizes = {10000: 12.0, 1000: 30.0} if kind == "full" else {1000: 20.0}  # the largest first: it runs longest
-    for n, minutes in sizes.items():
-        for k in ks:
-            if n == 10000 and k != 64:
-                continue  # N = 10,000 costs ~10 CPU-minutes per run here (each join reads all N claims)
-            runs[f"scale/n{n}/k{k}"] = SimConfig(n=n, k=k, minutes=minutes, half_life_s=2 * HOUR,
-                                                 warmup_s=480 if n == 10000 else 600)
-    for half_life in (0.5, 2.0, 6.0):
-        runs[f"churn/n1000/k64/h{half_life:g}"] = SimConfig(n=1000, k=64, minutes=45 if kind == "full" else 20,
-                                                            half_life_s=half_life * HOUR, warmup_s=600)
+    sizes = {10000: 0.0, 1000: 20.0} if kind == "full" else {1000: 10.0}  # N = 1,000: at least 20 simulated minutes
+    for n, floor in sizes.items():  # the largest first: they run longest
+        for k in sorted(ks, reverse=True):
+            for half_life in (0.5, 6.0):
+                runs[f"scale/n{n}/k{k}/h{half_life:g}"] = scale_cell(n, k, half_life, floor)
     runs["orphans/n72/k64/h0.5"] = SimConfig(n=72, k=64, minutes=60, half_life_s=0.5 * HOUR, warmup_s=600)
     local = NetworkModel(rtt_s=0.015, rtt_sigma=0.5, hops=1, loss=0.0)  # 127.0.0.1: swarm_scale's lookups take 5-35 ms
     runs["check/churn-py"] = SimConfig(n=8, k=2, minutes=16.0, lease_s=5.0, up_s=(60.0, 180.0), down_s=(10.0, 60.0),
@@ -67,7 +81,8 @@ def grid(kind: str) -> Dict[str, SimConfig]:
                                        network=local, warmup_s=60.0, sample_s=3.0)
     for n in (16, 48):
         runs[f"check/scale-n{n}"] = SimConfig(n=n, k=8, minutes=10.0, join_s=0.6 if n == 16 else 1.1,
-                                              network=local, warmup_s=120.0)
+                                              network=local, warmup_s=120.0,
+                                              probes=((240.0, "crash"), (270.0, "clean")))
     return runs
 
 
@@ -77,36 +92,57 @@ def _run(name: str, config: SimConfig) -> dict:
     return {"name": name, **result, "wall_s": round(time.perf_counter() - started, 1)}
 
 
+def _median(values: List[float]) -> Optional[float]:
+    return round(statistics.median(values), 1) if values else None
+
+
+def _probe(r: dict, how: str) -> Optional[float]:
+    """The orphan probe's takeover (s); None if none ran or it was not taken over by the end."""
+    return _median(r.get(f"probe_{how}_s") or [])
+
+
 def plots(results: Dict[str, dict], out: Path) -> List[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in sorted(results.items()):
-        if name.startswith(("churn/", "orphans/", "scale/n10000", "check/churn-py")):
-            ax.plot([t / 60 for t in r["series"]["t"]], r["series"]["coverage"], label=name, lw=1)
-    ax.set(xlabel="simulated minutes", ylabel="share of jobs with a live claim", title="Coverage under churn",
-           ylim=(0, 1.02))
-    if ax.lines:
-        ax.legend(fontsize=7)
+    scale = {name: r for name, r in results.items() if name.startswith("scale/")}
+    sizes = sorted({r["n"] for r in scale.values()})
+    fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(6 * max(1, len(sizes)), 4), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        for name, r in sorted(scale.items(), key=lambda item: (item[1]["k"], item[1]["half_life_min"])):
+            if r["n"] == n:
+                ax.plot([t / 60 for t in r["series"]["t"]], r["series"].get("churn_coverage", r["series"]["coverage"]),
+                        label=f"K = {r['k']}, half-life {r['half_life_min']:g} min", lw=1,
+                        ls="-" if r["half_life_min"] <= 30 else "--")
+        ax.set(xlabel="simulated minutes", ylabel="share of jobs with a live claim (probed jobs apart)",
+               title=f"Coverage under churn, N = {n}", ylim=(0, 1.02))
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "swarm_sim_coverage.png", dpi=120)
     written.append(str(out / "swarm_sim_coverage.png"))
 
-    scale = [r for n, r in results.items() if n.startswith("scale/")]
-    for key, label, filename in (("full_coverage_s", "seconds until every job has a trainer", "swarm_sim_full_coverage.png"),
-                                 ("ops_per_peer_min", "DHT operations per peer per minute", "swarm_sim_ops.png"),
-                                 ("kbytes_per_peer_min", "kB per peer per minute (DHT payload)", "swarm_sim_bytes.png")):
+    figures = (("full_coverage_s", lambda r: r["full_coverage_s"], "seconds until every job has a trainer",
+                "swarm_sim_full_coverage.png"),
+               ("takeover", lambda r: _probe(r, "crash"), "takeover of an orphaned job after a crash (s)",
+                "swarm_sim_takeover.png"),
+               ("ops", lambda r: r["ops_per_peer_min"], "DHT operations per peer per minute", "swarm_sim_ops.png"),
+               ("bytes", lambda r: r["kbytes_per_peer_min"], "kB per peer per minute (DHT payload)",
+                "swarm_sim_bytes.png"))
+    for _, value, label, filename in figures:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for n in sorted({r["n"] for r in scale}):
-            points = sorted((r["k"], r[key]) for r in scale if r["n"] == n and r[key] is not None)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"N = {n}")
+        for n in sizes:
+            for half_life in sorted({r["half_life_min"] for r in scale.values()}):
+                points = sorted((r["k"], value(r)) for r in scale.values()
+                                if r["n"] == n and r["half_life_min"] == half_life and value(r) is not None)
+                if points:
+                    ax.plot(*zip(*points), marker="o", ls="-" if half_life <= 30 else "--",
+                            label=f"N = {n:,}, half-life {half_life:g} min")
         ax.set(xscale="log", yscale="log", xlabel="K (clusters)", ylabel=label, title=label + " vs. K")
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / filename, dpi=120)
         written.append(str(out / filename))
@@ -114,17 +150,32 @@ def plots(results: Dict[str, dict], out: Path) -> List[str]:
     return written
 
 
+def _row(name: str, r: dict) -> List[str]:
+    def cell(value) -> str:
+        return "-" if value is None else (f"{value:,}" if isinstance(value, (int, float)) else str(value))
+    crash_unresolved = len(r.get("probe_crash_s") or []) == 0 and bool(r.get("probes_unresolved"))
+    return [name, cell(r["n"]), cell(r["k"]), f"{r['half_life_min']:g} min" if r["half_life_min"] else "-",
+            cell(r["minutes"]), cell(r["full_coverage_s"]),
+            f"{cell(r.get('churn_coverage_mean', r['coverage_mean']))} / {cell(r.get('churn_coverage_min', r['coverage_min']))}",
+            f"{cell(_probe(r, 'crash')) if not crash_unresolved else 'not by the end'} / {cell(_probe(r, 'clean'))}",
+            f"{cell(r['takeover_crash_s']['median'])} / {cell(r['takeover_clean_s']['median'])} "
+            f"(n = {r['takeover_crash_s']['n']} / {r['takeover_clean_s']['n']})",
+            cell(r["claim_s"]["median"]), cell(r["moves"]), cell(r["ops_per_peer_min"]), cell(r["kbytes_per_peer_min"]),
+            cell(r.get("mirror_fresh_share")),
+            cell(r["wall_s"])]
+
+
+COLUMNS = ("run", "N", "K", "half-life", "sim min", "full coverage (s)", "coverage mean / min",
+           "probe takeover crash / clean (s)", "churn takeovers crash / clean, median (s)", "claim procedure median (s)",
+           "moves", "DHT ops / peer / min", "kB / peer / min", "mirror holds (share of best blobs)", "wall (s)")
+
+
 def table(results: Dict[str, dict]) -> Table:
     t = Table(title="swarm simulation")
-    for column in ("run", "N", "K", "full cover s", "cover mean/min", "takeover crash/clean s (median)",
-                   "claim s", "ops/peer/min", "kB/peer/min", "best obtainable", "wall s"):
+    for column in COLUMNS:
         t.add_column(column)
     for name, r in sorted(results.items()):
-        t.add_row(name, str(r["n"]), str(r["k"]), str(r["full_coverage_s"]),
-                  f"{r['coverage_mean']}/{r['coverage_min']}",
-                  f"{r['takeover_crash_s']['median']}/{r['takeover_clean_s']['median']}",
-                  str(r["claim_s"]["median"]), str(r["ops_per_peer_min"]), str(r["kbytes_per_peer_min"]),
-                  str(r["obtainable_best_share"]), str(r["wall_s"]))
+        t.add_row(*_row(name, r))
     return t
 
 
@@ -157,27 +208,20 @@ def main() -> None:
             results[result["name"]] = result
             with lines.open("a") as f:
                 f.write(json.dumps(result) + "\n")
-            progress.console.print(f"{result['name']}: full coverage {result['full_coverage_s']} s, "
-                                   f"coverage {result['coverage_mean']}, {result['ops_per_peer_min']} ops/peer/min "
-                                   f"({result['wall_s']} s)")
+            progress.console.print(f"{result['name']}: full coverage {result['full_coverage_s']} s, coverage "
+                                   f"{result['churn_coverage_mean']}, takeover crash/clean {result['probe_crash_s']}/"
+                                   f"{result['probe_clean_s']} s, {result['ops_per_peer_min']} ops/peer/min "
+                                   f"({result['wall_s']} s wall)")
             progress.advance(task)
     report(console, results, args)
 
 
 def markdown(results: Dict[str, dict]) -> str:
     """The scale table for BENCHMARKS.md."""
-    def cell(value) -> str:
-        return "-" if value is None else str(value)
-    lines = ["| run | N | K | half-life | full coverage (s) | coverage mean / min | takeover after crash / clean leave, "
-             "median (s) | claim procedure, median (s) | DHT ops / peer / min | find RPCs / peer / min | "
-             "kB / peer / min | best checkpoint servable |", "|" + "---|" * 12]
-    for name, r in sorted(results.items()):
-        lines.append("| " + " | ".join(cell(v) for v in (
-            name, r["n"], r["k"], f"{r['half_life_min']:g} min" if r["half_life_min"] else "-", r["full_coverage_s"],
-            f"{r['coverage_mean']} / {r['coverage_min']}",
-            f"{cell(r['takeover_crash_s']['median'])} / {cell(r['takeover_clean_s']['median'])}",
-            r["claim_s"]["median"], r["ops_per_peer_min"], r["rpcs_per_peer_min"], r["kbytes_per_peer_min"],
-            r["obtainable_best_share"])) + " |")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for name, r in sorted(results.items(), key=lambda item: (item[0].split("/")[0], item[1]["n"], item[1]["k"],
+                                                             item[1]["half_life_min"] or 0)):
+        lines.append("| " + " | ".join(_row(name, r)) + " |")
     return "\n".join(lines) + "\n"
 
 

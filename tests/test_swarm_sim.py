@@ -5,7 +5,7 @@ import random
 from benchmarks.simulation.dht import ClaimStore, SimClaim
 from benchmarks.simulation.events import NetworkModel
 from benchmarks.simulation.run import SimConfig, simulate
-from node.swarm.leases import should_move
+from node.swarm.leases import choose_job, job_after_lost_race, keep_previous_job, should_move
 from protocol.jobs import swarm_jobs
 
 QUIET = NetworkModel(rtt_s=0.02, hops=1, loss=0.0)
@@ -67,3 +67,62 @@ def test_skipping_should_move_when_all_jobs_are_held_or_nobody_shares_agrees_wit
             fast = (store.uncovered > 0 and len(store.holders[own]) > 1
                     and should_move(jobs[own], jobs, store.compact_view(own, now), signer, now))
             assert fast == called, (trial, slot)
+
+
+def _random_store(rng, jobs):
+    store = ClaimStore(jobs)
+    signers = [f"{i:064x}" for i in range(rng.randint(1, 40))]
+    for slot, signer in enumerate(signers):
+        # skewed: some jobs crowded, some empty, so the shifts of choice_view are often > 0
+        job = min(len(jobs) - 1, int(rng.expovariate(0.4))) if rng.random() < 0.5 else rng.randrange(len(jobs))
+        store.store(slot, signer, job, rng.choice(["training", "training", "released"]), 100.0 + rng.random() * 10, 0.0)
+    return store, signers
+
+
+def test_the_choice_view_leads_choose_job_and_the_lost_race_rule_to_the_job_a_full_read_leads_them_to():
+    jobs, rng = swarm_jobs(5), random.Random(1)
+    shifted = 0
+    for trial in range(400):
+        store, signers = _random_store(rng, jobs)
+        now = rng.uniform(0, 105)
+        full = [SimClaim(jobs[store.entry_job[s]], signers[s], store.entry_state[s], store.entry_exp[s])
+                for s in store.entry_exp]
+        proven_slots = {j: {s for s in range(len(signers)) if rng.random() < 0.6} for j in range(len(jobs))}
+        proven = {jobs[j]: {signers[s] for s in slots} for j, slots in proven_slots.items()}
+        progress = {job: rng.choice([0, 0, 200, 400]) for job in jobs}
+        for slot, signer in enumerate(signers):
+            view = store.choice_view(range(len(jobs)), slot, proven_slots, now)
+            shifted += len(view) < len([c for c in full if c.state == "training" and c.expires_at > now])
+            assert (choose_job(jobs, view, progress, signer, now, proven)
+                    == choose_job(jobs, full, progress, signer, now, proven)), (trial, slot)
+            lost = rng.randrange(len(jobs))
+            view = store.choice_view([j for j in range(len(jobs)) if j != lost], slot, proven_slots, now)
+            assert (job_after_lost_race(jobs[lost], jobs, view, progress, signer, now, proven)
+                    == job_after_lost_race(jobs[lost], jobs, full, progress, signer, now, proven)), (trial, slot)
+    assert shifted > 100  # the views were smaller than the full read often enough for the check to bite
+
+
+def test_a_two_per_job_view_answers_keep_previous_job_as_a_full_read_does():
+    jobs, rng = swarm_jobs(5), random.Random(2)
+    for trial in range(400):
+        store, signers = _random_store(rng, jobs)
+        now = rng.uniform(0, 105)
+        full = [SimClaim(jobs[store.entry_job[s]], signers[s], store.entry_state[s], store.entry_exp[s])
+                for s in store.entry_exp]
+        for slot, signer in enumerate(signers):
+            previous = rng.randrange(len(jobs))
+            view = store.compact_view(previous, now, per_job=2)
+            assert (keep_previous_job(jobs[previous], jobs, view, signer, now)
+                    == keep_previous_job(jobs[previous], jobs, full, signer, now)), (trial, slot)
+
+
+def test_an_emptied_job_is_taken_over_by_a_mover_later_after_a_crash_than_after_a_clean_leave():
+    lease_s = 5.0
+    result = simulate(SimConfig(n=20, k=4, minutes=4, lease_s=lease_s, join_window_s=5.0, network=QUIET,
+                                warmup_s=30, mirror=False, resume_s=1.0, probes=((60.0, "crash"), (120.0, "clean"))))
+    (crash,), (clean,) = result["probe_crash_s"], result["probe_clean_s"]
+    assert result["probes_unresolved"] == 0 and result["moves"] >= 2
+    # a crashed trainer's claim lives up to 3T after its last renewal; the movers need two checks T apart
+    assert 2 * lease_s <= crash <= 3 * lease_s + 3 * lease_s + 5.0
+    assert clean < crash and clean <= 3 * lease_s + 5.0  # the tombstone frees the job at once
+    assert result["churn_coverage_min"] == 1.0  # the other jobs kept a trainer throughout

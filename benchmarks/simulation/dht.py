@@ -17,7 +17,8 @@ import heapq
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from itertools import islice
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from protocol.hashing import BlobHasher
 from protocol.identity import Identity
@@ -25,6 +26,7 @@ from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, Claim, PeerRecord, ProviderRecord, RouterRecord
 from protocol.jobs import Job
 
+_NONE: frozenset = frozenset()
 EXPIRATION_BYTES = 8  # a float64 expiration travels with every entry
 PEER_ID = "12D3KooWPMGeYauVRuNQLfQFUzhUUDMG1bjoY8GwNhmrMBM28Hk5"
 MADDRS = ("/ip4/203.0.113.7/tcp/31337/p2p/" + PEER_ID, "/ip4/203.0.113.7/udp/31337/quic/p2p/" + PEER_ID)
@@ -143,24 +145,59 @@ class ClaimStore:
         self.advance(now)
         return [claim for holders in self.holders for claim in holders.values()]
 
-    def compact_view(self, own: int, now: float) -> List[SimClaim]:
+    def compact_view(self, own: int, now: float, per_job: int = 1) -> List[SimClaim]:
         """A read that `should_move` answers exactly as a full one: every live claim on `own`, and one
-        live claim of each other held job (it looks only at whether another job has a holder)."""
+        live claim of each other held job (it looks only at whether another job has a holder).
+        `keep_previous_job` asks whether another job has a holder *other than me*: `per_job=2` (a
+        signer holds one job at most, so one of two claims is someone else's)."""
         self.advance(now)
         view = list(self.holders[own].values())
         for job, holders in enumerate(self.holders):
             if job != own and holders:
-                view.append(next(iter(holders.values())))
+                view.extend(islice(holders.values(), per_job))
+        return view
+
+    def choice_view(self, candidates: Iterable[int], me: int, proven: Dict[int, Set[int]],
+                    now: float) -> List[SimClaim]:
+        """A read that `choose_job` over `candidates` answers exactly as a full one, for the signer in
+        slot `me` (its own claims left out, as the rule leaves them out); `proven`: job -> slots.
+
+        The rule orders jobs by (proven claimers, claimers, progress, spread), counted without `me`.
+        A job with more proven claimers than the fewest any job has loses on the first key: one
+        proven claim keeps it losing. Among the others (all with the fewest proven), one with more
+        unproven claimers than the fewest loses on the second key: one unproven claim keeps it
+        losing; the rest keep no claim and tie as they did, for progress and spread to decide. So
+        the rule chooses the job it would choose from all N claims, from at most one claim per job
+        (tests/test_swarm_sim.py checks this against the full call)."""
+        self.advance(now)
+        counts = []
+        for job in candidates:
+            holders, sure_slots = self.holders[job], proven.get(job, _NONE)
+            mine = me in holders
+            sure = len(holders.keys() & sure_slots) - (mine and me in sure_slots) if sure_slots else 0
+            counts.append((job, sure, len(holders) - mine - sure))
+        if not counts:
+            return []
+        fewest_sure = min(sure for _, sure, _ in counts)
+        fewest_unsure = min(unsure for _, sure, unsure in counts if sure == fewest_sure)
+        view: List[SimClaim] = []
+        for job, sure, unsure in counts:
+            holders, sure_slots = self.holders[job], proven.get(job, _NONE)
+            if sure > fewest_sure:
+                view.append(holders[next(s for s in holders.keys() & sure_slots if s != me)])
+            elif unsure > fewest_unsure:
+                view.append(holders[next(s for s in holders if s != me and s not in sure_slots)])
         return view
 
 
 class CheckpointStore:
     """One key per job; under it one record per signer that announced a checkpoint of the job."""
 
-    def __init__(self, jobs: List[Job], rank):
-        self.jobs, self.rank = jobs, rank
+    def __init__(self, jobs: List[Job], rank, signers: List[str]):
+        self.jobs, self.rank, self.signers = jobs, rank, signers  # signers: slot -> signer id
         self.records: List[Dict[int, list]] = [dict() for _ in jobs]  # job -> slot -> [record, expires, holder]
         self._best: Dict[int, tuple] = {}  # job -> (valid until, best entry or None)
+        self._summary: Dict[int, tuple] = {}  # job -> (valid until, (latest step, signers, slots))
         self.total = 0  # entries under every job's key (some may have expired since)
 
     def store(self, job: int, slot: int, record, expires: float, now: float) -> None:
@@ -169,6 +206,7 @@ class CheckpointStore:
             self.total += entry is None
             self.records[job][slot] = [record, expires, slot]
             self._best.pop(job, None)
+            self._summary.pop(job, None)
 
     def live(self, job: int, now: float) -> List[list]:
         entries = self.records[job]
@@ -176,6 +214,19 @@ class CheckpointStore:
             del entries[slot]
             self.total -= 1
         return list(entries.values())
+
+    def summary(self, job: int, now: float) -> tuple:
+        """(latest live step, signers of live records, their slots): what `progress_by_job` reads of
+        the job's key, cached until a record of the job is stored or one expires (a join reads every
+        job's key: K + 1 summaries per join)."""
+        cached = self._summary.get(job)
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        live = self.live(job, now)
+        slots = {e[2] for e in live}
+        value = (max((e[0].step for e in live), default=0), {self.signers[s] for s in slots}, slots)
+        self._summary[job] = (min((e[1] for e in live), default=float("inf")), value)
+        return value
 
     def count(self, job: int) -> int:
         return len(self.records[job])

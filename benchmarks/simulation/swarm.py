@@ -70,9 +70,9 @@ class Swarm:
         self.q, self.draws = EventQueue(), Draws(network, rng)
         self.sizes = RecordSizes.measure(manifest)
         self.claims, self.counters = ClaimStore(self.jobs, self._note_coverage), Counters()
-        self.checkpoints = CheckpointStore(self.jobs, rank)
-        self.peers: List[Peer] = []
         self.signers: List[str] = []
+        self.checkpoints = CheckpointStore(self.jobs, rank, self.signers)
+        self.peers: List[Peer] = []
         self.previous_job: Dict[int, int] = {}  # slot -> the job it trained last (its node.json)
         self.free_rows: List[int] = []
         self.held = np.full((capacity, self.J), -1, dtype=np.int64)  # row -> step of each job it holds
@@ -82,8 +82,11 @@ class Swarm:
         self._dirty = np.ones(self.J, dtype=bool)
         self.providers_per_blob = 1.0  # refreshed by the sampler
         self.events: Dict[str, list] = {"takeover_crash": [], "takeover_clean": [], "gap": [], "moves": [],
-                                        "lost_races": [], "claim_s": []}
+                                        "lost_races": [], "claim_s": [],
+                                        "probe_crash": [], "probe_clean": []}
         self.orphaned_at: Dict[int, tuple] = {}  # job -> (when its last holder left, how)
+        self.probes: Dict[int, tuple] = {}  # job -> (when all its trainers were made to leave, how), until retaken
+        self.probed: set = set()  # every job a probe ever emptied (left out of the churn-only coverage)
         self.uncovered_since: Dict[int, float] = {}  # job -> since when (a job never covered is not in it)
         self.full_at: Optional[float] = None  # the first moment every job had a live claim
         self._blob = BlobRef("0" * 64, 1 << 20, "0" * 64)
@@ -125,6 +128,14 @@ class Swarm:
         peer.alive = False
         self.free_rows.append(peer.row)
 
+    def empty_job(self, job: int, crash: bool, depart) -> None:
+        """An orphan probe: every live trainer of `job` leaves now (by `depart`, the churn's own
+        departure, so arrivals replace them as usual); its takeover is timed to the first new claim."""
+        self.probes[job] = (self.q.now, "crash" if crash else "clean")
+        self.probed.add(job)
+        for peer in [p for p in self.peers if p.alive and p.job == job and not p.released]:
+            depart(peer, crash)
+
     # --- DHT operations (each one counted) ---------------------------------------------------------
     def _read_claims(self, purpose: str):
         """A read of the claims key: yields its latency, returns whether it was lost."""
@@ -145,6 +156,10 @@ class Swarm:
             seconds, read_lost = self.draws.op()
             self.counters.get(purpose, self.claims.live_entries * self.sizes.claim)
             yield seconds
+            if applied and state == "training" and job in self.probes and peer.alive:
+                left, how = self.probes.pop(job)  # the first new live claim on an emptied job: taken over
+                self.events["probe_" + how].append(self.q.now - left)
+                self.orphaned_at.pop(job, None)
             if applied and not read_lost:
                 peer.last_expiry = expires
                 return
@@ -164,15 +179,14 @@ class Swarm:
             self.uncovered_since[job] = now
 
     def _progress(self):
-        """`progress_by_job`: one read per job, one after another."""
-        now, progress, proven = self.q.now, {}, {}
+        """`progress_by_job`: one read per job, one after another. Also job index -> slots of the
+        proven (the same signers, for `ClaimStore.choice_view`)."""
+        now, progress, proven, proven_slots = self.q.now, {}, {}, {}
+        summary, get = self.checkpoints.summary, self.counters.get
         for j, job in enumerate(self.jobs):
-            live = self.checkpoints.live(j, now)
-            progress[job] = max((e[0].step for e in live), default=0)
-            proven[job] = {self.signers[e[2]] for e in live}
-            size = self.sizes.router if job.is_router else self.sizes.checkpoint
-            self.counters.get("join", len(live) * size)
-        return progress, proven
+            progress[job], proven[job], proven_slots[j] = summary(j, now)
+            get("join", len(proven_slots[j]) * (self.sizes.router if job.is_router else self.sizes.checkpoint))
+        return progress, proven, proven_slots
 
     # --- the node ----------------------------------------------------------------------------------
     def _lifecycle(self, peer: Peer):
@@ -193,17 +207,19 @@ class Swarm:
 
     def _claim(self, peer: Peer, forced: Optional[int] = None):
         started = self.q.now
+        everything = range(self.J)
         if forced is not None:
             lost = yield from self._read_claims("join")
-            view = [] if lost else self.claims.live_claims(self.q.now)
+            view = [] if lost else self.claims.compact_view(forced, self.q.now, per_job=2)
             if not keep_previous_job(self.jobs[forced], self.jobs, view, peer.signer, self.q.now):
                 forced = None
         yield self.draws.sequential(self.J)
-        progress, proven = self._progress()
+        progress, proven, proven_slots = self._progress()
         if forced is None:
             lost = yield from self._read_claims("join")
-            view = [] if lost else self.claims.live_claims(self.q.now)
-            job = self.jobs.index(choose_job(self.jobs, view, progress, peer.signer, self.q.now, proven))
+            view = [] if lost else self.claims.choice_view(everything, peer.slot, proven_slots, self.q.now)
+            job = choose_job(self.jobs, view, progress, peer.signer, self.q.now, proven).cluster
+            job = self.J - 1 if job is None else job  # the router is the last job
         else:
             job = forced
         peer.job, peer.released, peer.step = job, False, progress.get(self.jobs[job], 0)
@@ -218,9 +234,12 @@ class Swarm:
             self.events["lost_races"].append(now)
             peer.released = True
             yield from self._publish_claim(peer, peer.job, "released", "join")
-            full = [] if lost else self.claims.live_claims(self.q.now)
-            job = self.jobs.index(job_after_lost_race(self.jobs[peer.job], self.jobs, full, progress, peer.signer,
-                                                      self.q.now, proven))
+            lost_job = peer.job
+            view = [] if lost else self.claims.choice_view([j for j in everything if j != lost_job], peer.slot,
+                                                           proven_slots, self.q.now)
+            job = job_after_lost_race(self.jobs[lost_job], self.jobs, view, progress, peer.signer,
+                                      self.q.now, proven).cluster
+            job = self.J - 1 if job is None else job
             peer.job, peer.released = job, False
             yield from self._publish_claim(peer, job, "training", "join")
         self.events["claim_s"].append(self.q.now - started)
