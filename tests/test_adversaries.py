@@ -146,7 +146,7 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
     every = swarm["manifest"].timing.checkpoint_every_steps
     assert 40 <= step <= announced(swarm, 0, a)[0].step and step % every == 0  # one of the trainer's own
     output = "".join(d.output)
-    assert output.count("skipping checkpoint") >= 3  # NaN weights, another architecture, an older file
+    assert output.count("skipping checkpoint") >= 3, output[-6000:]  # NaN weights, another architecture, an older file
     assert f"step {MAX_STEP - 1}" not in output  # the far-ahead one is passed over, never even fetched
     assert "claiming a step beyond what their job can have reached" in output
     first = wait_until(lambda: announced(swarm, 0, signer_of(swarm, "d")), 180, "the resumed node's checkpoint")
