@@ -137,6 +137,11 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
     wait_until(lambda: (lambda found: len(found) > MAX_SUBKEYS_PER_KEY // 2 and
                         liars <= {r.blob.sha256 for r in found})(records(swarm, "checkpoints", cluster=0)),
                60, "the poison and the flood")
+    # and its provider records (published after the checkpoint records): a poison nobody provides is
+    # passed over unfetched, which would leave the refusals below unexercised
+    served = [*swarm["liar_shas"][:3], *swarm["liar_exports"][:3]]
+    wait_until(lambda: all(swarm["observer"].call("read", family="providers", sha256=sha)["records"]
+                           for sha in served), 90, "the liar's provider records")
 
     a = signer_of(swarm, "a")
     d = NodeProcess(swarm["path"], tmp / "d", swarm["peers"], "--job", "expert/0", "--no-audit")
