@@ -12,8 +12,8 @@ captions, clustered by the swarm's own clustering (what `swarm create` did: 8x8 
 For each seed and budget B (training images per arm):
   monolithic: one expert on all the training emoji for B images;
   ensemble:   K experts, one per cluster, B / K images each (together exactly B), plus the router,
-              trained on `router_share` x B images, the share of the work the embedded recipe gives it
-              (`EnsembleRecipe.router_share`), reported apart with its FLOPs relative to an expert's.
+              given the share of all training FLOPs that the embedded recipe gives it
+              (`EnsembleRecipe.router_share` = 0.12 of the work; `router_images`), on top of B.
 Both arms sample the same prompts from the same noise (manifest's steps and guidance); the ensemble
 with top-1 routing, so sampling FLOPs per image equal the monolith's plus the router's.
 Metrics: FID in a fixed offline feature space (`ThumbnailPCAFeatures`: the swarm-create thumbnails
@@ -61,6 +61,7 @@ class EmojiShared(Shared):
     prompts: list[str]  # the evaluation prompts, the same for every arm
     features: ThumbnailPCAFeatures
     clustering: str = "swarm"
+    router_images_per_image: float = 0.0  # router training images per expert training image (`router_images`)
 
 
 def manifest_recipe(manifest, objectives: tuple[str, ...] = ("fm",)) -> EnsembleRecipe:
@@ -107,6 +108,13 @@ def prepare_emoji(out: Path, samples: int) -> EmojiShared:
                        ThumbnailPCAFeatures(references, FID_DIM))
 
 
+def router_images(share: float, flops: dict) -> float:
+    """Router training images per expert training image when the router gets `share` of all the
+    training work (the recipe's `router_share`, a share of worker time) and the experts the rest:
+    share / (1 - share) of the experts' FLOPs, at the router's (much lower) FLOPs per image."""
+    return share / (1 - share) * flops["expert"] / flops["router"]
+
+
 def recluster(shared: EmojiShared, how: str, seed: int = 0) -> EmojiShared:
     """The same data split into K clusters another way: "pixel" (PCA of the raw pixels, then the same
     two-stage k-means: `ddm_models.clustering`) or "random" (a seeded uniform partition)."""
@@ -148,8 +156,11 @@ def run_arm(shared: EmojiShared, arm: str, seed: int, budget: int, routings: tup
     """Train and score one arm; the result is kept in arm.json and reused when the settings match."""
     recipe, out = shared.recipe, shared.out / f"budget-{budget}" / f"seed-{seed}" / arm
     out.mkdir(parents=True, exist_ok=True)
-    settings = json.loads(json.dumps({"budget": budget, "routings": routings, "prompts": shared.prompts,
-                                      "clustering": shared.clustering, "recipe": recipe.to_dict()}))
+    settings = {"budget": budget, "routings": routings, "prompts": shared.prompts, "clustering": shared.clustering,
+                "recipe": recipe.to_dict()}
+    if arm == "ensemble":
+        settings["router_images_per_image"] = shared.router_images_per_image
+    settings = json.loads(json.dumps(settings))
     saved = out / "arm.json"
     if saved.exists() and json.loads(saved.read_text()).get("settings") == settings:
         log(f"{arm} seed {seed} budget {budget}: reusing {saved}")
@@ -171,7 +182,7 @@ def run_arm(shared: EmojiShared, arm: str, seed: int, budget: int, routings: tup
                                                out / f"expert-{cluster}.safetensors", f"{tag} expert {cluster}")
             experts.append(expert), stats.append(stat)
             own[heldout_rows(shared, cluster)] = torch.tensor(curve[-1]["losses"])
-        router, router_stats = train_router(shared, seed, round(recipe.router_share * budget),
+        router, router_stats = train_router(shared, seed, round(shared.router_images_per_image * budget),
                                             out / "router.safetensors")
         samplers = {r: EnsembleSampler(experts, router, r, text_encoder=shared.text) for r in routings}
         routed = {r: velocity_losses(lambda x, t, text, s=s: s.velocity(x, t, text)[0], shared.heldout,
@@ -232,12 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     started, load = time.time(), machine()
     shared = prepare_emoji(args.out, args.samples)
     flops = flops_per_image(shared)
+    shared.router_images_per_image = router_images(shared.recipe.router_share, flops)
     floor_rows = torch.randperm(len(shared.references), generator=torch.Generator().manual_seed(0))[:args.samples]
     heldout = shared.heldout.images_at(slice(0, len(shared.heldout)))
     real_vs_real = feature_fid(shared.features, heldout, shared.references[floor_rows])
     log(f"{len(shared.train)} training / {len(shared.heldout)} held-out emoji, clusters "
         f"{torch.bincount(shared.train_clusters).tolist()}; budgets {args.budgets}; router share "
-        f"{shared.recipe.router_share}; FID of {args.samples} real training emoji {real_vs_real:.2f}; "
+        f"{shared.recipe.router_share} of the work = {shared.router_images_per_image:.2f} router images per expert image; FID of {args.samples} real training emoji {real_vs_real:.2f}; "
         f"router/expert FLOPs per image {flops['router'] / flops['expert']:.2f}")
 
     big, first = max(args.budgets), args.seeds[0]
@@ -291,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
                            "router_accuracy": run["router"]["accuracy"]}
     chance = results[("monolithic", first, big)]["samples"]["top1"]
     summary = {"benchmark": "quality", "swarm": "emoji", "budgets": args.budgets, "seeds": args.seeds,
-               "samples_per_arm": args.samples, "router_share_of_budget": shared.recipe.router_share,
+               "samples_per_arm": args.samples, "router_share_of_work": shared.recipe.router_share,
+               "router_images_per_expert_image": shared.router_images_per_image,
                "router_flops_per_image_vs_expert": flops["router"] / flops["expert"],
                "fid_features": f"ThumbnailPCAFeatures (8x8 RGB thumbnails, PCA {FID_DIM} fitted on the training emoji; "
                                "not Inception)", "fid_reference": f"{len(shared.heldout)} held-out emoji",
