@@ -1,6 +1,7 @@
 """Ensemble vs. monolithic at equal training compute on the embedded digits.
 
     python benchmarks/quality.py [--seeds 0 1 2] [--budget-images 32000] [--out DIR] [--plot PNG]
+    python benchmarks/quality.py --swarm emoji [...]   (captioned colour emoji: see quality_emoji.py)
 
 For each seed, two arms train side by side (one process of one thread each), with the embedded
 recipe's expert architecture, batch size, learning rate, warm-up and EMA:
@@ -274,6 +275,11 @@ def plot(results: dict, seeds: list[int], path: Path) -> None:
 
 
 def main() -> None:
+    if "--swarm" in sys.argv[1:]:  # the emoji swarm has its own data, metrics and studies
+        import quality_emoji
+
+        quality_emoji.main(sys.argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget-images", type=int, default=32_000,

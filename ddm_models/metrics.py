@@ -204,9 +204,18 @@ def classifier_fid(classifier: DigitClassifier, real: torch.Tensor, fake: torch.
     penultimate feature space. Uses torchmetrics' FrechetInceptionDistance with our feature network
     (streamed float64 moments, matrix square root via eigenvalues). Needs >= 2 images per side; the
     estimate is biased upwards for small N, so compare runs with equal sample counts."""
+    return feature_fid(_PenultimateFeatures(classifier), real, fake, batch_size)
+
+
+@torch.no_grad()
+def feature_fid(features: nn.Module, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 500) -> float:
+    """FID between images `real` and `fake` (N, C, H, W) in [-1, 1] in the feature space of
+    `features` (a module images -> (B, D) with a `num_features` attribute = D), through torchmetrics'
+    FrechetInceptionDistance (streamed float64 moments). Needs >= 2 images per side and is biased
+    upwards for small N: compare only runs with equal sample counts and the same feature module."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_PenultimateFeatures(classifier), normalize=True)
+    metric = FrechetInceptionDistance(feature=features, normalize=True)
     for chunk in real.split(batch_size):
         metric.update(chunk.float(), real=True)
     for chunk in fake.split(batch_size):
@@ -266,3 +275,26 @@ def prompt_agreement(generated: torch.Tensor, prompts: list[str], references: to
         figures[f"top{k}"] = sum(hits) / len(hits)
         figures[f"chance_top{k}"] = min(1.0, k * sum(named) / len(named))
     return figures
+
+
+class ThumbnailPCAFeatures(nn.Module):
+    """A fixed, offline feature space for colour images (not Inception): the `swarm create` offline
+    embedding's thumbnails (`image_embeddings.ThumbnailEmbedder`, 8x8 area averages of RGB) projected
+    onto the top `dim` principal components of a reference set's thumbnails, fitted once here.
+    images (B, 3, H, W) in [-1, 1] (clamped) -> (B, dim) float32."""
+
+    def __init__(self, reference: torch.Tensor, dim: int | None = None):
+        from ddm_models.image_embeddings import THUMBNAIL_PCA_DIM, ThumbnailEmbedder
+
+        super().__init__()
+        self.embed = ThumbnailEmbedder()
+        rows = self.embed(reference.clamp(-1, 1)).double()
+        dim = min(dim or THUMBNAIL_PCA_DIM, rows.shape[1], rows.shape[0])
+        mean = rows.mean(0)
+        _, _, vh = torch.linalg.svd(rows - mean, full_matrices=False)  # exact, deterministic
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("components", vh[:dim].T.float().contiguous())  # (D_thumb, dim)
+        self.num_features = dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.embed(images.clamp(-1, 1)) - self.mean) @ self.components

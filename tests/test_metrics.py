@@ -20,7 +20,9 @@ from ddm_models.metrics import (
     ClassifierRecipe,
     classifier_fid,
     conditional_accuracy,
+    feature_fid,
     MetricUnavailable,
+    ThumbnailPCAFeatures,
     heldout_reference,
     inception_fid,
     load_or_train_classifier,
@@ -157,3 +159,30 @@ def test_inception_fid_without_local_weights_says_what_is_missing(tmp_path):
     images = torch.zeros(4, 1, 28, 28)
     with pytest.raises(MetricUnavailable, match="weights"):
         inception_fid(images, images, weights_path=tmp_path / "absent.pth")
+
+
+def _colour_images(count: int, seed: int, red_bias: float = 0.0) -> torch.Tensor:
+    """Random smooth 32x32 RGB images in [-1, 1] (upsampled 4x4 noise), optionally redder."""
+    generator = torch.Generator().manual_seed(seed)
+    small = torch.rand(count, 3, 4, 4, generator=generator) * 2 - 1
+    small[:, 0] += red_bias
+    return F.interpolate(small, size=32, mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def test_feature_fid_in_thumbnail_pca_space_matches_the_reference_formula():
+    reference = _colour_images(200, 0)
+    features = ThumbnailPCAFeatures(reference, dim=8)
+    real, fake = _colour_images(80, 1), _colour_images(60, 2, red_bias=0.5)
+    a, b = (features(x).double().numpy() for x in (real, fake))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert features(real).shape == (80, 8)
+    assert feature_fid(features, real, fake) == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+def test_feature_fid_is_near_zero_for_one_distribution_and_grows_with_a_colour_shift():
+    features = ThumbnailPCAFeatures(_colour_images(200, 0), dim=8)
+    same = feature_fid(features, _colour_images(300, 1), _colour_images(300, 2))
+    shifted = feature_fid(features, _colour_images(300, 1), _colour_images(300, 2, red_bias=0.6))
+    assert same < 0.05 * shifted
+    assert shifted > 0.1
