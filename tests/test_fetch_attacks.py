@@ -108,4 +108,5 @@ def test_two_thousand_fake_providers_neither_pin_descriptors_nor_stop_the_downlo
     (result,) = outcomes(fetch(swarm, "store-sybil", [swarm["true"]], ["honest"], "--fake-providers", "2000"),
                          1, 180)
     assert result["event"] == "done", {k: result[k] for k in ("type", "message", "max_fds") if k in result}
-    assert result["max_fds"] < 150, result["max_fds"]
+    # the download's own descriptors stay bounded (16 providers, 8 opens at a time), whatever 2,000 records say
+    assert result["max_fds"] - result["base_fds"] < 80, (result["max_fds"], result["base_fds"])

@@ -45,6 +45,7 @@ async def run(args: argparse.Namespace) -> None:
               nat_port_map=False, auto_nat=False)
     p2p = await dht.replicate_p2p()
     bans, peak = BanList(), [0]
+    base_fds = len(os.listdir("/proc/self/fd"))  # the process's own (interpreter, DHT pipes, p2pd socket)
     routes = DirectRoutes() if args.direct else None
     counter = asyncio.create_task(count_fds(peak))
     providers = [PeerID.from_base58(p) for p in args.providers]
@@ -59,11 +60,12 @@ async def run(args: argparse.Namespace) -> None:
                                         **({"deadline_s": args.deadline} if args.deadline else {}),
                                         progress=lambda done, total: say(event="progress", done=done, total=total))
                 say(event="done", ref=position, path=str(path), report=dataclasses.asdict(report),
-                    bans={ban.peer: ban.reason for ban in bans}, max_fds=peak[0],
+                    bans={ban.peer: ban.reason for ban in bans}, max_fds=peak[0], base_fds=base_fds,
                     direct={"opened": routes.opened, "refusals": routes.refusals} if routes else None)
             except Exception as error:
                 say(event="error", ref=position, type=type(error).__name__, message=str(error),
-                    report=dataclasses.asdict(report), bans={ban.peer: ban.reason for ban in bans}, max_fds=peak[0])
+                    report=dataclasses.asdict(report), bans={ban.peer: ban.reason for ban in bans}, max_fds=peak[0],
+                    base_fds=base_fds)
     finally:
         counter.cancel()
         dht.shutdown()
