@@ -49,12 +49,7 @@ def create_swarm(base: str, out: Path, *, name: Optional[str] = None, num_cluste
     if num_clusters:
         data["clustering"] = {**data["clustering"], "num_clusters": num_clusters, "assignment_sha256": ""}
         data["cluster_experts"] = {k: v for k, v in data["cluster_experts"].items() if int(k) < num_clusters}
-    if trust_signers:
-        data["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
-    if operator:  # the key whose revocations every peer applies (`ddm-swarm revoke`)
-        data["trust"] = {**data["trust"], "operator": operator}
-    if lease_s:
-        data["timing"] = {**data["timing"], "lease_s": lease_s}
+    _set_trust_and_timing(data, trust_signers, operator, lease_s)
     if bootstrap_peers:
         data["bootstrap_peers"] = check_initial_peers(bootstrap_peers)
     manifest = SwarmManifest.from_dict(data)
@@ -126,12 +121,7 @@ def create_swarm_from_data(data: str | CaptionedImageSource, out: Path, *, clust
                                 router_size)
     data_dict.update(name=name or out.stem, description=description if description is not None
                      else f"{source.description}, {clusters} clusters")
-    if trust_signers:
-        data_dict["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
-    if operator:  # the key whose revocations every peer applies (`ddm-swarm revoke`)
-        data_dict["trust"] = {**data_dict["trust"], "operator": operator}
-    if lease_s:
-        data_dict["timing"] = {**data_dict["timing"], "lease_s": lease_s}
+    _set_trust_and_timing(data_dict, trust_signers, operator, lease_s)
     data_dict["bootstrap_peers"] = check_initial_peers(bootstrap_peers) if bootstrap_peers else []
     SwarmManifest.from_dict({**data_dict, "clustering": {**data_dict["clustering"], "num_clusters": clusters,
                                                          "fine_clusters": max(clusters, fine_clusters)}})
@@ -177,3 +167,14 @@ def _models_section(data: dict, clusters: int, text_encoder: Optional[str], expe
     if router_size:
         data["router"] = {**data["router"], "architecture": {**data["router"]["architecture"], "size": router_size}}
     return data
+
+
+def _set_trust_and_timing(data: dict, trust_signers: Sequence[str], operator: Optional[str],
+                          lease_s: Optional[float]) -> None:
+    """Apply `swarm create`'s --signer, --operator and --lease-s to a manifest dict, in place."""
+    if trust_signers:
+        data["trust"] = {"mode": "allowlist", "signers": list(trust_signers)}
+    if operator:  # the key whose revocations every peer applies (`ddm-swarm revoke`)
+        data["trust"] = {**data["trust"], "operator": operator}
+    if lease_s:
+        data["timing"] = {**data["timing"], "lease_s": lease_s}
