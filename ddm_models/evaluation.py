@@ -15,6 +15,18 @@ from ddm_models.sampling import LoadedExpert
 from ddm_models.text import TextBatch, TextEncoder
 
 
+def _seeded_draw(data: TrainingData, max_images: int, seed: int, caption_sampler: CaptionSampler, what: str):
+    """(n, noise (n, *image_shape), t (n,) stratified over [0, 1), n captions) for the first n =
+    min(max_images, len(data)) images, all fixed by `seed`, drawn in this order from one generator."""
+    n = min(max_images, len(data))
+    if n == 0:
+        raise ValueError(f"cannot measure {what} on an empty data set")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *data.image_shape), generator=generator)
+    t = (torch.arange(n) + torch.rand(n, generator=generator)) / n
+    return n, noise, t, batch_captions(data, torch.arange(n), generator, caption_sampler)
+
+
 @torch.no_grad()
 def expert_loss(expert: LoadedExpert, data: TrainingData, text_encoder: TextEncoder, *, max_images: int = 512,
                 seed: int = 0, batch_size: int = 256, caption_sampler: CaptionSampler = sample_captions) -> float:
@@ -22,13 +34,7 @@ def expert_loss(expert: LoadedExpert, data: TrainingData, text_encoder: TextEnco
     noise and times fixed by `seed` and t stratified over [0, 1) (comparable across experts of one
     objective). data: images (N, C, H, W), with their own captions (`CaptionedDataset`) or labels
     that `caption_sampler` turns into captions (`ImageDataset`)."""
-    n = min(max_images, len(data))
-    if n == 0:
-        raise ValueError("cannot measure an expert on an empty data set")
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *data.image_shape), generator=generator)
-    u = (torch.arange(n) + torch.rand(n, generator=generator)) / n
-    captions = batch_captions(data, torch.arange(n), generator, caption_sampler)
+    n, noise, u, captions = _seeded_draw(data, max_images, seed, caption_sampler, "an expert")
     device = next(expert.model.parameters()).device
     total = 0.0
     for start in range(0, n, batch_size):
@@ -48,13 +54,7 @@ def router_accuracy(router, data: TrainingData, clusters: torch.Tensor, text_enc
     the measure a router record's `heldout_accuracy` claims."""
     from ddm_models.router import Router
 
-    n = min(max_images, len(data))
-    if n == 0:
-        raise ValueError("cannot measure a router on an empty data set")
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *data.image_shape), generator=generator)
-    t = (torch.arange(n) + torch.rand(n, generator=generator)) / n
-    captions = batch_captions(data, torch.arange(n), generator, caption_sampler)
+    n, noise, t, captions = _seeded_draw(data, max_images, seed, caption_sampler, "a router")
     device = next(router.parameters()).device
     correct = 0
     for start in range(0, n, batch_size):
