@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hivemind.dht import DHT  # noqa: E402
+from node.swarm.membership import WholeMessageDHT  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
 
 from node.blobs.direct import DirectRoutes, DirectServer  # noqa: E402
@@ -103,7 +103,7 @@ def provider_main(store_dir: str, blob: str, rate_mb_s: str = "0", relay: str = 
                                        force_reachability="private", trusted_relays=[relay], nat_port_map=False,
                                        auto_nat=False)
         else:
-            dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+            dht = WholeMessageDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
             p2p = await dht.replicate_p2p()
         server = ThrottledServer(store, float(rate_mb_s) * 1e6) if float(rate_mb_s) > 0 else BlobServer(store)
         await server.start(p2p)
@@ -256,7 +256,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict:
         tcp, tcp_info = spawn("tcp-sender", str(blob))
         procs.append(tcp)
         ref = BlobRef(**infos[0]["ref"])
-        dht = DHT(initial_peers=[i["maddr"] for i in infos], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        dht = WholeMessageDHT(initial_peers=[i["maddr"] for i in infos], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                   nat_port_map=False, auto_nat=False)
         p2p = await dht.replicate_p2p()
         peers = [PeerID.from_base58(i["peer_id"]) for i in infos]

@@ -39,9 +39,8 @@ logger = logging.getLogger("ddm_swarm.membership")
 R = TypeVar("R", bound=SignedRecord)
 # A DHT call that takes longer means the DHT process is gone or wedged; fail instead of hanging.
 DHT_CALL_TIMEOUT_S = 60.0
-# keys per pipe message (~140 pickled bytes each): multiprocessing writes a message over 16 KiB in two
-# writes, and hivemind's DHT process, reading its end non-blocking under uvloop, fails when it sees
-# the header before the rest (hivemind PR #660); 64 keys stay one ~9 KiB write
+# keys per DHT traversal: one read of many keys is one pipe message (~140 pickled bytes a key) and
+# one search; batches keep both bounded
 GET_MANY_BATCH = 64
 
 
@@ -59,7 +58,35 @@ def check_initial_peers(initial_peers: Iterable[str]) -> List[str]:
     return checked
 
 
-class _NodeDHT(DHT):
+class _WholeMessages:
+    """The DHT process's end of hivemind's command pipe, read whole messages at a time.
+
+    hivemind's DHT process waits on that pipe with uvloop's `add_reader`, which leaves the pipe
+    non-blocking; a message longer than one pipe write (a store of a large value, a read of many keys)
+    can then be caught half-arrived: `recv` raises BlockingIOError, and the rest of that message is
+    read as the next one, which kills the process (hivemind PR #660; open upstream). The reader is
+    woken only once a message has begun to arrive, so a blocking read waits just for its rest."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def recv(self):
+        os.set_blocking(self._connection.fileno(), True)
+        return self._connection.recv()
+
+    def __getattr__(self, name: str):
+        return getattr(self._connection, name)
+
+
+class WholeMessageDHT(DHT):
+    """hivemind's DHT, whose process reads each command from its pipe whole (see `_WholeMessages`)."""
+
+    def run(self) -> None:
+        self._inner_pipe = _WholeMessages(self._inner_pipe)  # in the DHT process only: run() runs there
+        super().run()
+
+
+class _NodeDHT(WholeMessageDHT):
     """hivemind's DHT process, detached from the terminal's process group: Ctrl-C and a group-wide
     SIGTERM reach only the node, which then shuts the DHT (and its p2pd) down in order, after
     releasing its claim. If the node dies instead, `_end_with_parent` ends this process and p2pd."""
@@ -167,8 +194,7 @@ class SwarmMembership:
 
     def _get_many(self, keys: Sequence[str]) -> Dict[str, dict]:
         """Several keys in one DHT traversal per GET_MANY_BATCH keys: key -> {subkey: (value, expiration)}
-        (absent if not found). Batched (GET_MANY_BATCH): each call is one message through hivemind's pipe
-        to its DHT process, and a message sent in two writes can leave that process unusable."""
+        (absent if not found)."""
         keys, found = list(keys), {}
         for start in range(0, len(keys), GET_MANY_BATCH):
             with self._lock:

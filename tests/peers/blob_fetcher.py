@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 
-from hivemind.dht import DHT
+from node.swarm.membership import WholeMessageDHT
 from hivemind.p2p import PeerID
 
 from node.blobs.banlist import BanList
@@ -41,7 +41,7 @@ async def count_fds(peak: list[int]) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    dht = DHT(initial_peers=args.initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+    dht = WholeMessageDHT(initial_peers=args.initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
               nat_port_map=False, auto_nat=False)
     p2p = await dht.replicate_p2p()
     bans, peak = BanList(), [0]

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 
-from hivemind.dht import DHT
+from node.swarm.membership import WholeMessageDHT
 
 from node.blobs.direct import DirectServer
 from node.blobs.server import BlobServer
@@ -115,7 +115,7 @@ async def serve(args: argparse.Namespace) -> None:
     store = BlobStore(args.store)
     ref = store.put_file(args.put)
     spoil(store, ref.sha256, args.behaviour)
-    dht = DHT(initial_peers=args.initial_peers or None, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+    dht = WholeMessageDHT(initial_peers=args.initial_peers or None, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
               nat_port_map=False, auto_nat=False)
     p2p = await dht.replicate_p2p()
     stall_after = args.stall_after_bytes if args.behaviour == "stall" else None

@@ -10,7 +10,7 @@ import sys
 import time
 from functools import partial
 
-from hivemind.dht import DHT
+from node.swarm.membership import WholeMessageDHT
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
 
@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     manifest = read_manifest_file(args.manifest)
     if args.adversary:
-        dht = DHT(initial_peers=args.initial_peers or None, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        dht = WholeMessageDHT(initial_peers=args.initial_peers or None, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                   nat_port_map=False, auto_nat=False)
         membership, peer_id = None, str(dht.peer_id)
     else:
