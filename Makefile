@@ -22,7 +22,7 @@ demo: $(STAMP)
 # two workers, each taking whole test files (a file's tests share one swarm and run in order): most
 # tests wait on peers, so two run side by side in little more than the time of one
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
