@@ -90,7 +90,7 @@ def publish(manifest_path: Path, initial_peers: list, folder: Path) -> None:
         while True:
             expires = get_dht_time() + 3 * manifest.timing.lease_s
             for ref in refs:
-                provider = ProviderRecord(membership.swarm_id, ref.sha256, membership.peer_id,
+                provider = ProviderRecord(membership.swarm_id, ref, membership.peer_id,
                                           tuple(membership.maddrs[:8]), expires)
                 membership.publish(provider.signed_by(membership.identity), confirm=False)
             time.sleep(manifest.timing.lease_s)

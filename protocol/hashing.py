@@ -64,6 +64,13 @@ class BlobRef:
     def num_chunks(self) -> int:
         return chunk_count(self.size)
 
+    @property
+    def ref_id(self) -> str:
+        """One digest of the whole reference (sha256, size and digest list): what provider records are
+        filed under, so that a record with an honest blob's sha256 and a bogus digest list names no
+        honest provider (BitTorrent v2 files peers under the info hash, which covers the piece hashes)."""
+        return hashlib.sha256(f"{self.sha256}-{self.size}-{self.chunks_sha256}".encode()).hexdigest()
+
     def check_digest_list(self, digests: Sequence[bytes]) -> None:
         """Raise `HashMismatch` unless `digests` is this blob's true chunk digest list."""
         if len(digests) != self.num_chunks or any(len(d) != DIGEST_BYTES for d in digests):

@@ -8,11 +8,12 @@ import re
 from dataclasses import dataclass
 
 from protocol.errors import InvalidRecord
+from protocol.hashing import BlobRef
 
 BEACON_PREFIX = "ddm-swarm/beacon/"
 _KEY = re.compile(
     r"^(?P<swarm>[0-9a-f]{64})/(?:(?P<simple>claims|router|peers)"
-    r"|ckpt/(?P<cluster>0|[1-9][0-9]{0,3})|providers/(?P<blob>[0-9a-f]{64})"
+    r"|ckpt/(?P<cluster>0|[1-9][0-9]{0,3})|providers/(?P<ref>[0-9a-f]{64})"
     r"|audits/(?P<audited>[0-9a-f]{64})|revoked/(?P<revoked>[0-9a-f]{64}))$"
 )
 _BEACON = re.compile(r"^ddm-swarm/beacon/(?P<name>[A-Za-z0-9._-]{1,64})$")
@@ -35,8 +36,9 @@ def router_key(swarm_id: str) -> str:
     return f"{swarm_id}/router"
 
 
-def providers_key(swarm_id: str, blob_sha256: str) -> str:
-    return f"{swarm_id}/providers/{blob_sha256}"
+def providers_key(swarm_id: str, blob: BlobRef) -> str:
+    """Providers of one blob reference, filed under its `ref_id` (the whole reference, not the sha256)."""
+    return f"{swarm_id}/providers/{blob.ref_id}"
 
 
 def audits_key(swarm_id: str, blob_sha256: str) -> str:
@@ -62,7 +64,7 @@ class ParsedKey:
     family: str  # claims | ckpt | router | providers | peers | beacon | audits | revoked
     swarm_id: str = ""
     cluster: int = -1
-    blob_sha256: str = ""
+    ref_id: str = ""  # providers: the `BlobRef.ref_id` of the provided reference
     swarm_name: str = ""
     target: str = ""  # audits: the audited blob's sha256; revoked: the revoked signer id or sha256
 
@@ -89,4 +91,4 @@ def parse_key(key: str) -> ParsedKey:
         return ParsedKey("audits", swarm_id=match["swarm"], target=match["audited"])
     if match["revoked"] is not None:
         return ParsedKey("revoked", swarm_id=match["swarm"], target=match["revoked"])
-    return ParsedKey("providers", swarm_id=match["swarm"], blob_sha256=match["blob"])
+    return ParsedKey("providers", swarm_id=match["swarm"], ref_id=match["ref"])

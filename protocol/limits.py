@@ -1,7 +1,8 @@
 """Numbers every peer of the swarm agrees on. Changing one changes the protocol version."""
 
 # 2: checkpoint and router records name two blobs, the training state and the inference export
-PROTOCOL_VERSION = 2
+# 3: provider records carry the whole blob reference and are filed under its digest (`BlobRef.ref_id`)
+PROTOCOL_VERSION = 3
 
 # Blobs move in fixed-size chunks; each chunk's sha256 is part of the signed blob reference, so a
 # downloader can verify (and blame a provider for) every chunk on its own and resume per chunk.

@@ -103,8 +103,8 @@ class RecordPolicy:
         if isinstance(record, RouterRecord):
             if record.spec_hash != self.manifest.router.spec_hash or record.num_clusters != k:
                 raise InvalidRecord("router checkpoint does not match this swarm's router spec or cluster count")
-        if isinstance(record, ProviderRecord) and record.blob_sha256 != parsed.blob_sha256:
-            raise InvalidRecord("provider record stored under another blob's key")
+        if isinstance(record, ProviderRecord) and record.blob.ref_id != parsed.ref_id:
+            raise InvalidRecord("provider record stored under another blob reference's key")
         if isinstance(record, AuditRecord):
             if record.checkpoint != parsed.target or record.cluster >= k:
                 raise InvalidRecord("audit stored under another checkpoint's key, or of a cluster the swarm lacks")
@@ -142,7 +142,7 @@ def key_for_record(record: SignedRecord) -> str:
     if isinstance(record, RouterRecord):
         return keys.router_key(record.swarm_id)
     if isinstance(record, ProviderRecord):
-        return keys.providers_key(record.swarm_id, record.blob_sha256)
+        return keys.providers_key(record.swarm_id, record.blob)
     if isinstance(record, PeerRecord):
         return keys.peers_key(record.swarm_id)
     if isinstance(record, AuditRecord):

@@ -214,13 +214,13 @@ class RouterRecord(SignedRecord):
 
 @dataclass(frozen=True)
 class ProviderRecord(SignedRecord):
-    """`peer_id` serves the blob `blob_sha256` over the blob protocol."""
+    """`peer_id` serves `blob` (the whole reference: sha256, size, digest list) over the blob protocol."""
 
     KIND: ClassVar[str] = "provider"
-    FIELDS: ClassVar = {**_common_fields(), "blob_sha256": f.sha256_hex(), "peer_id": f.peer_id(),
+    FIELDS: ClassVar = {**_common_fields(), "blob": f.blob_ref(), "peer_id": f.peer_id(),
                         "maddrs": f.maddrs()}
     swarm_id: str
-    blob_sha256: str
+    blob: BlobRef
     peer_id: str
     maddrs: tuple
     expires_at: float

@@ -59,7 +59,7 @@ RECORDS = {
                             steps, counts, st.floats(0, 1e6), blobs, blobs, st.one_of(st.just(""), hex64), times, times),
     "router": st.builds(RouterRecord, hex64, names, hex64, st.integers(1, 9999), steps, counts, st.floats(0, 1),
                         blobs, blobs, st.one_of(st.just(""), hex64), times, times),
-    "provider": st.builds(ProviderRecord, hex64, hex64, peer_ids, maddr_lists, times),
+    "provider": st.builds(ProviderRecord, hex64, blobs, peer_ids, maddr_lists, times),
     "peer": st.builds(PeerRecord, hex64, peer_ids, maddr_lists, st.sampled_from(["trainer", "client", "bootstrap"]),
                       st.one_of(st.just(""), jobs), st.sampled_from(["joining", "online", "offline"]), names, times),
     "beacon": st.builds(SwarmBeacon, hex64, names, st.integers(1, 100), times),
@@ -234,7 +234,7 @@ def _rebuild(parsed: keys.ParsedKey) -> str:
     if parsed.family == "ckpt":
         return keys.checkpoint_key(parsed.swarm_id, parsed.cluster)
     if parsed.family == "providers":
-        return keys.providers_key(parsed.swarm_id, parsed.blob_sha256)
+        return f"{parsed.swarm_id}/providers/{parsed.ref_id}"  # a key names the reference's digest only
     if parsed.family == "audits":
         return keys.audits_key(parsed.swarm_id, parsed.target)
     if parsed.family == "revoked":
@@ -244,7 +244,7 @@ def _rebuild(parsed: keys.ParsedKey) -> str:
 
 valid_keys = st.one_of(
     hex64.map(keys.claims_key), hex64.map(keys.router_key), hex64.map(keys.peers_key),
-    st.builds(keys.checkpoint_key, hex64, clusters), st.builds(keys.providers_key, hex64, hex64),
+    st.builds(keys.checkpoint_key, hex64, clusters), st.builds(keys.providers_key, hex64, blobs),
     st.builds(keys.audits_key, hex64, hex64), st.builds(keys.revocation_key, hex64, hex64),
     st.text(alphabet="abcxyzABC019._-", min_size=1, max_size=64).map(keys.beacon_key))
 key_inputs = st.one_of(valid_keys, valid_keys.flatmap(near_miss), st.text(max_size=140),

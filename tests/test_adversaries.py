@@ -128,6 +128,7 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
     swarm["others"].append(liar)
     announced_line = json.loads(liar.wait_for(lambda line: line.startswith("{"), timeout=90))
     swarm["liar_shas"], swarm["liar_exports"] = announced_line["sha256s"], announced_line["inference_sha256s"]
+    swarm["liar_refs"], swarm["liar_export_refs"] = announced_line["refs"], announced_line["inference_refs"]
     adversary = DhtPeer(swarm["path"], swarm["peers"], adversary=True)
     swarm["others"].append(adversary)
     # past MAX_SUBKEYS_PER_KEY the checkpoint flood is refused by every honest peer (the records before it stay)
@@ -139,9 +140,9 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
                60, "the poison and the flood")
     # and its provider records (published after the checkpoint records): a poison nobody provides is
     # passed over unfetched, which would leave the refusals below unexercised
-    served = [*swarm["liar_shas"][:3], *swarm["liar_exports"][:3]]
-    wait_until(lambda: all(swarm["observer"].call("read", family="providers", sha256=sha)["records"]
-                           for sha in served), 90, "the liar's provider records")
+    served = [*swarm["liar_refs"][:3], *swarm["liar_export_refs"][:3]]
+    wait_until(lambda: all(swarm["observer"].call("read", family="providers", ref=ref)["records"]
+                           for ref in served), 90, "the liar's provider records")
 
     a = signer_of(swarm, "a")
     d = NodeProcess(swarm["path"], tmp / "d", swarm["peers"], "--job", "expert/0", "--no-audit")

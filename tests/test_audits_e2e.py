@@ -83,7 +83,7 @@ def test_finite_garbage_at_a_higher_step_is_contradicted_by_audits_and_generate_
     a, b, liar = signer(swarm, "a"), signer(swarm, "b"), swarm["liar"]
     honest = wait_until(lambda: [r for r in records(swarm, "checkpoints", cluster=0) if r.signer == a], 180,
                         "the honest trainer's checkpoint")[0]
-    swarm["honest_sha"] = honest.blob.sha256
+    swarm["honest_sha"], swarm["honest_ref"] = honest.blob.sha256, honest.blob.to_wire()
     for sha, what in ((liar["sha256"], "the liar's"), (honest.blob.sha256, "the honest")):
         wait_until(lambda: [r for r in records(swarm, "audits", sha256=sha) if r.signer == b], 180,
                    f"the auditor's audit of {what} checkpoint")
@@ -104,7 +104,7 @@ def test_a_revoked_signer_is_refused_by_generators_and_no_longer_served_by_mirro
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"revoked signer {a}" in result.stdout
     swarm["b"].wait_for(lambda line: "stopped mirroring expert/0" in line, timeout=60)
-    wait_until(lambda: not [p for p in records(swarm, "providers", sha256=swarm["honest_sha"])
+    wait_until(lambda: not [p for p in records(swarm, "providers", ref=swarm["honest_ref"])
                             if p.signer == signer(swarm, "b")], 60, "the mirror's provider record to lapse")
 
     used = fetch(swarm, "after")

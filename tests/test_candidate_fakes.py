@@ -3,7 +3,6 @@ dozen signed checkpoint records of higher steps from fresh signers, each with a 
 names a real peer not holding the blob, or a peer that does not exist. A node resuming the job still
 adopts the one honest checkpoint behind them, instead of training from scratch."""
 
-import hashlib
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from node.swarm.manifest_files import write_manifest_file
-from protocol.hashing import BlobRef
+from protocol.hashing import BlobRef, blob_ref_of
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
 from protocol.records import CheckpointRecord, ProviderRecord
@@ -35,7 +34,7 @@ def fake_records(manifest: SwarmManifest, honest_peer: str, index: int):
     record = CheckpointRecord(manifest.swarm_id, 0, spec.name, spec.objective, spec.spec_hash, step, 32 * step, 0.001,
                               blob, blob, "", now, now + 600).signed_by(signer)
     named = honest_peer if index % 2 == 0 else random_peer_id()
-    provider = ProviderRecord(manifest.swarm_id, blob.sha256, named, (), now + 600).signed_by(signer)
+    provider = ProviderRecord(manifest.swarm_id, blob, named, (), now + 600).signed_by(signer)
     return record, provider
 
 
@@ -86,7 +85,7 @@ def test_a_leaving_nodes_hand_over_waits_past_fake_provider_records_until_a_real
     write_manifest_file(manifest, path)
     blob = tmp_path / "last.safetensors"
     blob.write_bytes(os.urandom(2_000_000))
-    sha256 = hashlib.sha256(blob.read_bytes()).hexdigest()
+    ref = blob_ref_of(blob.read_bytes())  # what fake provider records of the real blob must name to be found
     processes = []
     try:
         boot = BootstrapProcess(path, tmp_path / "boot.key")
@@ -95,7 +94,7 @@ def test_a_leaving_nodes_hand_over_waits_past_fake_provider_records_until_a_real
         processes.append(attacker)
         now = time.time()
         for named in (boot.peer_id, attacker.peer_id, random_peer_id()):  # real peers without the blob, and nobody
-            fake = ProviderRecord(manifest.swarm_id, sha256, named, (), now + 600).signed_by(Identity.generate())
+            fake = ProviderRecord(manifest.swarm_id, ref, named, (), now + 600).signed_by(Identity.generate())
             attacker.call("publish", record=fake.encode().hex())
         alone = hand_over_result(path, boot.maddrs, blob, tmp_path, "alone")
         assert alone["result"] is False and alone["seconds"] >= 11, alone  # not fooled: it waited it out

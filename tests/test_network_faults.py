@@ -116,8 +116,8 @@ def test_client_fetch_switches_provider_when_one_stalls_mid_checkpoint(swarm):
     honest = announcer("honest")
     staller = announcer("staller", "--provide-only", "--stall-after-bytes", str(CHUNK_BYTES // 2))
     assert honest["inference_sha256s"] == staller["inference_sha256s"]
-    sha256 = honest["inference_sha256s"][0]
-    wait_until(lambda: len(swarm["observer"].call("read", family="providers", sha256=sha256)["records"]) == 2,
+    sha256, export = honest["inference_sha256s"][0], honest["inference_refs"][0]
+    wait_until(lambda: len(swarm["observer"].call("read", family="providers", ref=export)["records"]) == 2,
                30, "both providers of the checkpoint")
     out = tmp / "fetched"
     result = run_cli("fetch", "--swarm", str(swarm["path"]), "--out", str(out), "--cache-dir", str(tmp / "cache"),

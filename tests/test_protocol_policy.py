@@ -7,6 +7,7 @@ import pytest
 
 from protocol.errors import (ExpirationTooFar, InvalidManifest, InvalidRecord, RecordExpired, SwarmVersionMismatch,
                              UntrustedSigner)
+from protocol.hashing import BlobRef
 from protocol.identity import Identity
 from protocol.keys import beacon_key, checkpoint_key, claims_key, parse_key, providers_key
 from protocol.limits import MAX_EXPIRATION_AHEAD_S, PROTOCOL_VERSION
@@ -57,7 +58,8 @@ def test_manifest_round_trips_through_its_dict():
 def test_keys_parse_back_to_their_parts():
     sid = manifest().swarm_id
     assert parse_key(checkpoint_key(sid, 3)).cluster == 3
-    assert parse_key(providers_key(sid, "c" * 64)).blob_sha256 == "c" * 64
+    blob = BlobRef("c" * 64, 10, "d" * 64)
+    assert parse_key(providers_key(sid, blob)).ref_id == blob.ref_id != blob.sha256
     with pytest.raises(InvalidRecord):
         parse_key("some/other/key")
 
@@ -133,12 +135,15 @@ def test_record_of_another_swarm_is_refused():
         _store(RecordPolicy(m), checkpoint_key(other.swarm_id, 1), record)
 
 
-def test_provider_record_under_another_blobs_key_is_refused():
+def test_provider_record_under_another_blob_references_key_is_refused():
+    """Filed under the whole reference: the same sha256 with another digest list (or size) is another key."""
     m = manifest()
-    record = ProviderRecord(m.swarm_id, "e" * 64, PEER_ID, (), time.time() + 60).signed_by(ALICE)
-    with pytest.raises(InvalidRecord):
-        _store(RecordPolicy(m), providers_key(m.swarm_id, "f" * 64), record)
-    assert _store(RecordPolicy(m), providers_key(m.swarm_id, "e" * 64), record)
+    blob = BlobRef("e" * 64, 10, "1" * 64)
+    record = ProviderRecord(m.swarm_id, blob, PEER_ID, (), time.time() + 60).signed_by(ALICE)
+    for other in (BlobRef("f" * 64, 10, "1" * 64), BlobRef("e" * 64, 10, "2" * 64), BlobRef("e" * 64, 11, "1" * 64)):
+        with pytest.raises(InvalidRecord):
+            _store(RecordPolicy(m), providers_key(m.swarm_id, other), record)
+    assert _store(RecordPolicy(m), providers_key(m.swarm_id, blob), record)
 
 
 def test_created_time_in_the_future_is_refused():

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from node.swarm.manifest_files import write_manifest_file
+from protocol.hashing import BlobRef
 from protocol.identity import Identity
 from protocol.keys import checkpoint_key, claims_key
 from protocol.limits import MAX_RECORD_BYTES, MAX_SUBKEYS_PER_KEY
@@ -205,8 +206,9 @@ def test_far_future_squat_of_any_record_kind_is_refused_by_every_honest_peer(swa
         record = CheckpointRecord(**checkpoint_fields(m, cluster=2, expires_at=far)).signed_by(squatter)
         seen = lambda peer: peer.call("read", family="checkpoints", cluster=2)["records"]  # noqa: E731
     else:
-        record = ProviderRecord(m.swarm_id, "ab" * 32, swarm["adversary"].peer_id, (), far).signed_by(squatter)
-        seen = lambda peer: peer.call("read", family="providers", sha256="ab" * 32)["records"]  # noqa: E731
+        blob = BlobRef("ab" * 32, 1000, "cd" * 32)
+        record = ProviderRecord(m.swarm_id, blob, swarm["adversary"].peer_id, (), far).signed_by(squatter)
+        seen = lambda peer: peer.call("read", family="providers", ref=blob.to_wire())["records"]  # noqa: E731
     _adversary_stores_record(swarm, record)
     assert [seen(peer) for peer in swarm["peers"]] == [[], [], []]
 

@@ -119,7 +119,7 @@ def test_checkpoint_survives_its_only_original_provider_through_a_mirror(swarm):
 
     def mirrored_and_frozen():
         latest = latest_by(swarm, 0, signer)
-        providers = len(swarm["observer"].call("read", family="providers", sha256=latest.blob.sha256)["records"])
+        providers = len(swarm["observer"].call("read", family="providers", ref=latest.blob.to_wire())["records"])
         if providers < 2:
             return None
         a.freeze()
@@ -155,5 +155,8 @@ def test_a_stopped_node_serves_its_last_checkpoint_until_a_mirror_holds_it(swarm
     assert f"another peer holds checkpoint step {step} now: leaving" in output
     last = latest_by(swarm, 1, swarm["signers"]["b"])
     assert last.step == step  # the checkpoint written on stopping, after the last periodic one
-    providers = swarm["observer"].call("read", family="providers", sha256=last.blob.sha256)["records"]
+    providers = swarm["observer"].call("read", family="providers", ref=last.blob.to_wire())["records"]
     assert len({decode_record(bytes.fromhex(h)).peer_id for h in providers}) >= 2
+    # filed under the whole reference: the honest sha256 with a made-up digest list names no provider
+    bogus = {**last.blob.to_wire(), "chunks_sha256": "0" * 64}
+    assert swarm["observer"].call("read", family="providers", ref=bogus)["records"] == []

@@ -56,7 +56,7 @@ class RecordSizes:
                                            123400, 123400 * 64, 0.1234, blob, blob, blob.sha256, now, now),
             "router": RouterRecord(sid, manifest.router.name, manifest.router.spec_hash, manifest.num_clusters,
                                    123400, 123400 * 64, 0.5, blob, blob, blob.sha256, now, now),
-            "provider": ProviderRecord(sid, blob.sha256, PEER_ID, MADDRS, now),
+            "provider": ProviderRecord(sid, blob, PEER_ID, MADDRS, now),
         }
         sizes = {kind: len(r.signed_by(me).encode()) + len(me.signer_id) + EXPIRATION_BYTES
                  for kind, r in records.items()}

@@ -46,11 +46,11 @@ class BlobService:
                 self.direct = DirectServer(self.server, direct_host, direct_port)
                 loop.run(self.direct.start(self.p2p), timeout=60)
 
-    def providers(self, sha256: str, extra: Iterable[str] = (), limit: int = MAX_PROVIDERS) -> List[PeerID]:
-        """Peers the DHT names as providers of `sha256` (`extra` peer ids first), never this peer; at
+    def providers(self, ref: BlobRef, extra: Iterable[str] = (), limit: int = MAX_PROVIDERS) -> List[PeerID]:
+        """Peers the DHT names as providers of `ref` (`extra` peer ids first), never this peer; at
         most `limit`, a random sample of the records (anyone can sign thousands, in any order)."""
         extra = [name for name in dict.fromkeys(extra) if name != self.membership.peer_id]
-        named = {record.peer_id for record in self.membership.providers(sha256)} - {self.membership.peer_id, *extra}
+        named = {record.peer_id for record in self.membership.providers(ref)} - {self.membership.peer_id, *extra}
         names = extra[:limit] + random.sample(sorted(named), min(len(named), max(0, limit - len(extra))))
         return [PeerID.from_base58(name) for name in names]
 
@@ -62,16 +62,6 @@ class BlobService:
             logger.debug(f"probe of {peer_id[:16]} for {sha256[:12]} failed: {error}")
             return False
 
-    def answering_providers(self, sha256: str, limit: int = MAX_PROVIDERS, timeout: float = 10.0) -> List[str]:
-        """Of the peers the DHT names as providers of `sha256` (a sample of `limit`), those that answer
-        that they hold it, probed at once."""
-        peers = self.providers(sha256, limit=limit)
-
-        async def probe() -> List[bool]:
-            return await asyncio.gather(*(holds(self.p2p, peer, sha256, timeout) for peer in peers))
-        answers = self.loop.run(probe(), timeout=timeout + 5) if peers else []
-        return [peer.to_base58() for peer, yes in zip(peers, answers) if yes]
-
     def fetch(self, ref: BlobRef, *, extra_providers: Iterable[str] = (),
               progress: Optional[Callable[[int, int], None]] = None, timeout: Optional[float] = None) -> Path:
         """The verified blob `ref`, from the local store or downloaded from its providers."""
@@ -81,12 +71,12 @@ class BlobService:
                 return self.store.path(ref.sha256)
             except CorruptBlob as error:
                 logger.warning(f"{error}; fetching it again from the swarm")
-        providers = self.providers(ref.sha256, extra_providers)
+        providers = self.providers(ref, extra_providers)
         for delay in (0.5, 1.0, 2.0):  # a provider record may trail its checkpoint record by a moment
             if providers:
                 break
             time.sleep(delay)
-            providers = self.providers(ref.sha256, extra_providers)
+            providers = self.providers(ref, extra_providers)
         if not providers:
             raise NotProvided(ref, {}, ref.num_chunks)
         try:

@@ -366,11 +366,11 @@ def obtainable(records: Iterable[Record], membership, store, manifest: SwarmMani
                 passed.oversized += 1
             else:
                 batch.append(record)
-        unknown = [blob_of(r, blob).sha256 for r in batch if not store.has(blob_of(r, blob).sha256)]
+        unknown = [blob_of(r, blob) for r in batch if not store.has(blob_of(r, blob).sha256)]
         provided = membership.providers_of(unknown) if unknown else {}
         for record in batch:
-            sha = blob_of(record, blob).sha256
-            if store.has(sha) or sha in provided:
+            ref = blob_of(record, blob)
+            if store.has(ref.sha256) or ref in provided:
                 yield record
             else:
                 passed.unprovided += 1

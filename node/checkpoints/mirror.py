@@ -105,8 +105,8 @@ class Mirror:
             return
         best = accepted.record
         self.verified.add(best)
-        self.announcer.provide(best.inference.sha256, now=True)
-        self.announcer.provide(best.blob.sha256, now=True)
+        self.announcer.provide(best.inference, now=True)
+        self.announcer.provide(best.blob, now=True)
         previous = (held, self.exports.get(job))
         self.mirrored[job], self.exports[job] = best.blob.sha256, best.inference.sha256
         logger.info(f"mirroring {job} step {best.step} ({best.blob.sha256[:12]}, export {best.inference.sha256[:12]})")

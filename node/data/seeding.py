@@ -65,7 +65,7 @@ class ShardSeeder:
         self.blobs = BlobService(membership, self.store, self.loop)
         self.announcer = Announcer(membership, presence, lambda: 0)
         for sha in self.held:
-            self.announcer.provide(sha, now=True)
+            self.announcer.provide(self.store.ref(sha), now=True)
         self.announcer.start()
         logger.info(f"seeding {len(self.held)} of the swarm's {pinned} data shards from {folder}")
 

@@ -18,6 +18,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from node.swarm.leases import Lease
 from node.swarm.membership import SwarmMembership
 from node.swarm.presence import Presence
+from protocol.hashing import BlobRef
 from protocol.jobs import Job
 from protocol.records import CheckpointRecord, ProviderRecord, RouterRecord, SignedRecord
 
@@ -48,14 +49,14 @@ class Announcer:
         self._lease_lock = threading.Lock()
         self.last_announcement = "-"
         self.failures = 0
-        self._provided: Dict[str, float] = {}  # blob sha256 -> expiry of our provider record
+        self._provided: Dict[BlobRef, float] = {}  # blob -> expiry of our provider record
         self._latest: Dict[Job, SignedRecord] = {}  # job -> our latest checkpoint/router record
         # job -> blobs (state and inference) of our checkpoint record the DHT last confirmed: the
         # node's gc must keep them
         self.confirmed: Dict[Job, frozenset] = {}
         # signed records to publish as they are, or blob sha256s to announce as provided (signed when sent,
         # so a backlog can never publish an already-expired provider record)
-        self._queue: "queue.Queue[Union[SignedRecord, str]]" = queue.Queue()
+        self._queue: "queue.Queue[Union[SignedRecord, BlobRef]]" = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddm-announcer", daemon=True)
 
@@ -87,30 +88,32 @@ class Announcer:
     def announce_checkpoint(self, job: Job, record: SignedRecord) -> None:
         """Publish a checkpoint (or router) record and announce this node as its blobs' provider."""
         # provider first: whoever sees the record can find the blobs at once
-        self.provide(record.inference.sha256, now=True)  # type: ignore[attr-defined]
-        self.provide(record.blob.sha256, now=True)  # type: ignore[attr-defined]
+        self.provide(record.inference, now=True)  # type: ignore[attr-defined]
+        self.provide(record.blob, now=True)  # type: ignore[attr-defined]
         self._queue.put(record)
         self._latest[job] = record
 
-    def provide(self, blob_sha256: str, now: bool = False) -> None:
+    def provide(self, blob: BlobRef, now: bool = False) -> None:
         """Announce this node as a provider of a blob it holds (at once with `now`, else next tick)."""
-        if blob_sha256 in self._provided:
+        if blob in self._provided:
             return
-        self._provided[blob_sha256] = 0.0
+        self._provided[blob] = 0.0
         if now:
-            self._queue.put(blob_sha256)
+            self._queue.put(blob)
 
-    def unprovide(self, blob_sha256: str) -> None:
-        self._provided.pop(blob_sha256, None)
+    def unprovide(self, sha256: str) -> None:
+        """Stop announcing blob `sha256` (every reference to it: this node no longer holds its bytes)."""
+        for blob in [blob for blob in self._provided if blob.sha256 == sha256]:
+            self._provided.pop(blob, None)
 
     # --- the loop --------------------------------------------------------------------------------
     @property
     def provider_ttl(self) -> float:
         return provider_ttl_s(self.period)
 
-    def _provider_record(self, sha: str) -> ProviderRecord:
+    def _provider_record(self, blob: BlobRef) -> ProviderRecord:
         expires = get_dht_time() + self.provider_ttl
-        record = ProviderRecord(self.membership.swarm_id, sha, self.membership.peer_id,
+        record = ProviderRecord(self.membership.swarm_id, blob, self.membership.peer_id,
                                 tuple(self.membership.maddrs[:8]), expires)
         return record.signed_by(self.membership.identity)
 
@@ -126,8 +129,8 @@ class Announcer:
                 self._tick()
                 next_tick = time.monotonic() + self.period
 
-    def _send(self, item: Union[SignedRecord, str]) -> None:
-        if isinstance(item, str):
+    def _send(self, item: Union[SignedRecord, BlobRef]) -> None:
+        if isinstance(item, BlobRef):
             if item not in self._provided:
                 return  # unprovided while it waited
             record = self._provider_record(item)
@@ -158,12 +161,12 @@ class Announcer:
             self.failures += 1
             logger.warning(f"could not renew the lease/presence: {error}")
         now = get_dht_time()
-        for sha, expiry in list(self._provided.items()):
+        for blob, expiry in list(self._provided.items()):
             if provider_due(expiry, now, self.period):
-                record = self._provider_record(sha)
-                self._publish(record, f"provider {sha[:8]}")
-                if sha in self._provided:
-                    self._provided[sha] = record.expires_at
+                record = self._provider_record(blob)
+                self._publish(record, _describe(record))
+                if blob in self._provided:
+                    self._provided[blob] = record.expires_at
         ttl = self.membership.manifest.timing.record_ttl_s
         for job, record in list(self._latest.items()):
             if record_due(record.expires_at, now, self.period, ttl):  # type: ignore[attr-defined]
@@ -184,5 +187,5 @@ class Announcer:
 
 def _describe(record: SignedRecord) -> str:
     if isinstance(record, ProviderRecord):
-        return f"provider {record.blob_sha256[:8]}"
+        return f"provider {record.blob.sha256[:8]}"
     return f"{record.KIND} step {record.step}"  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from node.swarm.validator import SwarmRecordValidator
 from node.errors import InvalidPeerAddress, JoinFailed, PublishFailed
 from protocol import keys
 from protocol.errors import ProtocolError
+from protocol.hashing import BlobRef
 from protocol.identity import Identity
 from protocol.jobs import Job
 from protocol.limits import MAX_EXPIRATION_AHEAD_S
@@ -37,6 +38,7 @@ from protocol.records import (AuditRecord, CheckpointRecord, Claim, PeerRecord, 
 
 logger = logging.getLogger("ddm_swarm.membership")
 R = TypeVar("R", bound=SignedRecord)
+N = TypeVar("N", str, BlobRef)  # what a family of keys is named by
 # A DHT call that takes longer means the DHT process is gone or wedged; fail instead of hanging.
 DHT_CALL_TIMEOUT_S = 60.0
 # keys per DHT traversal: one read of many keys is one pipe message (~140 pickled bytes a key) and
@@ -232,12 +234,13 @@ class SwarmMembership:
         """The live checkpoint records of `job`: the router's, or one cluster's experts'."""
         return self.routers() if job.is_router else self.checkpoints(job.cluster)
 
-    def providers(self, blob_sha256: str) -> List[ProviderRecord]:
-        return self.read(keys.providers_key(self.swarm_id, blob_sha256), ProviderRecord)
+    def providers(self, blob: BlobRef) -> List[ProviderRecord]:
+        """Provider records of exactly this reference (sha256, size and digest list)."""
+        return self.read(keys.providers_key(self.swarm_id, blob), ProviderRecord)
 
-    def providers_of(self, blob_sha256s: Sequence[str]) -> Dict[str, List[ProviderRecord]]:
+    def providers_of(self, blobs: Sequence[BlobRef]) -> Dict[BlobRef, List[ProviderRecord]]:
         """Provider records of several blobs at once (one DHT traversal); blobs nobody provides are absent."""
-        return self._read_many(keys.providers_key, blob_sha256s, ProviderRecord)
+        return self._read_many(keys.providers_key, blobs, ProviderRecord)
 
     def audits_of(self, blob_sha256s: Sequence[str]) -> Dict[str, List[AuditRecord]]:
         """Audit records of several checkpoint blobs at once; blobs nobody audited are absent."""
@@ -247,7 +250,7 @@ class SwarmMembership:
         """The operator's live revocations of any of `targets` (signer ids, blob sha256s)."""
         return [r for found in self._read_many(keys.revocation_key, targets, Revocation).values() for r in found]
 
-    def _read_many(self, key_of: Callable[[str, str], str], names: Sequence[str], kind: Type[R]) -> Dict[str, List[R]]:
+    def _read_many(self, key_of: Callable[[str, N], str], names: Sequence[N], kind: Type[R]) -> Dict[N, List[R]]:
         wanted = {key_of(self.swarm_id, name): name for name in dict.fromkeys(names)}
         found = {}
         for key, entries in self._get_many(list(wanted)).items():

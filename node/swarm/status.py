@@ -33,8 +33,8 @@ def collect_status(membership: SwarmMembership) -> Dict[str, Any]:
             "heldout": (getattr(best, "heldout_loss", None) if not job.is_router
                         else getattr(best, "heldout_accuracy", None)) if best else None,
             "model": best.model if best else None,
-            "providers": len(membership.providers(best.blob.sha256)) if best else 0,
-            "inference_providers": len(membership.providers(best.inference.sha256)) if best else 0,
+            "providers": len(membership.providers(best.blob)) if best else 0,
+            "inference_providers": len(membership.providers(best.inference)) if best else 0,
             "signer": best.signer[:12] if best else None,
             "age_s": round(now - best.created_at, 1) if best else None,
         })

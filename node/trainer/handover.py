@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from node.swarm.membership import SwarmMembership
+from protocol.hashing import BlobRef
 from protocol.records import SERVING_STATES
 
 logger = logging.getLogger("ddm_swarm.handover")
@@ -42,15 +43,16 @@ def needs_hand_over(membership: SwarmMembership) -> bool:
                for p in membership.peers())
 
 
-def hand_over(membership: SwarmMembership, sha256: str, timeout_s: float, leave_now: threading.Event,
+def hand_over(membership: SwarmMembership, blob: BlobRef, timeout_s: float, leave_now: threading.Event,
               holds: Callable[[str, str], bool]) -> bool:
-    """Wait until a peer other than this one provides blob `sha256` and confirms it (`holds(peer_id,
+    """Wait until a peer other than this one provides `blob` and confirms it (`holds(peer_id,
     sha256)`, the blob protocol's probe), at most `timeout_s` seconds or until `leave_now` is set.
     True if someone else holds it."""
+    sha256 = blob.sha256
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            named = sorted({p.peer_id for p in membership.providers(sha256)} - {membership.peer_id})
+            named = sorted({p.peer_id for p in membership.providers(blob)} - {membership.peer_id})
             # a sample each poll: a flood of fake records costs a few probes a poll, never the hand-over
             if any(holds(peer_id, sha256) for peer_id in random.sample(named, min(len(named), PROBES_PER_POLL))):
                 return True
@@ -68,7 +70,7 @@ def hand_over_checkpoint(membership: SwarmMembership, record, lease_s: float, le
     wait_s = handover_wait_s(lease_s)
     logger.info(f"handing checkpoint step {record.step} over to the swarm before leaving (at most {wait_s:.0f} s; "
                 "Ctrl-C again to leave now)")
-    if hand_over(membership, record.blob.sha256, wait_s, leave_now, holds):
+    if hand_over(membership, record.blob, wait_s, leave_now, holds):
         logger.info(f"another peer holds checkpoint step {record.step} now: leaving")
         return True
     logger.warning(f"leaving while no other peer holds checkpoint step {record.step} yet: it is back when this "

@@ -285,6 +285,6 @@ class PretrainedStart:
                            "it starts from scratch")
             return None
         record = accepted.record
-        self.announcer.provide(record.blob.sha256)  # we hold it now, and our first record names it as parent
+        self.announcer.provide(record.blob)  # we hold it now, and our first record names it as parent
         return Initialised(f"the swarm's DDPM checkpoint of model '{record.model}' at step {record.step} "
                            f"(signer {record.signer[:12]}…)", parent_blob=record.blob.sha256)

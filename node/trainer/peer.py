@@ -275,7 +275,7 @@ class SwarmNode:
         if record is None:
             return None
         self.parent_blob = record.blob.sha256
-        self.announcer.provide(record.blob.sha256)
+        self.announcer.provide(record.blob)
         self._set(resumed_from=f"swarm step {record.step} by {record.signer[:12]}")
         logger.info(f"resumed orphaned {job} from the swarm's checkpoint at step {record.step} "
                     f"(signer {record.signer[:12]}…)")
@@ -284,7 +284,7 @@ class SwarmNode:
     def _fetch_shard(self, ref: BlobRef) -> Path:
         """A data shard of this node's job (see `node.data.shards`), then served on."""
         path = fetch_shard(ref, self.blobs, self.manifest.dataset.shard_urls, f"{self.lease.job}")
-        self.announcer.provide(ref.sha256, now=True)
+        self.announcer.provide(ref, now=True)
         return path
 
     def _own_blobs(self) -> Set[str]:

@@ -122,4 +122,4 @@ def announce_again(job: Job, published: PublishedCheckpoints, store: BlobStore, 
     announcer.announce_checkpoint(job, record.renewed(membership.identity, get_dht_time() + record_ttl_s))
     for sha in published.keep():
         if store.has(sha):
-            announcer.provide(sha)
+            announcer.provide(store.ref(sha))

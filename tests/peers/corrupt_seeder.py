@@ -34,9 +34,9 @@ with open(store.path(ref.sha256), "r+b") as data:  # flip a byte of every chunk 
 loop = NetworkLoop()
 blobs = BlobService(membership, store, loop)
 announcer = Announcer(membership, Presence(membership, role="seeder"), lambda: 0)
-announcer.provide(ref.sha256, now=True)
+announcer.provide(ref, now=True)
 announcer.start()
-while not membership.providers(ref.sha256):
+while not membership.providers(ref):
     threading.Event().wait(0.5)
 print(json.dumps({"event": "ready", "peer_id": membership.peer_id, "sha256": ref.sha256}), flush=True)
 threading.Event().wait()

@@ -61,7 +61,7 @@ def main() -> None:
             if command["family"] == "checkpoints":
                 records = membership.checkpoints(command["cluster"])
             elif command["family"] == "providers":
-                records = membership.providers(command["sha256"])
+                records = membership.providers(BlobRef(**command["ref"]))
             elif command["family"] == "audits":
                 records = membership.audits_of([command["sha256"]]).get(command["sha256"], [])
             else:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from hivemind.p2p import PeerID
 
-from protocol.hashing import blob_ref_of
+from protocol.hashing import BlobRef, blob_ref_of
 from protocol.identity import Identity
 from protocol.manifest import SwarmManifest
 from protocol.policy import key_for_record
@@ -26,7 +26,7 @@ def random_peer_id() -> str:
 
 
 def flood_record(manifest: SwarmManifest, family: str, index: int, *, job: str = "expert/0", cluster: int = 0,
-                 sha256: str = "", ttl: float = 600.0) -> SignedRecord:
+                 ref: Optional[dict] = None, ttl: float = 600.0) -> SignedRecord:
     now = time.time()
     if family == "claims":
         record = Claim(manifest.swarm_id, job, manifest.expert_for_cluster(0).name, random_peer_id(), 10**6,
@@ -38,7 +38,7 @@ def flood_record(manifest: SwarmManifest, family: str, index: int, *, job: str =
                                   now, now + ttl)
     elif family == "providers":
         peer = random_peer_id()
-        record = ProviderRecord(manifest.swarm_id, sha256, peer, (f"/ip4/127.0.0.1/tcp/9/p2p/{peer}",), now + min(ttl, 3600))
+        record = ProviderRecord(manifest.swarm_id, BlobRef(**ref), peer, (f"/ip4/127.0.0.1/tcp/9/p2p/{peer}",), now + min(ttl, 3600))
     else:
         raise ValueError(f"cannot flood {family}")
     return record.signed_by(Identity.generate())

@@ -38,13 +38,13 @@ def main() -> None:
     store = BlobStore(args.store)
     ref = store.put_file(args.file)
     blobs = BlobService(membership, store, NetworkLoop())
-    own = ProviderRecord(membership.swarm_id, ref.sha256, membership.peer_id, tuple(membership.maddrs[:8]),
+    own = ProviderRecord(membership.swarm_id, ref, membership.peer_id, tuple(membership.maddrs[:8]),
                          get_dht_time() + 600)
     membership.publish(own.signed_by(membership.identity), confirm=False)
     print(json.dumps({"event": "ready", "sha256": ref.sha256, "peer_id": membership.peer_id}), flush=True)
     started = time.monotonic()
     extra = [blobs.holds] if "holds" in inspect.signature(hand_over).parameters else []  # older code had none
-    result = hand_over(membership, ref.sha256, args.timeout, threading.Event(), *extra)
+    result = hand_over(membership, ref, args.timeout, threading.Event(), *extra)
     print(json.dumps({"event": "handed-over", "result": result, "seconds": time.monotonic() - started}), flush=True)
     threading.Event().wait()
 

@@ -13,7 +13,8 @@ With garbage and corrupt, one blob is named as both the state and the inference 
 `--stall-after-bytes` serves that many body bytes, then stays connected and silent. `--provide-only`
 announces itself as a provider of the blob but publishes no checkpoint record (a second copy).
 
-Prints one JSON line {"sha256": ..., "sha256s": [state blobs], "inference_sha256s": [...],
+Prints one JSON line {"sha256": ..., "sha256s": [state blobs], "inference_sha256s": [...], "refs" and
+"inference_refs" (the same blobs, whole references),
 "signer": ..., "peer_id": ...} once announced, then keeps providing.
 """
 
@@ -98,7 +99,7 @@ def main() -> None:
         while True:
             expires = get_dht_time() + 3 * manifest.timing.lease_s
             for ref in {*blobs, *exports}:
-                provider = ProviderRecord(membership.swarm_id, ref.sha256, membership.peer_id,
+                provider = ProviderRecord(membership.swarm_id, ref, membership.peer_id,
                                           tuple(membership.maddrs[:8]), expires)
                 membership.publish(provider.signed_by(membership.identity), confirm=False)
             time.sleep(manifest.timing.lease_s)
@@ -106,6 +107,7 @@ def main() -> None:
     threading.Thread(target=keep_providing, daemon=True).start()
     print(json.dumps({"sha256": blobs[0].sha256, "sha256s": [ref.sha256 for ref in blobs],
                       "inference_sha256s": [ref.sha256 for ref in exports],
+                      "refs": [ref.to_wire() for ref in blobs], "inference_refs": [ref.to_wire() for ref in exports],
                       "signer": membership.identity.signer_id, "peer_id": membership.peer_id}), flush=True)
     threading.Event().wait()
 
