@@ -254,6 +254,8 @@ def plot(main: dict, budgets: list[int], seeds: list[int], path: Path) -> None:
             ax.plot(budgets, values.mean(1), "--o", color="C2", label="ensemble, oracle routing")
             ax.fill_between(budgets, values.min(1), values.max(1), color="C2", alpha=0.15)
         ax.set_xscale("log", base=2)
+        if ax is axes[0]:
+            ax.set_yscale("log")  # FID spans 90 down to 5
         ax.set_xlabel("training images per arm")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     studies = {}
     if "routing" in args.studies:
         run = results[("ensemble", first, big)]
-        studies["routing"] = {r: {**{k: round(v, 4) for k, v in run["samples"][r].items()},
+        studies["routing"] = {r: {**{k: round(v, 4) if isinstance(v, float) else v for k, v in run["samples"][r].items()},
                                   "heldout_loss": round(run["routed_loss"][r], 4)} for r in ROUTINGS}
     for key in [k for k in results if k[0].startswith("ensemble-")]:
         run = results[key]
