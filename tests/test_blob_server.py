@@ -131,7 +131,13 @@ def test_any_input_from_a_peer_gets_well_formed_answers_and_never_hits_a_handler
         reader, writer, handler = await open_stream(server)
         writer.write(garbage)
         writer.write_eof()
-        _, rest = await asyncio.wait_for(asyncio.gather(handler, reader.read()), 10)
+
+        async def answers() -> bytes:
+            try:
+                return await reader.read()
+            except ConnectionResetError:  # the server closed with our garbage unread: the kernel resets
+                return b""
+        _, rest = await asyncio.wait_for(asyncio.gather(handler, answers()), 10)
         while rest:  # whatever came back is a sequence of well-formed answers
             length = int.from_bytes(rest[:FRAME_PREFIX_BYTES], "big")
             header = decode_response_frame(rest[:FRAME_PREFIX_BYTES + length])
