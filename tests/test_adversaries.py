@@ -28,6 +28,11 @@ pytestmark = pytest.mark.timeout(420)
 TINY = ROOT / "tests" / "manifests" / "tiny.yaml"
 SQUATTED = ("expert/1", "router")
 FLOOD = 1000
+# checkpoint records flooded under expert/0's key: most of a key, not all of it. Past the cap a key keeps
+# what it holds and refuses new signers (SECURITY.md), which would keep the resuming node's own first
+# record off it; that cap is tested in test_swarm_dht.py, here the flood is what a resuming node and a
+# generator must pass over
+CHECKPOINT_FLOOD = MAX_SUBKEYS_PER_KEY - 64
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +136,7 @@ def test_node_resuming_a_job_skips_poisoned_doctored_and_flooded_checkpoints(swa
     swarm["liar_refs"], swarm["liar_export_refs"] = announced_line["refs"], announced_line["inference_refs"]
     adversary = DhtPeer(swarm["path"], swarm["peers"], adversary=True)
     swarm["others"].append(adversary)
-    # past MAX_SUBKEYS_PER_KEY the checkpoint flood is refused by every honest peer (the records before it stay)
-    adversary.call("flood", timeout=300, family="checkpoints", count=FLOOD, options={"cluster": 0})
+    adversary.call("flood", timeout=300, family="checkpoints", count=CHECKPOINT_FLOOD, options={"cluster": 0})
     assert adversary.call("flood", timeout=300, family="claims", count=FLOOD)["stored"]
     liars = set(swarm["liar_shas"])
     wait_until(lambda: (lambda found: len(found) > MAX_SUBKEYS_PER_KEY // 2 and

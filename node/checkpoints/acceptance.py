@@ -269,7 +269,7 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
                     check: Callable[[Path, Record], T], membership, store, manifest: SwarmManifest,
                     skip: Iterable[str] = (), rounds: int = 2, pause_s: float = 1.0,
                     max_failures: int = MAX_FAILURES, search: Optional[Search] = None,
-                    blob: str = "state",
+                    blob: str = "state", retry_unprovided: bool = False,
                     order: Callable[[List[Record]], List[Record]] = trusted_order) -> Optional[Accepted[T]]:
     """The best record of `read()` whose blob `fetch` delivers and `check` accepts, or None.
 
@@ -280,12 +280,14 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
     Blobs in `skip` (refused before) are not tried. `search` collects what was tried. `blob` is the
     kind of blob the search is about (`BLOB_KINDS`): its sizes, providers and hashes are the ones
     looked at, and `fetch` must fetch it. `order` ranks `read()`'s records (`trusted_order` with the
-    caller's `Verified`).
+    caller's `Verified`). A round found records unreachable (or, with `retry_unprovided`, unprovided:
+    a provider lookup that timed out on a loaded machine looks the same as none) and accepted nothing:
+    the next round reads the job again after `pause_s`.
     """
     search = search if search is not None else Search()
     tried: Set[str] = set(skip)
     for round_ in range(rounds):
-        unreachable_before = len(search.unreachable)
+        unreachable_before, unprovided_before = len(search.unreachable), search.passed.unprovided
         fresh = [record for record in order(read()) if blob_of(record, blob).sha256 not in tried]
         for record in obtainable(fresh, membership, store, manifest, search.passed, blob):
             if search.by_signer.get(record.signer, 0) >= max_failures:
@@ -303,15 +305,17 @@ def find_acceptable(read: Callable[[], List[Record]], *, fetch: Callable[[Record
                 continue
             except (NodeError, TimeoutError) as error:
                 _failed(search, search.unreachable, record, f"could not fetch it: {error}", blob)
+                tried.discard(blob_of(record, blob).sha256)  # the next round tries it again (its signer's budget bounds how often)
                 continue
             try:
                 return Accepted(record, path, check(path, record))
             except (InvalidCheckpoint, Refused, ProtocolError) as error:
                 _failed(search, search.refused, record, str(error), blob)
-        if len(search.unreachable) == unreachable_before or round_ == rounds - 1:
+        unprovided = search.passed.unprovided - unprovided_before if retry_unprovided else 0
+        if (len(search.unreachable) == unreachable_before and not unprovided) or round_ == rounds - 1:
             break
         logger.info(f"reading the job's checkpoints again: {len(search.unreachable) - unreachable_before} were "
-                    "unreachable")
+                    f"unreachable, {unprovided} unprovided")
         time.sleep(pause_s)
     if search.passed:
         logger.info(f"passed over {search.passed.describe()}")

@@ -149,10 +149,11 @@ class Assembler:
         accepted = find_acceptable(lambda: self.membership.job_checkpoints(job), fetch=self._fetch, check=check,
                                    membership=self.membership, store=self.blobs.store, manifest=self.manifest,
                                    search=search, blob="inference",
-                                   # unreachable only: read again after a pause (a trainer may have replaced
+                                   # nothing accepted: read again after a pause (a trainer may have replaced
                                    # its record; a relayed provider's connection may have been upgraded to a
-                                   # direct one by hole punching: p2pd's relay carries only 128 KiB)
-                                   rounds=3, pause_s=5.0,
+                                   # direct one by hole punching: p2pd's relay carries only 128 KiB; a
+                                   # provider lookup may have timed out)
+                                   rounds=3, pause_s=5.0, retry_unprovided=True,
                                    order=lambda records: trusted_order(records, evidence=read_evidence(self.membership,
                                                                                                        records)))
         self.rejected += search.refused + search.unreachable
