@@ -1,9 +1,16 @@
-"""Content ids: sha256 of whole blobs, plus the sha256 of each fixed-size chunk.
+"""Content ids: a two-level SHA-256 hash tree over fixed-size chunks.
 
-A `BlobRef` names a blob by its sha256, its size and `chunks_sha256`, the sha256 of the
-concatenated 32-byte digests of its `CHUNK_BYTES` chunks. Signed records carry a `BlobRef`, so a
-downloader that obtains the chunk digest list from any provider can check the list against the
-signed `chunks_sha256`, then verify every chunk as it arrives.
+A blob is cut into `CHUNK_BYTES` chunks; `chunks_sha256` is the sha256 of their concatenated 32-byte
+digests, and the blob's id, the `sha256` of its `BlobRef`, is `blob_root(size, chunks_sha256)`, a
+sha256 over both (the shape of BitTorrent v2's piece root, of iroh's BLAKE3 tree at two levels).
+Signed records carry a `BlobRef`; a downloader that obtains the chunk digest list from any provider
+checks the list against the signed `chunks_sha256` and then every chunk as it arrives, and once
+every chunk matched, the whole blob is verified: no second pass over its bytes (protocol 3 also
+hashed the whole file in order, which doubled a download's hashing and bounded its speed).
+
+The id is not the `sha256sum` of the file: `blob_ref_of(data).sha256` (or `ddm-swarm`'s own
+checks) computes it. A reference whose id is not the root of its size and digest list cannot be
+built (`InvalidRecord`), so no record can pair an honest blob's id with another digest list.
 """
 
 from __future__ import annotations
@@ -46,9 +53,15 @@ def digest_list_sha256(digests: Sequence[bytes]) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
+def blob_root(size: int, chunks_sha256: str) -> str:
+    """A blob's id: the sha256 of its size and of its chunk digest list's sha256 (the tree's root)."""
+    return hashlib.sha256(f"ddm-blob/{size}/{chunks_sha256}".encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class BlobRef:
-    """What a signed record promises about a blob. sha256 values are lowercase hex."""
+    """What a signed record promises about a blob: its id (`sha256`, the root of `size` and
+    `chunks_sha256`: see the module), its size and its chunk digest list's sha256. Lowercase hex."""
 
     sha256: str
     size: int
@@ -59,6 +72,14 @@ class BlobRef:
             raise InvalidRecord("blob reference: sha256 values must be 64 lowercase hex characters")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or not 0 <= self.size <= MAX_BLOB_BYTES:
             raise InvalidRecord(f"blob reference: size must be an integer in [0, {MAX_BLOB_BYTES}]")
+        if self.sha256 != blob_root(self.size, self.chunks_sha256):
+            raise InvalidRecord(f"blob reference {self.sha256[:12]}: its id is not the root of its size and "
+                                f"chunk digest list (protocol 4 ids are hash-tree roots, not file sha256)")
+
+    @classmethod
+    def of(cls, size: int, chunks_sha256: str) -> "BlobRef":
+        """The reference of a blob of `size` bytes whose chunk digest list hashes to `chunks_sha256`."""
+        return cls(blob_root(size, chunks_sha256), size, chunks_sha256)
 
     @property
     def num_chunks(self) -> int:
@@ -66,9 +87,8 @@ class BlobRef:
 
     @property
     def ref_id(self) -> str:
-        """One digest of the whole reference (sha256, size and digest list): what provider records are
-        filed under, so that a record with an honest blob's sha256 and a bogus digest list names no
-        honest provider (BitTorrent v2 files peers under the info hash, which covers the piece hashes)."""
+        """One digest of the whole reference: what provider records are filed under. Since protocol 4
+        the id alone binds the digest list too; the key's shape is kept."""
         return hashlib.sha256(f"{self.sha256}-{self.size}-{self.chunks_sha256}".encode()).hexdigest()
 
     def check_digest_list(self, digests: Sequence[bytes]) -> None:
@@ -86,7 +106,6 @@ class BlobHasher:
     """Incremental hasher: feed the blob's bytes in order, get its `BlobRef` and chunk digests."""
 
     def __init__(self) -> None:
-        self._whole = hashlib.sha256()
         self._chunk = hashlib.sha256()
         self._in_chunk = 0
         self._size = 0
@@ -94,7 +113,6 @@ class BlobHasher:
 
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        self._whole.update(view)
         self._size += len(view)
         while len(view):
             take = min(CHUNK_BYTES - self._in_chunk, len(view))
@@ -109,7 +127,7 @@ class BlobHasher:
         if self._in_chunk:
             self.digests.append(self._chunk.digest())
             self._chunk, self._in_chunk = hashlib.sha256(), 0
-        return BlobRef(self._whole.hexdigest(), self._size, digest_list_sha256(self.digests))
+        return BlobRef.of(self._size, digest_list_sha256(self.digests))
 
 
 def blob_ref_of(data: bytes) -> BlobRef:

@@ -2,7 +2,8 @@
 
 # 2: checkpoint and router records name two blobs, the training state and the inference export
 # 3: provider records carry the whole blob reference and are filed under its digest (`BlobRef.ref_id`)
-PROTOCOL_VERSION = 3
+# 4: a blob's id is the root of its size and chunk digest list (`protocol.hashing.blob_root`), not its file sha256
+PROTOCOL_VERSION = 4
 
 # Blobs move in fixed-size chunks; each chunk's sha256 is part of the signed blob reference, so a
 # downloader can verify (and blame a provider for) every chunk on its own and resume per chunk.

@@ -51,7 +51,7 @@ names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, ma
 clusters = st.integers(0, 9999)
 jobs = st.one_of(st.just("router"), clusters.map(lambda k: f"expert/{k}"))
 maddr_lists = st.lists(st.integers(1, 65535).map(lambda p: f"/ip4/127.0.0.1/tcp/{p}"), max_size=8)
-blobs = st.builds(BlobRef, hex64, st.integers(0, 2**36), hex64)
+blobs = st.builds(BlobRef.of, st.integers(0, 2**36), hex64)
 
 RECORDS = {
     "claim": st.builds(Claim, hex64, jobs, names, peer_ids, steps, st.sampled_from(["training", "released"]), times),

@@ -16,7 +16,9 @@ from node.blobs.partial import DownloadInProgress, PartialDownload
 from node.blobs.schedule import ChunkScheduler
 import node.blobs.store as blobstore_module
 from node.blobs.store import BlobNotFound, BlobStore, CorruptBlob
-from protocol.hashing import blob_ref_of, blob_ref_of_chunks, chunk_span, sha256_hex
+from protocol.encoding import canonical_encode
+from protocol.errors import InvalidRecord
+from protocol.hashing import BlobRef, blob_ref_of, blob_ref_of_chunks, chunk_span
 from protocol.limits import CHUNK_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ def test_put_file_equals_put_bytes_and_is_idempotent(store, tmp_path):
     source = tmp_path / "source.bin"
     source.write_bytes(data)
     assert store.put_file(source) == store.put_bytes(data) == store.put_file(source)
-    assert store.list() == [sha256_hex(data)]
+    assert store.list() == [blob_ref_of(data).sha256]
     assert list((store.root / "tmp").iterdir()) == []
 
 
@@ -197,7 +199,15 @@ def test_a_partial_download_resumes_only_chunks_that_still_verify(store):
     resumed.close()
 
 
-def test_a_partial_download_of_another_ref_with_the_same_sha_starts_over(store):
+def test_a_reference_pairing_a_blobs_id_with_another_size_or_digest_list_cannot_be_built():
+    ref = blob_ref_of(blob_bytes(CHUNK_BYTES + 1))
+    for size, chunks in ((ref.size + 1, ref.chunks_sha256), (ref.size, "0" * 64)):
+        with pytest.raises(InvalidRecord, match="not the root"):
+            BlobRef(ref.sha256, size, chunks)
+    assert BlobRef(ref.sha256, ref.size, ref.chunks_sha256) == ref
+
+
+def test_a_partial_download_whose_stored_ref_is_another_starts_over(store):
     data = blob_bytes(CHUNK_BYTES + 1)
     ref, digests = blob_ref_of_chunks([data])
     partial = PartialDownload(store, ref)
@@ -205,10 +215,11 @@ def test_a_partial_download_of_another_ref_with_the_same_sha_starts_over(store):
     partial.write_chunk(0, data[:CHUNK_BYTES])
     partial.record_verified(0)
     partial.close()
-    liar = type(ref)(ref.sha256, ref.size + 1, ref.chunks_sha256)
-    other = PartialDownload(store, liar)
-    assert other.digests is None and other.logged_chunks() == []
-    other.close()
+    other_ref = BlobRef.of(ref.size + 1, ref.chunks_sha256)
+    (partial.directory / "ref").write_bytes(canonical_encode(other_ref.to_wire()))  # a torn or foreign state
+    again = PartialDownload(store, ref)
+    assert again.digests is None and again.logged_chunks() == []
+    again.close()
 
 
 def test_two_downloads_of_one_blob_cannot_share_a_partial(store):

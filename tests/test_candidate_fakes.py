@@ -29,7 +29,7 @@ def fake_records(manifest: SwarmManifest, honest_peer: str, index: int):
     """A checkpoint record of a high step whose blob nobody serves, and a provider record for it naming
     `honest_peer` (which answers "not-found") or, every other time, a peer id nobody has."""
     spec, now, signer = manifest.expert_for_cluster(0), time.time(), Identity.generate()
-    blob = BlobRef(os.urandom(32).hex(), 300_000, os.urandom(32).hex())
+    blob = BlobRef.of(300_000, os.urandom(32).hex())
     step = 10**6 + index
     record = CheckpointRecord(manifest.swarm_id, 0, spec.name, spec.objective, spec.spec_hash, step, 32 * step, 0.001,
                               blob, blob, "", now, now + 600).signed_by(signer)

@@ -1,6 +1,7 @@
 """The review's attacks on blob transfer (issue 15, findings 1, 7, 8, 9), each against real peer
-processes on 127.0.0.1 (hivemind DHT + p2pd): a signed reference with an honest blob's sha256 and a
-made-up digest list, a provider trickling a byte every 0.7 s, records whose providers never
+processes on 127.0.0.1 (hivemind DHT + p2pd): a signed reference with an honest blob's id and a
+made-up digest list (refused since protocol 4: the id is the root of the list), a liar serving a
+forged digest list, a provider trickling a byte every 0.7 s, records whose providers never
 deliver, and thousands of fake providers. Each test shows the downloader outliving the attack."""
 
 import hashlib
@@ -8,7 +9,7 @@ import os
 
 import pytest
 
-from protocol.hashing import DIGEST_BYTES, digest_list_sha256
+from protocol.hashing import DIGEST_BYTES, blob_root, digest_list_sha256
 from protocol.limits import CHUNK_BYTES
 from tests.peer_processes import PeerProcess, blob_providers
 
@@ -52,31 +53,36 @@ def peer(swarm, name: str) -> str:
     return swarm["ready"][name]["peer_id"]
 
 
-def test_a_record_with_an_honest_blobs_sha256_and_a_made_up_digest_list_convicts_the_record_not_the_provider(swarm):
+def test_a_reference_with_an_honest_blobs_id_and_a_made_up_digest_list_is_refused_before_any_provider_is_asked(swarm):
     ref = swarm["ref"]
     bogus = f"{ref['sha256']}:{ref['size']}:{os.urandom(32).hex()}"
     first, second = outcomes(fetch(swarm, "store-bogus", [bogus, swarm["true"]], ["honest"]), 2, 60)
-    assert first["event"] == "error" and first["type"] == "RecordContradicted", first
-    assert peer(swarm, "honest") not in first["report"]["banned"]
+    assert first["event"] == "error" and first["type"] == "InvalidRecord", first
+    assert "not the root" in first["message"] and first["report"]["chunks_fetched"] == {}
     assert second["event"] == "done", second  # the honest provider still serves the real reference
     assert peer(swarm, "honest") not in second["bans"]
 
 
-def test_a_liar_serving_the_digest_list_of_a_forged_record_gets_the_honest_provider_banned_for_that_record_only(swarm):
-    # The attacker signs a record naming the honest blob with its own (forged) digest list and
-    # serves that list: the honest provider's chunks then contradict the forged digests.
-    store = swarm["root"] / "bad-digests" / "blobs" / swarm["sha256"][:2] / f"{swarm['sha256']}.digests"
+def test_a_liar_serving_a_forged_digest_list_is_dropped_and_cannot_have_it_signed_under_the_honest_id(swarm):
+    # The liar serves a digest list with its first byte flipped for the honest blob. Before protocol 4
+    # it could also sign a record naming the honest blob's sha256 with that list, and the honest
+    # provider's chunks then contradicted the forged digests; now such a record cannot be built, and
+    # a record of the forged list names another blob, which the honest provider does not hold.
+    ref = swarm["ref"]
+    store = swarm["root"] / "bad-digests" / "blobs" / ref["sha256"][:2] / f"{ref['sha256']}.digests"
     forged = store.read_bytes()
     digests = [forged[i:i + DIGEST_BYTES] for i in range(0, len(forged), DIGEST_BYTES)]
-    ref = swarm["ref"]
-    forged_ref = f"{ref['sha256']}:{ref['size']}:{digest_list_sha256(digests)}"
-    first, second = outcomes(fetch(swarm, "store-forged", [forged_ref, swarm["true"]], ["bad-digests", "honest"]),
-                             2, 90)
-    assert first["event"] == "error", first
-    assert second["event"] == "done", second
-    with open(second["path"], "rb") as file:
+    forged_chunks = digest_list_sha256(digests)
+    under_honest_id = f"{ref['sha256']}:{ref['size']}:{forged_chunks}"
+    own_blob = f"{blob_root(ref['size'], forged_chunks)}:{ref['size']}:{forged_chunks}"
+    first, second, third = outcomes(fetch(swarm, "store-forged", [under_honest_id, own_blob, swarm["true"]],
+                                          ["bad-digests", "honest"]), 3, 90)
+    assert first["event"] == "error" and first["type"] == "InvalidRecord", first
+    assert second["event"] == "error" and second["type"] == "NotProvided", second  # nobody holds that blob
+    assert third["event"] == "done", third
+    with open(third["path"], "rb") as file:
         assert hashlib.file_digest(file, "sha256").hexdigest() == swarm["sha256"]
-    assert second["report"]["chunks_fetched"].get(peer(swarm, "honest"), 0) > 0
+    assert not third["report"]["banned"] and peer(swarm, "honest") not in third["bans"]
 
 
 def test_a_provider_trickling_a_byte_every_0_7_s_is_dropped_and_the_download_finishes_from_another(swarm):
@@ -97,7 +103,7 @@ def test_a_download_that_would_outlast_its_deadline_gives_up_at_the_deadline(swa
 
 
 def test_records_whose_providers_never_deliver_leave_no_partial_download_and_reserve_no_disk(swarm):
-    fakes = [f"{os.urandom(32).hex()}:{BLOB_BYTES}:{os.urandom(32).hex()}" for _ in range(8)]
+    fakes = [f"{blob_root(BLOB_BYTES, chunks)}:{BLOB_BYTES}:{chunks}" for chunks in (os.urandom(32).hex() for _ in range(8))]
     results = outcomes(fetch(swarm, "store-fakes", fakes, ["honest"], "--fake-providers", "3"), 8, 120)
     left = list((swarm["root"] / "store-fakes" / "partial").iterdir())
     assert left == [], f"{len(left)} partials, {sum(f.stat().st_blocks * 512 for d in left for f in d.iterdir())} bytes"

@@ -5,13 +5,13 @@ The nodes train and announce; the client reads the swarm's status and fetches bo
 Skipped where network namespaces cannot be made (not root, or `ip netns` not permitted).
 """
 
-import hashlib
 import json
 import re
 
 import pytest
 
 from node.identity_files import load_identity
+from protocol.hashing import blob_ref_of
 from protocol.records import decode_record
 from tests.network_namespaces import NamespaceLan, unavailable_reason
 from tests.swarm_harness import ROOT, BootstrapProcess, NodeProcess, run_cli, wait_until
@@ -79,6 +79,6 @@ def test_client_on_another_host_fetches_both_experts_across_the_lan(lan):
     records = [decode_record(bytes.fromhex(entry["record"])) for entry in saved]
     assert sorted(r.cluster for r in records) == [0, 1]
     for entry, record in zip(saved, records):
-        assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == record.inference.sha256
+        assert blob_ref_of((out / entry["file"]).read_bytes()) == record.inference
     # the checkpoints' bytes reached the client through its own interface, from the other hosts
     assert lan["lan"].received_bytes("client") - received >= sum(r.inference.size for r in records)

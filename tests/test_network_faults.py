@@ -3,7 +3,6 @@ alternate is up, every bootstrap down (a clear error, and nothing written to the
 a provider that stalls in the middle of a checkpoint download.
 """
 
-import hashlib
 import json
 import sys
 
@@ -13,6 +12,7 @@ import yaml
 from node.identity_files import load_identity
 from node.swarm.manifest_files import write_manifest_file
 from node.swarm.peer_cache import PeerCache
+from protocol.hashing import blob_ref_of
 from protocol.limits import CHUNK_BYTES
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
@@ -129,4 +129,4 @@ def test_client_fetch_switches_provider_when_one_stalls_mid_checkpoint(swarm):
     assert "dropped for blob" in output and ("no bytes for" in flat or "outrun in the endgame" in flat)
     saved = json.loads((out / "ensemble.json").read_text())["checkpoints"]
     assert [entry["file"] for entry in saved] == ["expert_1/diffusion_pytorch_model.safetensors"]
-    assert hashlib.sha256((out / saved[0]["file"]).read_bytes()).hexdigest() == sha256
+    assert blob_ref_of((out / saved[0]["file"]).read_bytes()).sha256 == sha256

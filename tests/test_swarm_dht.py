@@ -206,7 +206,7 @@ def test_far_future_squat_of_any_record_kind_is_refused_by_every_honest_peer(swa
         record = CheckpointRecord(**checkpoint_fields(m, cluster=2, expires_at=far)).signed_by(squatter)
         seen = lambda peer: peer.call("read", family="checkpoints", cluster=2)["records"]  # noqa: E731
     else:
-        blob = BlobRef("ab" * 32, 1000, "cd" * 32)
+        blob = BlobRef.of(1000, "cd" * 32)
         record = ProviderRecord(m.swarm_id, blob, swarm["adversary"].peer_id, (), far).signed_by(squatter)
         seen = lambda peer: peer.call("read", family="providers", ref=blob.to_wire())["records"]  # noqa: E731
     _adversary_stores_record(swarm, record)

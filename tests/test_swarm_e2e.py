@@ -14,6 +14,7 @@ from PIL import Image
 
 from node.identity_files import load_or_create_identity
 from node.swarm.manifest_files import write_manifest_file
+from protocol.hashing import BlobRef
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
 from tests.swarm_harness import (ROOT, BootstrapProcess, DhtPeer, LineProcess, NodeProcess, child_env, run_cli,
@@ -157,6 +158,6 @@ def test_a_stopped_node_serves_its_last_checkpoint_until_a_mirror_holds_it(swarm
     assert last.step == step  # the checkpoint written on stopping, after the last periodic one
     providers = swarm["observer"].call("read", family="providers", ref=last.blob.to_wire())["records"]
     assert len({decode_record(bytes.fromhex(h)).peer_id for h in providers}) >= 2
-    # filed under the whole reference: the honest sha256 with a made-up digest list names no provider
-    bogus = {**last.blob.to_wire(), "chunks_sha256": "0" * 64}
+    # filed under the whole reference: a made-up one (the honest size, another digest list) names no provider
+    bogus = BlobRef.of(last.blob.size, "0" * 64).to_wire()
     assert swarm["observer"].call("read", family="providers", ref=bogus)["records"] == []

@@ -89,7 +89,7 @@ class Swarm:
         self.probed: set = set()  # every job a probe ever emptied (left out of the churn-only coverage)
         self.uncovered_since: Dict[int, float] = {}  # job -> since when (a job never covered is not in it)
         self.full_at: Optional[float] = None  # the first moment every job had a live claim
-        self._blob = BlobRef("0" * 64, 1 << 20, "0" * 64)
+        self._blob = BlobRef.of(1 << 20, "0" * 64)
 
     # --- identities and rows -----------------------------------------------------------------------
     def new_identity(self) -> int:

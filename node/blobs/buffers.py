@@ -6,9 +6,8 @@ them in again as the socket fills it; freeing it unmaps them. On this machine th
 fresh one at ~0.31), paid on every chunk.
 
 A buffer has one owner at a time and is handed back by the last one to read it: the download's
-worker when a chunk is refused or was already delivered by another stream (endgame), else the
-whole-file hasher (`node.blobs.schedule.OrderedHasher`) once the chunk is in the whole-file hash
-(it was written to disk before that). A buffer dropped on an error path is simply not reused (the
+stream worker, once its chunk was verified and written (or refused, or already delivered by another
+stream in the endgame). A buffer dropped on an error path is simply not reused (the
 garbage collector frees it): `give_back` is the only way into the pool, so a buffer still read by
 a worker thread is never handed out twice.
 """
@@ -20,9 +19,8 @@ class ChunkBuffers:
     """A pool of `size`-byte `bytearray`s, keeping at most `keep` idle ones. Event-loop thread only.
 
     One pool lives as long as one download, so it holds no more than that download's peak of chunks
-    in memory at once (streams' reads and verifies, plus the whole-file hasher's `max_buffered`):
-    with the hasher lagging on a loaded machine that peak was ~20 chunks, and a pool kept smaller
-    than it allocated afresh most of the time (py-spy: the fresh buffers' zeroing and page faults
+    in memory at once: two per stream (one being read, one being verified). A pool kept smaller than
+    that peak allocated afresh most of the time (py-spy: the fresh buffers' zeroing and page faults
     cost more than the pwrite of the same bytes).
     """
 

@@ -5,9 +5,9 @@
    records by the thousand) and opens at most `MAX_OPENING` streams at a time;
 1. asks them all at once for the chunk digest list and keeps the first that matches the signed
    `ref.chunks_sha256`. A list that does not match is not proof against its provider (the record
-   may be the liar: anyone can sign a record with an honest blob's sha256 and a made-up digest
-   list), so that provider is only dropped for this download; when no provider's list matches the
-   record, the record is what is refused (`RecordContradicted`);
+   may be the liar: anyone can sign a record of a made-up blob), so that provider is only dropped
+   for this download; when no provider's list matches the record, the record is what is refused
+   (`RecordContradicted`);
 2. only then reserves disk space, and re-checks the chunks a killed earlier run had verified;
 3. runs `streams_per_provider` streams to every provider; each stream asks for chunk after chunk
    (two requests outstanding, so the provider never waits for us), every chunk is hashed against
@@ -18,8 +18,9 @@
    `node.blobs.banlist`), and gives its chunks to the others; drops a provider that stalls,
    trickles (every header, digest list and chunk has a deadline and a minimum rate), vanishes or
    is busy, likewise; the whole download has a deadline too;
-5. hashes the whole file in order while chunks arrive, and moves it into the store only when it
-   matches `ref.sha256`.
+5. moves the file into the store once every chunk is verified: the blob's id is the root of its
+   digest list (`protocol.hashing`), so the verified chunks are the whole check, one sha256 pass
+   over the bytes.
 
 `NotProvided` (a `BlobUnavailable`) says that no provider even answered "ok": the blob is not
 provided at all, whatever the DHT's provider records say.
@@ -46,7 +47,7 @@ from node.blobs.direct import DirectRoutes
 from node.blobs.outcome import BlobUnavailable, FetchReport, NotProvided, RecordContradicted, ref_key  # noqa: F401 (re-exported)
 from node.blobs.partial import PartialDownload
 from node.blobs.provider import Provider, ProviderBusy, ProviderFault, ProviderGone, expect_ok, open_stream
-from node.blobs.schedule import ChunkScheduler, OrderedHasher
+from node.blobs.schedule import ChunkScheduler
 from node.blobs.stream import StreamClosed, StreamReceiver, StreamStalled
 from node.blobs.store import BlobStore
 
@@ -205,7 +206,7 @@ class _Download:
         self.partial.record_verified(index)
         return True
 
-    async def _stream_worker(self, provider: Provider, scheduler: ChunkScheduler, hasher: OrderedHasher) -> bool:
+    async def _stream_worker(self, provider: Provider, scheduler: ChunkScheduler) -> bool:
         """One stream to one provider: request chunks (two outstanding), read them, verify the previous
         one on a worker thread while the next arrives. True: its direct route failed, start it again."""
         restart = False
@@ -221,10 +222,9 @@ class _Download:
                 self.buffers.give_back(data)
                 scheduler.give_back([index])
                 raise ProviderFault(f"chunk {index} does not match its digest")
+            self.buffers.give_back(data)  # verified and written: nobody reads it any more
             if scheduler.is_done(index):  # endgame: another stream delivered it first
-                self.buffers.give_back(data)
                 return
-            hasher.offer(index, data)
             scheduler.done(index)
             self.report.chunks_fetched[provider.name] = self.report.chunks_fetched.get(provider.name, 0) + 1
             self._advance(len(data))
@@ -288,19 +288,19 @@ class _Download:
                 stream.close()
         return restart and provider.active
 
-    async def fetch_chunks(self, missing: list[int], hasher: OrderedHasher) -> None:
+    async def fetch_chunks(self, missing: list[int]) -> None:
         scheduler = ChunkScheduler(missing)
         workers: dict[asyncio.Task, Provider] = {}
         for provider in self.chunk_providers():
             for _ in range(self.streams_per_provider):
-                workers[asyncio.create_task(self._stream_worker(provider, scheduler, hasher))] = provider
+                workers[asyncio.create_task(self._stream_worker(provider, scheduler))] = provider
         try:
             while workers and not scheduler.finished:
                 finished, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     provider = workers.pop(task)
                     if task.result():  # (provider errors are caught; anything else is a bug worth seeing)
-                        workers[asyncio.create_task(self._stream_worker(provider, scheduler, hasher))] = provider
+                        workers[asyncio.create_task(self._stream_worker(provider, scheduler))] = provider
         finally:
             for provider in {id(p): p for p in workers.values()}.values():  # still holding chunks another provider delivered first
                 if provider.holding and scheduler.finished:
@@ -320,8 +320,8 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
                      direct: Optional[DirectRoutes] = None) -> Path:
     """Fetch blob `ref` from `providers` (hivemind `PeerID`s) into `store`; return its path there.
 
-    `ref` must come from a signed record: every chunk is checked against `ref.chunks_sha256`, the
-    whole file against `ref.sha256`. A provider that sends bytes contradicting the digest list is
+    `ref` must come from a signed record: every chunk is checked against the digest list, the list
+    against `ref.chunks_sha256` (which `ref.sha256`, the blob's id, binds). A provider that sends bytes contradicting the digest list is
     added to `bans` for this reference (and skipped while banned); one that sends nothing for
     `stall_timeout` seconds, takes longer than that for a response header, or delivers a chunk or
     the digest list slower than `min_rate` bytes/s, is dropped for this download; their chunks go
@@ -334,8 +334,7 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
     Raises `BlobUnavailable` naming every provider and why it failed (the partial download is
     kept once its digest list was obtained: a later call resumes it), `NotProvided` when no
     provider answered "ok" at all; `RecordContradicted` (a `HashMismatch`) when every answering
-    provider's digest list contradicts the ref; `HashMismatch` if the signed ref is itself
-    inconsistent; `DownloadInProgress` if another fetch of this ref into this store is running.
+    provider's digest list contradicts the ref; `DownloadInProgress` if another fetch of this ref into this store is running.
     """
     started = time.perf_counter()
     report = report if report is not None else FetchReport()
@@ -346,19 +345,15 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
         deadline_s = connect_timeout + 2 * stall_timeout + ref.size / MIN_OVERALL_RATE
     partial = await asyncio.to_thread(PartialDownload, store, ref)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"blob-{ref.sha256[:8]}")
-    # The whole-file hash has a thread of its own: sharing the chunk verifiers' threads, it queued
-    # behind them and lagged ~15 chunks by the last one (70 ms of a 740 ms, 128 MiB download).
-    whole_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blob-{ref.sha256[:8]}-whole")
     buffers = ChunkBuffers(CHUNK_BYTES)
     download = _Download(p2p, ref, providers, partial, bans=bans if bans is not None else BanList(), report=report,
                          progress=progress, executor=executor, streams_per_provider=streams_per_provider,
                          stall_timeout=stall_timeout, min_rate=min_rate, connect_timeout=connect_timeout,
                          buffers=buffers, direct=direct)
-    hasher = OrderedHasher(ref.num_chunks, partial.read_chunk, whole_executor, give_back=buffers.give_back)
     try:
         try:
             async with asyncio.timeout(deadline_s):
-                return await _run(download, partial, hasher)
+                return await _run(download, partial)
         except TimeoutError:
             download.reasons["(download)"] = f"did not finish within its deadline of {deadline_s:.0f} s"
             raise download.unavailable(ref.num_chunks - len(download.report.chunks_fetched)) from None
@@ -367,31 +362,23 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
             await asyncio.to_thread(partial.discard)
         raise
     finally:
-        hasher.cancel()
         # Threads may still be writing or hashing a chunk: let them finish before the files close
         # (a closed descriptor's number can be reused at once, by an unrelated file).
         await asyncio.to_thread(executor.shutdown)
-        await asyncio.to_thread(whole_executor.shutdown)
         partial.close()
         report.seconds = time.perf_counter() - started
 
 
-async def _run(download: _Download, partial: PartialDownload, hasher: OrderedHasher) -> Path:
+async def _run(download: _Download, partial: PartialDownload) -> Path:
     ref, report, progress = download.ref, download.report, download.progress
     await download.obtain_digests()
     resumed = await asyncio.to_thread(partial.recheck, partial.logged_chunks())
     report.chunks_resumed = len(resumed)
     for index in resumed:
-        hasher.offer(index)
         start, end = chunk_span(index, ref.size)
         download.done_bytes += end - start
     if progress is not None:
         progress(download.done_bytes, ref.size)
     missing = sorted(set(range(ref.num_chunks)) - set(resumed))
-    await download.fetch_chunks(missing, hasher)
-    whole = await hasher.hexdigest()
-    if whole != ref.sha256:
-        await asyncio.to_thread(partial.discard)
-        raise HashMismatch(f"blob {ref.sha256[:12]}: every chunk matches the signed digests but the whole file "
-                           f"hashes to {whole[:12]}; the signed record is inconsistent")
+    await download.fetch_chunks(missing)
     return await asyncio.to_thread(partial.complete)

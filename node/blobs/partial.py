@@ -10,8 +10,8 @@
 
 The log is appended right after a verified chunk is written, so it survives SIGKILL. It is still
 only a hint: on resume every chunk it names is hashed again from disk against its digest (power
-loss may persist the log before the data), and the whole file is checked against the blob's
-sha256 before `complete()` moves it into the store.
+loss may persist the log before the data). Once every chunk is verified the blob is (its id is the
+root of the digest list, see `protocol.hashing`), and `complete()` moves it into the store.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class PartialDownload:
         os.write(self._log_fd, index.to_bytes(_INDEX_BYTES, "big"))
 
     def complete(self) -> Path:
-        """Move the finished file into the store. The caller has checked the whole file's sha256."""
+        """Move the finished file into the store. The caller has verified every chunk."""
         assert self.digests is not None, "complete needs the digest list"
         os.fsync(self._data_fd)
         path = self.store.commit(self.data_path, self.ref, self.digests)

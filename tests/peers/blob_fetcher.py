@@ -52,9 +52,10 @@ async def run(args: argparse.Namespace) -> None:
     providers += [PeerID.from_base58(random_peer_id()) for _ in range(args.fake_providers)]
     try:
         for position, text in enumerate(args.ref):
-            sha256, size, chunks_sha256 = text.split(":")
-            ref, report = BlobRef(sha256, int(size), chunks_sha256), FetchReport()
+            report = FetchReport()
             try:
+                sha256, size, chunks_sha256 = text.split(":")
+                ref = BlobRef(sha256, int(size), chunks_sha256)  # an inconsistent one is refused here
                 path = await fetch_blob(p2p, ref, providers, BlobStore(args.store), bans=bans, report=report,
                                         stall_timeout=args.stall_timeout, streams_per_provider=args.streams, direct=routes,
                                         **({"deadline_s": args.deadline} if args.deadline else {}),
