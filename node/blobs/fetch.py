@@ -11,9 +11,9 @@
 2. only then reserves disk space, and re-checks the chunks a killed earlier run had verified;
 3. runs `streams_per_provider` streams to every provider; each stream asks for chunk after chunk
    (two requests outstanding, so the provider never waits for us), every chunk is hashed against
-   its digest on a worker thread, written at its offset and logged as verified; at the end, idle
-   streams ask again for chunks still in flight elsewhere (endgame), so one slow provider cannot
-   hold the last chunk;
+   its digest on a worker thread, written at its offset and logged as verified; at the end, the
+   streams of a provider that holds nothing more ask again for chunks still in flight elsewhere
+   (endgame), so one slow provider cannot hold the last chunk;
 4. bans a provider whose bytes contradict the digest list, for this reference only (see
    `node.blobs.banlist`), and gives its chunks to the others; drops a provider that stalls,
    trickles (every header, digest list and chunk has a deadline and a minimum rate), vanishes or
@@ -229,6 +229,9 @@ class _Download:
             self.report.chunks_fetched[provider.name] = self.report.chunks_fetched.get(provider.name, 0) + 1
             self._advance(len(data))
 
+        def provider_idle() -> bool:
+            return not provider.holding
+
         async def verify(index: int, data: bytearray) -> tuple[int, bytearray, bool]:
             return index, data, await loop.run_in_executor(self.executor, self._verify_and_write, index, data)
 
@@ -236,8 +239,10 @@ class _Download:
             stream = await self.open(provider)
             while provider.active:
                 while len(outstanding) < 2:
-                    index = (scheduler.try_take(provider.holding, endgame=True) if outstanding or verifying
-                             else await scheduler.take(provider.holding, endgame=True))
+                    # Endgame copies only once this provider holds nothing: a copy on one stream of a
+                    # provider still sending on another shares that provider's uplink with its own chunk.
+                    index = (scheduler.try_take(provider.holding, endgame=provider_idle) if outstanding or verifying
+                             else await scheduler.take(provider.holding, endgame=provider_idle))
                     if index is None:
                         break
                     if not provider.active:  # banned by a sibling stream while this one waited
