@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from ddm_models.captioned_data import ShardFile, file_sha256, load_captioned_shards  # noqa: E402
+from ddm_models.captioned_data import ShardFile, file_blob_id, load_captioned_shards  # noqa: E402
 from tests.captioned_fixtures import COLOURS, SHAPES, write_shape_shard  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
             samples = [rng.choice(kinds) for _ in range(min(args.per_shard, args.images - start))]
             path = write_shape_shard(root / f"shard-{start // args.per_shard:05d}.tar", samples, seed=start,
                                      side=args.source_side)
-            shards.append(ShardFile(path, sha256=file_sha256(path)))
+            shards.append(ShardFile(path, sha256=file_blob_id(path)))
         shard_bytes = sum(s.path.stat().st_size for s in shards)
         timings = {}
         for phase in ("cold", "warm"):

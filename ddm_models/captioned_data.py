@@ -30,6 +30,7 @@ import torch
 
 from ddm_models.data import DataSetError, iter_webdataset_records
 from ddm_models.local_cache import exclusive, write_atomically
+from protocol.hashing import BlobHasher
 
 CACHE_VERSION = 1  # bump when decoding changes (crop, resampling), so old entries become misses
 
@@ -109,8 +110,8 @@ class CaptionedDataset:
 
 @dataclasses.dataclass(frozen=True)
 class ShardFile:
-    """One WebDataset shard on local disk: its path, the sha256 the manifest pins (None: hash the
-    file), and the cluster of all its samples when the shard is one cluster's (None: take each
+    """One WebDataset shard on local disk: its path, the blob id the manifest pins (`sha256`; None:
+    hash the file), and the cluster of all its samples when the shard is one cluster's (None: take each
     sample's own `.cls`/json cluster, if any)."""
 
     path: Path
@@ -118,13 +119,14 @@ class ShardFile:
     cluster: int | None = None
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 (hex) of a file, read 4 MiB at a time."""
-    digest = hashlib.sha256()
+def file_blob_id(path: Path) -> str:
+    """A file's blob id, what a swarm manifest pins for a shard: the root of its chunk digests
+    (`protocol.hashing`), read 4 MiB at a time."""
+    hasher = BlobHasher()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            hasher.update(block)
+    return hasher.finish().sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +160,9 @@ def _read_cached(pixels_path: Path, index_path: Path, shape: tuple[int, int, int
 
 def _decode_into_cache(shard: ShardFile, sha256: str, size: int, channels: int, pixels_path: Path,
                        index_path: Path) -> None:
-    actual = file_sha256(shard.path)
+    actual = file_blob_id(shard.path)
     if actual != sha256:
-        raise DataSetError(f"{shard.path} has sha256 {actual}, the swarm pins {sha256}: fetch the shard again")
+        raise DataSetError(f"{shard.path} has blob id {actual}, the swarm pins {sha256}: fetch the shard again")
     records = list(iter_webdataset_records(shard.path, size, channels))
     pixels = (np.stack([r.pixels for r in records]) if records
               else np.zeros((0, channels, size, size), dtype=np.uint8))
@@ -180,7 +182,7 @@ def cached_shard(shard: ShardFile, size: int, channels: int, cache_dir: str | Pa
     callers for one shard wait for the first)."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    sha256 = shard.sha256 or file_sha256(shard.path)
+    sha256 = shard.sha256 or file_blob_id(shard.path)
     pixels_path, index_path = _cache_paths(cache_dir, sha256, channels, size)
     found = _read_cached(pixels_path, index_path, (channels, size, size))
     if found is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddm_models.captioned_data import CaptionedDataset, ShardFile, file_sha256, load_captioned_shards
+from ddm_models.captioned_data import CaptionedDataset, ShardFile, file_blob_id, load_captioned_shards
 from ddm_models.data import DataSetError, iter_webdataset_records, iter_webdataset_shard, subset
 from tests.captioned_fixtures import shape_picture, write_shape_shard
 
@@ -54,7 +54,7 @@ def test_shards_load_as_uint8_images_with_their_own_captions_in_shard_order(tmp_
 
 def test_a_shard_is_decoded_once_then_read_from_the_cache_even_without_the_file(tmp_path, shard):
     cache = tmp_path / "cache"
-    pinned = ShardFile(shard, sha256=file_sha256(shard))
+    pinned = ShardFile(shard, sha256=file_blob_id(shard))
     first = load_captioned_shards([pinned], size=16, channels=3, cache_dir=cache)
     entries = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
     assert entries == [f"{pinned.sha256}-3x16x16-v1.json", f"{pinned.sha256}-3x16x16-v1.npy"]
