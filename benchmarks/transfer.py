@@ -19,7 +19,9 @@ and, to show where the time goes:
 The CPU seconds of every process involved are sampled from /proc for each transfer: on a machine
 shared with other work, CPU per GB is the figure that does not depend on the load.
   (relay) fetch_blob from a provider that listens nowhere and is reached through a p2pd circuit
-          relay (a third peer), measured separately (--relay-mib of it, circuits are slow by design).
+          relay (a third peer), measured separately (--relay-mib of it, circuits are slow by design):
+          once by the fetcher above (hole punching may turn the connection direct) and once by a
+          fetcher that listens nowhere either (every byte through the relay's circuits).
 Prints a rich table and, last, one JSON line with MB/s of each and the ratios (a)/(c), (b)/(c), ...
 """
 
@@ -187,12 +189,12 @@ class CpuSampler:
 
 # ---- the transfers -------------------------------------------------------------------------------------
 async def fetch_once(p2p, ref: BlobRef, peers: list[PeerID], store: BlobStore, streams: int,
-                     direct: bool = False) -> float:
+                     direct: bool = False, reconnect=None) -> float:
     store.delete(ref.sha256)
     report, routes = FetchReport(), DirectRoutes() if direct else None
     started = time.perf_counter()
     await fetch_blob(p2p, ref, peers, store, streams_per_provider=streams, report=report, direct=routes,
-                     stall_timeout=60.0, min_rate=1.0)
+                     stall_timeout=60.0, min_rate=1.0, reconnect=reconnect)
     elapsed = time.perf_counter() - started
     assert not report.banned and report.fetched == ref.num_chunks, report
     assert not direct or (routes.opened and not routes.refusals), routes.refusals  # really went direct
@@ -331,11 +333,32 @@ async def measure_relay(args: argparse.Namespace, work: Path, p2p, store: BlobSt
         else:
             return {"error": "the hidden provider could not be reached through the relay in 60 s"}
         reached_s = time.perf_counter() - started
-        seconds = await fetch_once(p2p, BlobRef(**info["ref"]), [peer], store, args.streams)
-        store.delete(info["ref"]["sha256"])
+        ref = BlobRef(**info["ref"])
+        redial = lambda peer, on=p2p: dial_through_relay(on, peer, relay_maddr)  # noqa: E731
+        seconds = await fetch_once(p2p, ref, [peer], store, args.streams, reconnect=redial)
+        store.delete(ref.sha256)
         via = [str(a) for i in await p2p.list_peers() if i.peer_id == peer for a in i.addrs]
+        # Relay only: a fetcher that listens nowhere either, so hole punching has no side to dial and
+        # every byte crosses the relay (a circuit cut at a limit is dialled again, its chunk resumed).
+        with extra_p2pd_flags({"relayDiscovery": False}):
+            hidden = await P2P.create(initial_peers=[relay_maddr], no_listen=True, force_reachability="private",
+                                      nat_port_map=False, auto_nat=False)
+        try:
+            if not await dial_through_relay(hidden, peer, relay_maddr):
+                return {"error": "the listen-nowhere fetcher could not reach the provider through the relay"}
+            report = FetchReport()
+            started = time.perf_counter()
+            await fetch_blob(hidden, ref, [peer], store, streams_per_provider=args.streams, report=report,
+                             stall_timeout=60.0, reconnect=lambda peer: dial_through_relay(hidden, peer, relay_maddr))
+            relay_only_s = time.perf_counter() - started
+            store.delete(ref.sha256)
+            relay_only_via = [str(a) for i in await hidden.list_peers() if i.peer_id == peer for a in i.addrs]
+        finally:
+            await hidden.shutdown()
         return {"mb_s": round(blob.stat().st_size / seconds / 1e6, 1), "size_bytes": blob.stat().st_size,
-                "reached_through_relay_s": round(reached_s, 2), "connection": via}
+                "reached_through_relay_s": round(reached_s, 2), "connection": via,
+                "relay_only_mb_s": round(blob.stat().st_size / relay_only_s / 1e6, 2),
+                "relay_only_pieces_resumed": report.pieces_resumed, "relay_only_connection": relay_only_via}
     finally:
         if process is not None:
             os.killpg(process.pid, 9)

@@ -169,6 +169,14 @@ class HomeNetwork:
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} in the router failed: {done.stderr.strip()}")
 
+    def refuse_direct(self, address: str) -> None:
+        """Let nothing from the home reach `address` directly, as a symmetric NAT or a firewall would
+        make hole punching towards it fail: that host then reaches the home through a relay only."""
+        done = subprocess.run(["ip", "netns", "exec", self.router, "iptables", "-I", "FORWARD", "1", "-i", "lan0",
+                               "-d", address, "-j", "DROP"], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"refusing {address} in the router failed: {done.stderr.strip()}")
+
     def prefix(self) -> List[str]:
         """Command prefix that runs a program in the home, behind the NAT."""
         return ["ip", "netns", "exec", self.home]

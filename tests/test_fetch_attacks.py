@@ -2,7 +2,8 @@
 processes on 127.0.0.1 (hivemind DHT + p2pd): a signed reference with an honest blob's id and a
 made-up digest list (refused since protocol 4: the id is the root of the list), a liar serving a
 forged digest list, a provider trickling a byte every 0.7 s, records whose providers never
-deliver, and thousands of fake providers. Each test shows the downloader outliving the attack."""
+deliver, streams cut part way through a chunk (as a circuit relay cuts them), and thousands of
+fake providers. Each test shows the downloader outliving the attack."""
 
 import hashlib
 import os
@@ -20,6 +21,8 @@ BEHAVIOURS = {
     "bad-digests": ["--behaviour", "bad-digests"],  # serves a digest list with its first byte flipped
     "trickle": ["--behaviour", "trickle"],
     "slow": ["--rate-mb-s", "0.1"],  # above the minimum chunk rate, far below the download's deadline
+    "cut": ["--behaviour", "cut", "--cut-after-bytes", str(120 * 1024)],  # a circuit relay's data limit
+    "cut-short": ["--behaviour", "cut", "--cut-after-bytes", str(8 * 1024)],
 }
 
 
@@ -90,6 +93,25 @@ def test_a_provider_trickling_a_byte_every_0_7_s_is_dropped_and_the_download_fin
     assert result["event"] == "done", result
     assert result["report"]["seconds"] < 15, result["report"]  # the download itself, not the process start
     assert result["report"]["chunks_fetched"].get(peer(swarm, "trickle"), 0) == 0
+
+
+def test_a_provider_whose_every_stream_is_cut_after_120_KiB_still_delivers_the_blob_piece_by_piece(swarm):
+    # what a trainer behind a NAT looks like through a circuit relay with go-libp2p's default data
+    # limit (128 KiB per circuit)
+    (result,) = outcomes(fetch(swarm, "store-cut", [swarm["true"]], ["cut"]), 1, 120)
+    assert result["event"] == "done", result
+    with open(result["path"], "rb") as file:
+        assert hashlib.file_digest(file, "sha256").hexdigest() == swarm["sha256"]
+    # every chunk arrived in pieces: its first 120 KiB, then the rest on new streams
+    assert result["report"]["pieces_resumed"] >= BLOB_BYTES // (120 * 1024) - 8, result["report"]
+    assert not result["report"]["banned"] and not result["report"]["dropped"], result["report"]
+
+
+def test_a_provider_cutting_streams_after_8_KiB_is_dropped_and_the_download_finishes_from_another(swarm):
+    (result,) = outcomes(fetch(swarm, "store-cut-short", [swarm["true"]], ["cut-short", "honest"]), 1, 60)
+    assert result["event"] == "done", result
+    assert result["report"]["chunks_fetched"].get(peer(swarm, "cut-short"), 0) == 0
+    assert "closed" in result["report"]["dropped"][peer(swarm, "cut-short")], result["report"]
 
 
 def test_a_download_that_would_outlast_its_deadline_gives_up_at_the_deadline(swarm):

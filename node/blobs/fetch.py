@@ -13,7 +13,8 @@
    (two requests outstanding, so the provider never waits for us), every chunk is hashed against
    its digest on a worker thread, written at its offset and logged as verified; at the end, the
    streams of a provider that holds nothing more ask again for chunks still in flight elsewhere
-   (endgame), so one slow provider cannot hold the last chunk;
+   (endgame), so one slow provider cannot hold the last chunk; a chunk whose stream is cut part
+   way (a circuit relay's data limit) is resumed from where it stopped on a new stream;
 4. bans a provider whose bytes contradict the digest list, for this reference only (see
    `node.blobs.banlist`), and gives its chunks to the others; drops a provider that stalls,
    trickles (every header, digest list and chunk has a deadline and a minimum rate), vanishes or
@@ -35,7 +36,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Awaitable, Callable, Optional, Sequence
 
 from protocol.blob_wire import BlobRequest
 from protocol.errors import HashMismatch
@@ -54,17 +55,26 @@ from node.blobs.store import BlobStore
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
+Reconnect = Callable[[object], Awaitable[bool]]  # (peer) -> whether a new connection to it was made
 MAX_PROVIDERS = 16  # providers one download uses, sampled from those given
 MAX_OPENING = 8  # streams being opened at once (each pending open holds a descriptor to the daemon)
 MIN_OVERALL_RATE = 256 * 1024  # bytes/s: the whole download's deadline is its size at this rate, plus slack
+# A stream cut off part way (a circuit relay ends a relayed connection at its data or time limit; a
+# relayed connection is closed once hole punching made a direct one) is followed by a new one, the chunk it was reading resumed where it stopped,
+# as long as the cut stream had brought at least this much; a provider closing sooner than that is
+# dropped as before. A provider gets at most `MAX_CUTS_PER_MIB` * the blob's MiB (+ 64) new streams.
+MIN_RESUMED_BYTES = 16 * 1024
+MAX_CUTS_PER_MIB = 16
 
 
 class _Download:
     def __init__(self, p2p, ref: BlobRef, providers: Sequence[object], partial: PartialDownload, *,
                  bans: BanList, report: FetchReport, progress: Optional[Progress], executor: ThreadPoolExecutor,
                  streams_per_provider: int, stall_timeout: float, min_rate: float, connect_timeout: float,
-                 buffers: ChunkBuffers, direct: Optional[DirectRoutes] = None) -> None:
+                 buffers: ChunkBuffers, direct: Optional[DirectRoutes] = None,
+                 reconnect: Optional[Reconnect] = None) -> None:
         self.p2p, self.ref, self.partial, self.direct, self.buffers = p2p, ref, partial, direct, buffers
+        self.reconnect = reconnect
         self.scope = ref_key(ref)
         self.bans, self.report, self.progress, self.executor = bans, report, progress, executor
         self.streams_per_provider = streams_per_provider
@@ -84,7 +94,16 @@ class _Download:
             if stream is not None:
                 return stream
         async with self.opening:
-            return await open_stream(self.p2p, provider, self.connect_timeout)
+            try:
+                return await open_stream(self.p2p, provider, self.connect_timeout)
+            except ProviderGone:
+                # A relayed connection that the relay cut is not dialled again by the daemon (it knows
+                # no circuit address): `reconnect` does, for providers that answered before.
+                if self.reconnect is None or provider.name not in self.answered:
+                    raise
+                if not await self.reconnect(provider.peer):
+                    raise
+                return await open_stream(self.p2p, provider, self.connect_timeout)
 
     # ---- provider bookkeeping --------------------------------------------------------------------------
     def _ban(self, provider: Provider, reason: str) -> None:
@@ -263,7 +282,15 @@ class _Download:
                 await expect_ok(stream, end - start, self.stall_timeout)
                 self.answered.add(provider.name)
                 data = self.buffers.take(end - start)
-                await stream.read_into(data, self.stall_timeout, self.min_rate)
+                try:
+                    await stream.read_into(data, self.stall_timeout, self.min_rate)
+                except StreamClosed as cut:
+                    if not self._may_resume(provider, stream):
+                        raise
+                    stream.close()
+                    stream = await self._resume_chunk(provider, outstanding[0], data, cut.filled)
+                    for later in outstanding[1:]:  # asked on the stream that was cut: ask again
+                        await stream.send(BlobRequest.range(self.ref.sha256, *chunk_span(later, self.ref.size)).encode())
                 if verifying is not None:
                     pending, verifying = verifying, None
                     settle(await pending)
@@ -276,6 +303,8 @@ class _Download:
             self.reasons.setdefault(provider.name, str(error))
         except (ProviderGone, StreamStalled, StreamClosed, ConnectionError) as error:
             restart = self._direct_failed(provider, stream, error)
+            if not restart and isinstance(error, StreamClosed) and self._may_resume(provider, stream):
+                restart = True  # cut between two answers: a new stream asks again
             if not restart:
                 self._drop(provider, str(error))
         finally:
@@ -292,6 +321,40 @@ class _Download:
             if stream is not None:
                 stream.close()
         return restart and provider.active
+
+    def _may_resume(self, provider: Provider, stream: Optional[StreamReceiver]) -> bool:
+        """Whether a cut `stream` of `provider` is followed by a new one (see `MIN_RESUMED_BYTES`)."""
+        if stream is None or stream.received < MIN_RESUMED_BYTES:
+            return False
+        if self.direct is not None and self.direct.carried(stream):
+            return False  # a direct route that fails is refused, never resumed (see `_direct_failed`)
+        provider.cuts += 1
+        return provider.cuts <= MAX_CUTS_PER_MIB * (self.ref.size >> 20) + 64
+
+    async def _resume_chunk(self, provider: Provider, index: int, data: bytearray, filled: int) -> StreamReceiver:
+        """Fetch the rest of chunk `index` (its first `filled` bytes are in `data`) on new streams, each
+        asking for the bytes still missing, until all have arrived; return the last stream, with
+        nothing asked on it. Over a circuit relay each new stream rides a new circuit once the last
+        one was used up. Raises `StreamClosed` once `_may_resume` says no."""
+        start, end = chunk_span(index, self.ref.size)
+        view = memoryview(data)
+        while True:
+            stream = await self.open(provider)
+            try:
+                await stream.send(BlobRequest.range(self.ref.sha256, start + filled, end).encode())
+                await expect_ok(stream, end - start - filled, self.stall_timeout)
+                await stream.read_into(view[filled:], self.stall_timeout, self.min_rate)
+                self.report.pieces_resumed += 1
+                return stream
+            except StreamClosed as error:
+                stream.close()
+                if not self._may_resume(provider, stream):
+                    raise
+                filled += error.filled
+                self.report.pieces_resumed += 1
+            except BaseException:
+                stream.close()
+                raise
 
     async def fetch_chunks(self, missing: list[int]) -> None:
         scheduler = ChunkScheduler(missing)
@@ -322,7 +385,7 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
                      report: Optional[FetchReport] = None, streams_per_provider: int = 2,
                      stall_timeout: float = 10.0, min_rate: float = 64 * 1024,
                      connect_timeout: float = 15.0, deadline_s: Optional[float] = None,
-                     direct: Optional[DirectRoutes] = None) -> Path:
+                     direct: Optional[DirectRoutes] = None, reconnect: Optional[Reconnect] = None) -> Path:
     """Fetch blob `ref` from `providers` (hivemind `PeerID`s) into `store`; return its path there.
 
     `ref` must come from a signed record: every chunk is checked against the digest list, the list
@@ -334,7 +397,9 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
     + 2 * stall_timeout + size / MIN_OVERALL_RATE`). `progress(verified_bytes, total_bytes)` is
     called as chunks are verified; `report` (if given) is filled in as the download runs. With
     `direct`, chunks travel over direct TCP where a provider offers it (`node.blobs.direct`),
-    verified alike, with p2p as the fallback.
+    verified alike, with p2p as the fallback. `reconnect(peer)`, if given, makes a new connection to
+    a provider that answered before and can no longer be reached (through a circuit relay, whose
+    connections end at the relay's data limit: `node.blobs.service`).
 
     Raises `BlobUnavailable` naming every provider and why it failed (the partial download is
     kept once its digest list was obtained: a later call resumes it), `NotProvided` when no
@@ -354,7 +419,7 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
     download = _Download(p2p, ref, providers, partial, bans=bans if bans is not None else BanList(), report=report,
                          progress=progress, executor=executor, streams_per_provider=streams_per_provider,
                          stall_timeout=stall_timeout, min_rate=min_rate, connect_timeout=connect_timeout,
-                         buffers=buffers, direct=direct)
+                         buffers=buffers, direct=direct, reconnect=reconnect)
     try:
         try:
             async with asyncio.timeout(deadline_s):

@@ -50,6 +50,7 @@ class FetchReport:
 
     chunks_total: int = 0
     chunks_resumed: int = 0
+    pieces_resumed: int = 0  # rests of chunks fetched on a new stream after a stream was cut mid-chunk
     chunks_fetched: dict[str, int] = field(default_factory=dict)
     banned: dict[str, str] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from hivemind.p2p import PeerID
 
 from node.blobs.banlist import BanList
 from node.blobs.direct import DirectRoutes, DirectServer
-from node.blobs.fetch import MAX_PROVIDERS, BlobUnavailable, NotProvided, fetch_blob
+from node.blobs.fetch import MAX_PROVIDERS, BlobUnavailable, FetchReport, NotProvided, fetch_blob
 from node.blobs.provider import holds
 from node.blobs.server import BlobServer
 from node.blobs.store import BlobStore, CorruptBlob
@@ -89,22 +89,31 @@ class BlobService:
             if not relayed:
                 raise
             logger.info(f"blob {ref.sha256[:12]}: reached {len(relayed)} provider(s) through a relay")
-            return self.loop.run(fetch_blob(self.p2p, ref, relayed, self.store, bans=self.bans, progress=progress),
-                                 timeout=timeout)
+            report = FetchReport()
+            path = self.loop.run(fetch_blob(self.p2p, ref, relayed, self.store, bans=self.bans, progress=progress,
+                                            report=report, reconnect=self._dial_through_relays), timeout=timeout)
+            if report.pieces_resumed:
+                logger.info(f"blob {ref.sha256[:12]}: {report.pieces_resumed} piece(s) resumed on new streams "
+                            f"(a relayed connection is cut at the relay's data limit)")
+            return path
+
+    async def _dial_through_relays(self, peer: PeerID) -> bool:
+        """A new connection to `peer` through the first relay (an initial peer) that has its reservation."""
+        for relay in self.membership.initial_peers:
+            if await dial_through_relay(self.p2p, peer, relay):
+                return True
+        return False
 
     async def _through_relays(self, providers: List[PeerID]) -> List[PeerID]:
         """The providers this peer has no connection to that it could reach through a relay."""
         connected = {info.peer_id for info in await self.p2p.list_peers()}
         reached = []
         for peer in providers:
-            if peer in connected:
-                continue
-            for relay in self.membership.initial_peers:
-                if await dial_through_relay(self.p2p, peer, relay):
-                    reached.append(peer)
-                    break
-        # p2pd's relay carries 128 KiB per circuit (its -relayDataLimit is not applied): blobs need
-        # the direct connection that hole punching makes out of the relayed one; give it a moment
+            if peer not in connected and await self._dial_through_relays(peer):
+                reached.append(peer)
+        # A download through the relay works as it is (a cut connection is dialled again and its
+        # chunk resumed: node.blobs.fetch); the direct connection that hole punching may make of the
+        # relayed one takes the relay's load off, so give it a moment
         deadline = time.monotonic() + HOLE_PUNCH_WAIT_S
         while reached and time.monotonic() < deadline:
             if all([await connected_ip(self.p2p, peer) for peer in reached]):

@@ -24,7 +24,10 @@ class StreamStalled(TimeoutError):
 
 
 class StreamClosed(ConnectionError):
-    """The peer closed the stream (or its daemon dropped it) in the middle of a frame."""
+    """The peer closed the stream (or its daemon dropped it) in the middle of a frame. `filled`: the
+    bytes of the body being read that had arrived (`StreamReceiver.read_into`), else 0."""
+
+    filled = 0
 
 
 async def _read_exactly(reader: asyncio.StreamReader, count: int, timeout: float) -> bytes:
@@ -171,7 +174,8 @@ class StreamReceiver:
         prefix = await self.read_exactly(FRAME_PREFIX_BYTES, timeout, deadline)
         return decode_response(await self.read_exactly(response_body_length(prefix), timeout, deadline))
 
-    async def read_into(self, target: bytearray, stall_timeout: float, min_rate: Optional[float] = None) -> None:
+    async def read_into(self, target: bytearray | memoryview, stall_timeout: float,
+                        min_rate: Optional[float] = None) -> None:
         """Fill `target` with the next `len(target)` bytes of the stream. `min_rate` (bytes/s), if
         given, bounds the whole read to `stall_timeout + len(target) / min_rate` seconds, so a peer
         that trickles bytes just fast enough to dodge the stall timeout is caught as well."""
@@ -185,8 +189,16 @@ class StreamReceiver:
         try:
             await self._wait(lambda: protocol.filled == len(protocol.target), stall_timeout,
                              f"a {len(target)}-byte body", deadline)
+        except StreamClosed as error:
+            error.filled = take + protocol.filled
+            raise
         finally:
             protocol.target = None
+
+    @property
+    def received(self) -> int:
+        """Bytes received on this stream so far, headers and bodies."""
+        return self._protocol.received
 
     @property
     def unclaimed_bytes(self) -> int:

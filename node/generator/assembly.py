@@ -150,9 +150,9 @@ class Assembler:
                                    membership=self.membership, store=self.blobs.store, manifest=self.manifest,
                                    search=search, blob="inference",
                                    # nothing accepted: read again after a pause (a trainer may have replaced
-                                   # its record; a relayed provider's connection may have been upgraded to a
-                                   # direct one by hole punching: p2pd's relay carries only 128 KiB; a
-                                   # provider lookup may have timed out)
+                                   # its record; a relayed provider may have its reservation back, or a
+                                   # direct connection made by hole punching; a provider lookup may have
+                                   # timed out)
                                    rounds=3, pause_s=5.0, retry_unprovided=True,
                                    order=lambda records: trusted_order(records, evidence=read_evidence(self.membership,
                                                                                                        records)))

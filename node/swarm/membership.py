@@ -132,7 +132,7 @@ class SwarmMembership:
         flags: dict = {}
         if network is None:
             # AutoNAT brings hole punching (DCUtR) along: a relayed connection to a provider behind
-            # a NAT is upgraded to a direct one, which p2pd's relay (128 KiB per circuit) needs
+            # a NAT may be upgraded to a direct one (faster than the relay, and off its load)
             options: dict = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"], nat_port_map=False, auto_nat=True)
         else:
             options, flags = p2p_options(network, host, port, reachable=reachable)

@@ -10,7 +10,9 @@ then {"event": "stats", ...} whenever its server's counters change. Behaviours:
 - bad-digests: its stored digest list is wrong;
 - stall: serves `--stall-after-bytes` body bytes honestly, then stops sending, keeping streams open;
 - trickle: answers every request (headers, digest list, chunks) truthfully, one byte every 0.7 s
-  (slowloris: never silent long enough to look stalled).
+  (slowloris: never silent long enough to look stalled);
+- cut: closes every stream once it has sent `--cut-after-bytes` body bytes on it, in the middle of
+  a chunk (what a circuit relay does at its data limit: go-libp2p's default is 128 KiB per circuit).
 `--rate-mb-s` throttles every range it sends (a slow but honest peer). `--direct` also serves on a
 direct TCP port (node.blobs.direct); behaviour corrupt-direct flips a byte of every range sent there
 (an on-path forger's work: its p2p answers stay honest).
@@ -43,10 +45,11 @@ class MisbehavingServer(BlobServer):
     """The real server, whose range answers can be throttled or stalled."""
 
     def __init__(self, store: BlobStore, *, stall_after: int | None, rate_mb_s: float | None,
-                 trickle_s: float | None = None) -> None:
+                 trickle_s: float | None = None, cut_after: int | None = None) -> None:
         # a trickler keeps its own streams alive for as long as it likes
         super().__init__(store, **({"request_timeout": 1e6, "idle_timeout": 1e6} if trickle_s else {}))
-        self.stall_after, self.rate_mb_s, self.trickle_s = stall_after, rate_mb_s, trickle_s
+        self.stall_after, self.rate_mb_s, self.trickle_s, self.cut_after = stall_after, rate_mb_s, trickle_s, cut_after
+        self._sent_on: dict[int, int] = {}  # body bytes sent, by stream (its writer's id)
         self.body_bytes_sent = 0
 
     async def _answer(self, request, writer) -> None:
@@ -65,6 +68,8 @@ class MisbehavingServer(BlobServer):
             await asyncio.sleep(self.trickle_s)
 
     async def send_range(self, writer, path, start, end) -> None:
+        if self.cut_after is not None:
+            return await self._send_until_cut(writer, path, start, end)
         if self.stall_after is None and self.rate_mb_s is None:
             return await super().send_range(writer, path, start, end)
         writer.write(BlobResponse.ok(end - start).encode())
@@ -80,6 +85,20 @@ class MisbehavingServer(BlobServer):
                 self.body_bytes_sent += len(data)
                 if self.rate_mb_s:
                     await asyncio.sleep(len(data) / (self.rate_mb_s * 1e6))
+
+
+    async def _send_until_cut(self, writer, path, start, end) -> None:
+        sent = self._sent_on.get(id(writer), 0)
+        room = max(0, self.cut_after - sent)
+        with open(path, "rb", buffering=0) as source:
+            data = os.pread(source.fileno(), min(room, end - start), start)
+        writer.write(BlobResponse.ok(end - start).encode() + data)
+        await writer.drain()
+        self.body_bytes_sent += len(data)
+        self._sent_on[id(writer)] = sent + len(data)
+        if len(data) < end - start:
+            self._sent_on.pop(id(writer))
+            raise ConnectionResetError(f"cut after {self.cut_after} bytes on this stream")  # the server closes it
 
 
 class ForgingServer(BlobServer):
@@ -120,7 +139,8 @@ async def serve(args: argparse.Namespace) -> None:
     p2p = await dht.replicate_p2p()
     stall_after = args.stall_after_bytes if args.behaviour == "stall" else None
     server = MisbehavingServer(store, stall_after=stall_after, rate_mb_s=args.rate_mb_s,
-                               trickle_s=0.7 if args.behaviour == "trickle" else None)
+                               trickle_s=0.7 if args.behaviour == "trickle" else None,
+                               cut_after=args.cut_after_bytes if args.behaviour == "cut" else None)
     await server.start(p2p)
     if args.direct or args.behaviour == "corrupt-direct":
         direct_side = ForgingServer(store) if args.behaviour == "corrupt-direct" else server
@@ -140,8 +160,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", required=True)
     parser.add_argument("--put", required=True)
-    parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall", "trickle", "corrupt-direct"], default="honest")
+    parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall", "trickle", "corrupt-direct", "cut"], default="honest")
     parser.add_argument("--stall-after-bytes", type=int, default=8 * CHUNK_BYTES)
+    parser.add_argument("--cut-after-bytes", type=int, default=120 * 1024)
     parser.add_argument("--rate-mb-s", type=float, default=None)
     parser.add_argument("--initial-peers", nargs="*", default=[])
     parser.add_argument("--direct", action="store_true")
