@@ -112,7 +112,7 @@ class BlobService:
             if peer not in connected and await self._dial_through_relays(peer):
                 reached.append(peer)
         # A download through the relay works as it is (a cut connection is dialled again and its
-        # chunk resumed: node.blobs.fetch); the direct connection that hole punching may make of the
+        # chunk resumed: node.blobs.download); the direct connection that hole punching may make of the
         # relayed one takes the relay's load off, so give it a moment
         deadline = time.monotonic() + HOLE_PUNCH_WAIT_S
         while reached and time.monotonic() < deadline:
