@@ -199,7 +199,8 @@ class Download:
 
     async def _stream_worker(self, provider: Provider, scheduler: ChunkScheduler) -> bool:
         """One stream to one provider: request chunks (two outstanding), read them, verify the previous
-        one on a worker thread while the next arrives. True: its direct route failed, start it again."""
+        one on a worker thread while the next arrives. True: its direct route failed or its stream was
+        cut between two answers (see `_may_resume`): start it again."""
         restart = False
         loop = asyncio.get_running_loop()
         outstanding: list[int] = []  # requested on this stream, answers not read yet, in order
