@@ -242,8 +242,7 @@ class Download:
                         break
                     outstanding.append(index)
                     provider.holding.add(index)
-                    start, end = chunk_span(index, self.ref.size)
-                    await stream.send(BlobRequest.range(self.ref.sha256, start, end).encode())
+                    await self._ask(stream, index)
                 if verifying is not None and (not outstanding or verifying.done()):
                     pending, verifying = verifying, None
                     settle(await pending)
@@ -263,7 +262,7 @@ class Download:
                     stream.close()
                     stream = await self._resume_chunk(provider, outstanding[0], data, cut.filled)
                     for later in outstanding[1:]:  # asked on the stream that was cut: ask again
-                        await stream.send(BlobRequest.range(self.ref.sha256, *chunk_span(later, self.ref.size)).encode())
+                        await self._ask(stream, later)
                 if verifying is not None:
                     pending, verifying = verifying, None
                     settle(await pending)
@@ -295,6 +294,11 @@ class Download:
                 stream.close()
         return restart and provider.active
 
+    async def _ask(self, stream: StreamReceiver, index: int, skip: int = 0) -> None:
+        """Request chunk `index` on `stream`, less its first `skip` bytes."""
+        start, end = chunk_span(index, self.ref.size)
+        await stream.send(BlobRequest.range(self.ref.sha256, start + skip, end).encode())
+
     def _may_resume(self, provider: Provider, stream: Optional[StreamReceiver]) -> bool:
         """Whether a cut `stream` of `provider` is followed by a new one (see `MIN_RESUMED_BYTES`)."""
         if stream is None or stream.received < MIN_RESUMED_BYTES:
@@ -309,13 +313,12 @@ class Download:
         asking for the bytes still missing, until all have arrived; return the last stream, with
         nothing asked on it. Over a circuit relay each new stream rides a new circuit once the last
         one was used up. Raises `StreamClosed` once `_may_resume` says no."""
-        start, end = chunk_span(index, self.ref.size)
         view = memoryview(data)
         while True:
             stream = await self.open(provider)
             try:
-                await stream.send(BlobRequest.range(self.ref.sha256, start + filled, end).encode())
-                await expect_ok(stream, end - start - filled, self.stall_timeout)
+                await self._ask(stream, index, skip=filled)
+                await expect_ok(stream, len(view) - filled, self.stall_timeout)
                 await stream.read_into(view[filled:], self.stall_timeout, self.min_rate)
                 self.report.pieces_resumed += 1
                 return stream
