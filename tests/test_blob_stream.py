@@ -84,6 +84,30 @@ def test_a_peer_that_closes_mid_body_is_reported_closed(loop_name):
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
+def test_what_a_peer_sent_before_closing_is_still_read_when_a_request_written_after_it_fails(loop_name):
+    # A provider cut off by a relay: the daemon closes the stream's socket once it has passed on
+    # the last bytes, and the downloader's next request then fails to be written (EPIPE). The answer
+    # before the cut must still be read: a resumed download counts on it (node.blobs.download).
+    async def scenario():
+        stream, peer = await receiver_and_peer()
+        body = os.urandom(100_000)  # more than the reader takes ahead of a read (32 KiB), less than the socket buffers
+        await asyncio.get_running_loop().sock_sendall(peer, BlobResponse.ok(len(body)).encode() + body)
+        peer.close()
+        await asyncio.sleep(0.2)
+        await stream.send(b"the next request")
+        await asyncio.sleep(0.2)  # the failed write has closed the transport
+        header = await stream.read_response(5)
+        received = bytearray(header.length)
+        await stream.read_into(received, 5)
+        assert received == body
+        with pytest.raises(StreamClosed, match="peer closed"):
+            await stream.read_response(5)
+        stream.close()
+
+    run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_peer_that_trickles_bytes_below_the_minimum_rate_is_reported_too_slow(loop_name):
     async def scenario():
         stream, peer = await receiver_and_peer()

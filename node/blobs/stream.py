@@ -12,6 +12,8 @@ copies through the reader's 64 KiB buffer, one callback per socket read).
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from typing import Optional
 
@@ -112,8 +114,34 @@ class _ReceiveProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if exc is not None and self.closed is None and self._read_what_is_left():
+            self.closed = f"the peer closed the stream (a request could not be sent: {exc})"
         self.closed = self.closed or f"the stream was lost ({exc or 'closed'})"
         self.wake()
+
+    def _read_what_is_left(self) -> bool:
+        """Receive what the peer sent before it closed; True if its end of stream was reached.
+
+        A request written after the daemon closed this stream's socket (its peer closed the stream:
+        a provider cut off by a relay, or cutting it itself) fails, and asyncio then closes the
+        transport at once, dropping the bytes still waiting in the socket. They are the answers the
+        peer did send, and a resumed download needs them counted (see node.blobs.download): asyncio
+        calls `connection_lost` before it closes the socket, so they are read here, through a
+        duplicate of its descriptor (the transport's socket object refuses reads)."""
+        try:
+            duplicate = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
+        except (AttributeError, OSError, ValueError):  # no socket, or already closed
+            return False
+        with duplicate:
+            duplicate.setblocking(False)
+            while True:
+                try:
+                    count = duplicate.recv_into(self.get_buffer(-1))
+                except OSError:  # nothing more for now (the peer has not closed), or a reset
+                    return False
+                if count == 0:
+                    return True
+                self.buffer_updated(count)
 
     def pause_writing(self) -> None:  # requests are tiny; the writer never needs to wait
         pass
