@@ -26,6 +26,7 @@ on one machine (they share the data dir's cache).
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import os
 import pickle
@@ -174,7 +175,7 @@ class RankGroup:
 
     def release(self, grace_s: float = 30.0) -> None:
         """Training is over: the followers leave (once; a lost rank is only logged here), and the
-        processes this node started are waited for (terminated after `grace_s`)."""
+        processes this node started are waited for (ended after `grace_s`: `end_stuck_follower`)."""
         if self._released:
             return
         self._released = True
@@ -187,15 +188,30 @@ class RankGroup:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning(f"training process {process.pid} did not leave: terminating it")
-                process.terminate()
-                process.wait(timeout=10)
+                end_stuck_follower(process, grace_s)
 
     def close(self) -> None:
         """Release the followers (if training did not already) and leave the process group."""
         self.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def end_stuck_follower(process: subprocess.Popen, grace_s: float) -> None:
+    """A follower told to leave is still there: its stacks go to the log (SIGUSR1, see `main`), then it
+    is terminated, and killed if that does not end it. Never raises: this runs in the node's teardown."""
+    logger.warning(f"training process {process.pid} did not leave within {grace_s:.0f} s of being told to: "
+                   "its stacks follow, then it is terminated")
+    for end, wait_s in ((lambda: process.send_signal(signal.SIGUSR1), 2), (process.terminate, 10), (process.kill, 10)):
+        try:
+            end()
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except OSError:  # it left in the meantime
+            return
+    logger.error(f"training process {process.pid} survived SIGKILL for 10 s; leaving it behind")
 
 
 def _any_rank_stopping(stopping: bool, device: torch.device) -> bool:
@@ -284,12 +300,17 @@ def follow(manifest, options) -> None:
             _any_rank_stopping(stopping.is_set(), command_device)
         elif what == STOP:
             break
+    # Training is over: SIGTERM ends the process from here on (a Python handler would not run while a
+    # teardown blocked in native code; rank 0 terminates a follower that does not leave).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logger.info(f"rank {rank}: leaving")
     dist.destroy_process_group()
 
 
 def main() -> None:
     """Entry of a follower started by `spawn_followers`: (manifest, options) pickled on stdin."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # rank 0 asks a follower that hangs where it is
     manifest, options = pickle.loads(sys.stdin.buffer.read())
     try:
         follow(manifest, options)
