@@ -114,4 +114,4 @@ def test_a_follower_that_ignores_being_told_to_leave_has_its_stacks_logged_and_i
     started = time.monotonic()
     end_stuck_follower(follower, grace_s=30)
     assert follower.returncode == -signal.SIGKILL and time.monotonic() - started < 30
-    assert 'File "<string>", line 5' in follower.stderr.read()  # its stack, naming the line it hung on
+    assert 'Current thread' in (stack := follower.stderr.read()) and 'File "<string>"' in stack  # its stacks
