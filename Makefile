@@ -20,9 +20,10 @@ demo: $(STAMP)
 	$(BIN)/ddm-swarm demo
 
 # two workers, each taking whole test files (a file's tests share one swarm and run in order): most
-# tests wait on peers, so two run side by side in little more than the time of one
+# tests wait on peers, so two run side by side in little more than the time of one. Files go out in
+# collection order, the longest first (tests/conftest.py), not xdist's most-tests-first
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
