@@ -9,8 +9,7 @@ torch.set_num_threads(1)
 # The files that take longest, longest first (under `make test`: 287 s down to 30 s, of the 1,800 s
 # all files took; 928 s on two workers), then every other file in name order. `make test` hands files
 # out in this order (`--no-loadscope-reorder`): xdist's own order, the files with most tests first,
-# left these few-test, minute-long files for the end, one running alone while the other worker idled
-# (1,179 s against 928 s in two runs of the same tree, same machine).
+# left these few-test, minute-long files for the end, one running alone while the other worker idled.
 LONGEST_FIRST = ("test_swarm_e2e.py", "test_audits_e2e.py", "test_adversaries.py", "test_bad_input.py",
                  "test_multi_rank_node.py", "test_init_from.py", "test_network_faults.py", "test_bad_files.py",
                  "test_own_data_e2e.py", "test_multi_host.py", "test_candidate_fakes.py", "test_nat.py",

@@ -18,7 +18,7 @@ from protocol.hashing import DIGEST_BYTES, BlobRef, chunk_span
 from node.blobs.banlist import BanList
 from node.blobs.buffers import ChunkBuffers
 from node.blobs.direct import DirectRoutes
-from node.blobs.outcome import BlobUnavailable, FetchReport, NotProvided, RecordContradicted, ref_key
+from node.blobs.outcome import BlobUnavailable, FetchReport, NotProvided, ref_key
 from node.blobs.partial import PartialDownload
 from node.blobs.provider import Provider, ProviderBusy, ProviderFault, ProviderGone, expect_ok, open_stream
 from node.blobs.schedule import ChunkScheduler
@@ -119,7 +119,7 @@ class Download:
         return kind(self.ref, self.reasons, missing_chunks)
 
     # ---- phase 1: the digest list ------------------------------------------------------------------------
-    async def _ask_digests(self, provider: Provider, contradicting: list[str]) -> Optional[list[bytes]]:
+    async def _ask_digests(self, provider: Provider) -> Optional[list[bytes]]:
         expected = DIGEST_BYTES * self.ref.num_chunks
         stream = None
         try:
@@ -132,9 +132,10 @@ class Download:
             digests = [bytes(raw[i:i + DIGEST_BYTES]) for i in range(0, expected, DIGEST_BYTES)]
             try:
                 self.ref.check_digest_list(digests)
-            except HashMismatch as error:  # the provider or the record lies; one list cannot tell which
-                contradicting.append(provider.name)
-                self._drop(provider, f"its chunk digest list contradicts the record ({error})")
+            except HashMismatch as error:
+                # the blob's id is the root of its digest list (protocol 4): whoever holds the blob
+                # holds that list, so another one is the provider's lie, not the record's
+                self._ban(provider, f"its chunk digest list contradicts the blob's id ({error})")
                 return None
             return digests
         except ProviderFault as error:
@@ -154,13 +155,12 @@ class Download:
         if self.ref.num_chunks == 0:
             await asyncio.to_thread(self.partial.set_digests, [])
             return
-        contradicting: list[str] = []
         candidates = iter(self._usable())
         found: list[list[bytes]] = []
 
         async def asker() -> None:
             while not found and (provider := next(candidates, None)) is not None:
-                digests = await self._ask_digests(provider, contradicting)
+                digests = await self._ask_digests(provider)
                 if digests is not None and not found:
                     found.append(digests)
 
@@ -177,8 +177,6 @@ class Download:
         if found:
             await asyncio.to_thread(self.partial.set_digests, found[0])
             return
-        if contradicting:
-            raise RecordContradicted(self.ref, contradicting)
         raise self.unavailable(self.ref.num_chunks)
 
     def chunk_providers(self) -> list[Provider]:

@@ -4,10 +4,10 @@
 0. uses at most `MAX_PROVIDERS` of the providers given (a random sample: anyone can sign provider
    records by the thousand) and opens at most `MAX_OPENING` streams at a time;
 1. asks them all at once for the chunk digest list and keeps the first that matches the signed
-   `ref.chunks_sha256`. A list that does not match is not proof against its provider (the record
-   may be the liar: anyone can sign a record of a made-up blob), so that provider is only dropped
-   for this download; when no provider's list matches the record, the record is what is refused
-   (`RecordContradicted`);
+   `ref.chunks_sha256`. The blob's id is the root of that list (`protocol.hashing`, protocol 4), so
+   no honest holder of the blob has another list: a provider whose list does not match is banned
+   for this reference (before protocol 4 a record could be the liar, and such a provider was only
+   dropped);
 2. only then reserves disk space, and re-checks the chunks a killed earlier run had verified;
 3. runs `streams_per_provider` streams to every provider; each stream asks for chunk after chunk
    (two requests outstanding, so the provider never waits for us), every chunk is hashed against
@@ -41,7 +41,7 @@ from node.blobs.banlist import BanList
 from node.blobs.buffers import ChunkBuffers
 from node.blobs.direct import DirectRoutes
 from node.blobs.download import MAX_PROVIDERS, Download, Progress, Reconnect  # noqa: F401 (re-exported)
-from node.blobs.outcome import BlobUnavailable, FetchReport, NotProvided, RecordContradicted  # noqa: F401 (re-exported)
+from node.blobs.outcome import BlobUnavailable, FetchReport, NotProvided  # noqa: F401 (re-exported)
 from node.blobs.partial import PartialDownload
 from node.blobs.store import BlobStore
 
@@ -71,8 +71,8 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
 
     Raises `BlobUnavailable` naming every provider and why it failed (the partial download is
     kept once its digest list was obtained: a later call resumes it), `NotProvided` when no
-    provider answered "ok" at all; `RecordContradicted` (a `HashMismatch`) when every answering
-    provider's digest list contradicts the ref; `DownloadInProgress` if another fetch of this ref into this store is running.
+    provider answered "ok" at all (a provider whose digest list contradicts the ref is banned and
+    named among them); `DownloadInProgress` if another fetch of this ref into this store is running.
     """
     started = time.perf_counter()
     report = report if report is not None else FetchReport()
@@ -95,7 +95,7 @@ async def fetch_blob(p2p, ref: BlobRef, providers: Sequence[object], store: Blob
         except TimeoutError:
             download.reasons["(download)"] = f"did not finish within its deadline of {deadline_s:.0f} s"
             raise download.unavailable(ref.num_chunks - len(download.report.chunks_fetched)) from None
-    except (BlobUnavailable, RecordContradicted):
+    except BlobUnavailable:
         if partial.digests is None:  # nothing worth resuming: leave no partial behind
             await asyncio.to_thread(partial.discard)
         raise

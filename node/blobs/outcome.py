@@ -1,7 +1,6 @@
 """What a download ends with: its `FetchReport`, or a typed failure that names every provider tried
-and why (`BlobUnavailable`, `NotProvided`), or a signed record the providers' bytes contradict
-(`RecordContradicted`). Kept apart from the fetcher (`node.blobs.fetch`) so that callers catch them
-without importing the transfer machinery."""
+and why (`BlobUnavailable`, `NotProvided`). Kept apart from the fetcher (`node.blobs.fetch`) so that
+callers catch them without importing the transfer machinery."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from node.errors import NodeError
-from protocol.errors import HashMismatch
 from protocol.hashing import BlobRef
 
 
@@ -31,17 +29,6 @@ class BlobUnavailable(NodeError):
 
 class NotProvided(BlobUnavailable):
     """No provider answered "ok" to anything: nobody provides this blob, whatever records claim."""
-
-
-class RecordContradicted(HashMismatch):
-    """Providers answered with a chunk digest list and none matches the record's `chunks_sha256`:
-    the record (anyone's signature) is refused, the providers are not blamed."""
-
-    def __init__(self, ref: BlobRef, providers: Sequence[str]) -> None:
-        self.ref, self.providers = ref, list(providers)
-        super().__init__(f"blob {ref.sha256[:12]}: the chunk digest list of every provider that answered "
-                         f"({', '.join(p[:16] for p in providers)}) contradicts the record's chunks_sha256 "
-                         f"{ref.chunks_sha256[:12]}; the record is not trusted")
 
 
 @dataclass
