@@ -5,7 +5,6 @@ callers catch them without importing the transfer machinery."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from node.errors import NodeError
 from protocol.hashing import BlobRef
