@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import sys
+import weakref
 
 from node.swarm.membership import WholeMessageDHT
 
@@ -49,7 +50,8 @@ class MisbehavingServer(BlobServer):
         # a trickler keeps its own streams alive for as long as it likes
         super().__init__(store, **({"request_timeout": 1e6, "idle_timeout": 1e6} if trickle_s else {}))
         self.stall_after, self.rate_mb_s, self.trickle_s, self.cut_after = stall_after, rate_mb_s, trickle_s, cut_after
-        self._sent_on: dict[int, int] = {}  # body bytes sent, by stream (its writer's id)
+        # body bytes sent, by stream; weak, so a new stream never inherits a count (an id could be reused)
+        self._sent_on: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.body_bytes_sent = 0
 
     async def _answer(self, request, writer) -> None:
@@ -86,18 +88,16 @@ class MisbehavingServer(BlobServer):
                 if self.rate_mb_s:
                     await asyncio.sleep(len(data) / (self.rate_mb_s * 1e6))
 
-
     async def _send_until_cut(self, writer, path, start, end) -> None:
-        sent = self._sent_on.get(id(writer), 0)
+        sent = self._sent_on.get(writer, 0)
         room = max(0, self.cut_after - sent)
         with open(path, "rb", buffering=0) as source:
             data = os.pread(source.fileno(), min(room, end - start), start)
         writer.write(BlobResponse.ok(end - start).encode() + data)
         await writer.drain()
         self.body_bytes_sent += len(data)
-        self._sent_on[id(writer)] = sent + len(data)
+        self._sent_on[writer] = sent + len(data)
         if len(data) < end - start:
-            self._sent_on.pop(id(writer))
             raise ConnectionResetError(f"cut after {self.cut_after} bytes on this stream")  # the server closes it
 
 
