@@ -23,6 +23,7 @@ BEHAVIOURS = {
     "slow": ["--rate-mb-s", "0.1"],  # above the minimum chunk rate, far below the download's deadline
     "cut": ["--behaviour", "cut", "--cut-after-bytes", str(120 * 1024)],  # a circuit relay's data limit
     "cut-short": ["--behaviour", "cut", "--cut-after-bytes", str(8 * 1024)],
+    "cut-flaky": ["--behaviour", "cut", "--cut-after-bytes", str(120 * 1024), "--close-every", "3"],
 }
 
 
@@ -106,6 +107,16 @@ def test_a_provider_whose_every_stream_is_cut_after_120_KiB_still_delivers_the_b
         assert hashlib.file_digest(file, "sha256").hexdigest() == swarm["sha256"]
     # every chunk arrived in pieces: its first 120 KiB, then the rest on new streams
     assert result["report"]["pieces_resumed"] >= BLOB_BYTES // (120 * 1024) - 8, result["report"]
+    assert not result["report"]["banned"] and not result["report"]["dropped"], result["report"]
+
+
+def test_a_provider_that_also_closes_every_third_stream_before_its_first_byte_still_delivers_the_blob(swarm):
+    # a stream that brings nothing costs the provider nothing while its other streams bring plenty:
+    # what it has delivered on its cut streams, on average, is what decides
+    (result,) = outcomes(fetch(swarm, "store-cut-flaky", [swarm["true"]], ["cut-flaky"]), 1, 120)
+    assert result["event"] == "done", result
+    with open(result["path"], "rb") as file:
+        assert hashlib.file_digest(file, "sha256").hexdigest() == swarm["sha256"]
     assert not result["report"]["banned"] and not result["report"]["dropped"], result["report"]
 
 

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Optional, Sequence
 
@@ -32,9 +33,11 @@ MAX_PROVIDERS = 16  # providers one download uses, sampled from those given
 MAX_OPENING = 8  # streams being opened at once (each pending open holds a descriptor to the daemon)
 # A stream cut off part way (a circuit relay ends a relayed connection at its data or time limit; a
 # relayed connection is closed once hole punching made a direct one) is followed by a new one, the
-# chunk it was reading resumed where it stopped, as long as the cut stream had brought at least this
-# much; a provider closing sooner than that is dropped as before. A provider gets at most
-# `MAX_CUTS_PER_MIB` * the blob's MiB (+ 64) new streams.
+# chunk it was reading resumed where it stopped, as long as the provider's cut streams brought at
+# least this much each on average, one stream's worth spared: a single stream closed before its
+# first byte (a relay refusing one circuit, a daemon short of stream slots for a moment) costs a
+# provider that delivers nothing, while one closing every stream sooner than that is dropped after
+# two or three. A provider gets at most `MAX_CUTS_PER_MIB` * the blob's MiB (+ 64) new streams.
 MIN_RESUMED_BYTES = 16 * 1024
 MAX_CUTS_PER_MIB = 16
 
@@ -59,6 +62,7 @@ class Download:
         self.reasons: dict[str, str] = {}
         self.answered: set[str] = set()  # providers that answered "ok" at least once
         self.done_bytes = 0
+        self._counted_cuts: weakref.WeakSet = weakref.WeakSet()  # cut streams `_may_resume` has counted
 
     async def open(self, provider: Provider) -> StreamReceiver:
         if self.direct is not None:  # the fast path where the provider offers one (see node.blobs.direct)
@@ -298,12 +302,19 @@ class Download:
         await stream.send(BlobRequest.range(self.ref.sha256, start + skip, end).encode())
 
     def _may_resume(self, provider: Provider, stream: Optional[StreamReceiver]) -> bool:
-        """Whether a cut `stream` of `provider` is followed by a new one (see `MIN_RESUMED_BYTES`)."""
-        if stream is None or stream.received < MIN_RESUMED_BYTES:
+        """Whether a cut `stream` of `provider` is followed by a new one (see `MIN_RESUMED_BYTES`).
+        Each stream is counted once, so asking again about one already counted (the stream a worker
+        began with, after `_resume_chunk` gave up on a later one) judges the provider as it stands."""
+        if stream is None:
             return False
         if self.direct is not None and self.direct.carried(stream):
             return False  # a direct route that fails is refused, never resumed (see `_direct_failed`)
-        provider.cuts += 1
+        if stream not in self._counted_cuts:
+            self._counted_cuts.add(stream)
+            provider.cuts += 1
+            provider.cut_bytes += stream.received
+        if provider.cut_bytes < MIN_RESUMED_BYTES * (provider.cuts - 1):
+            return False
         return provider.cuts <= MAX_CUTS_PER_MIB * (self.ref.size >> 20) + 64
 
     async def _resume_chunk(self, provider: Provider, index: int, data: bytearray, filled: int) -> StreamReceiver:

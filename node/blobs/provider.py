@@ -29,7 +29,8 @@ class Provider:
     name: str
     active: bool = True
     holding: set = field(default_factory=set)  # chunks in flight on any of its streams (endgame skips them)
-    cuts: int = 0  # its streams cut part way and followed by new ones (see node.blobs.download.MIN_RESUMED_BYTES)
+    cuts: int = 0  # its streams cut part way (see node.blobs.download.MIN_RESUMED_BYTES) ...
+    cut_bytes: int = 0  # ... and the bytes they had brought, headers included
 
 
 async def open_stream(p2p, provider: Provider, timeout: float):

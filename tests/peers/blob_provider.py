@@ -12,7 +12,9 @@ then {"event": "stats", ...} whenever its server's counters change. Behaviours:
 - trickle: answers every request (headers, digest list, chunks) truthfully, one byte every 0.7 s
   (slowloris: never silent long enough to look stalled);
 - cut: closes every stream once it has sent `--cut-after-bytes` body bytes on it, in the middle of
-  a chunk (what a circuit relay does at its data limit: go-libp2p's default is 128 KiB per circuit).
+  a chunk (what a circuit relay does at its data limit: go-libp2p's default is 128 KiB per circuit);
+  with `--close-every N` it also closes every Nth stream before answering anything (a relay refusing
+  a circuit now and then, a daemon short of stream slots for a moment).
 `--rate-mb-s` throttles every range it sends (a slow but honest peer). `--direct` also serves on a
 direct TCP port (node.blobs.direct); behaviour corrupt-direct flips a byte of every range sent there
 (an on-path forger's work: its p2p answers stay honest).
@@ -46,13 +48,21 @@ class MisbehavingServer(BlobServer):
     """The real server, whose range answers can be throttled or stalled."""
 
     def __init__(self, store: BlobStore, *, stall_after: int | None, rate_mb_s: float | None,
-                 trickle_s: float | None = None, cut_after: int | None = None) -> None:
+                 trickle_s: float | None = None, cut_after: int | None = None, close_every: int = 0) -> None:
         # a trickler keeps its own streams alive for as long as it likes
         super().__init__(store, **({"request_timeout": 1e6, "idle_timeout": 1e6} if trickle_s else {}))
         self.stall_after, self.rate_mb_s, self.trickle_s, self.cut_after = stall_after, rate_mb_s, trickle_s, cut_after
         # body bytes sent, by stream; weak, so a new stream never inherits a count (an id could be reused)
         self._sent_on: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.body_bytes_sent = 0
+        self.close_every, self._streams_seen = close_every, 0
+
+    async def handle_stream(self, info, reader, writer) -> None:
+        self._streams_seen += 1
+        if self.close_every and self._streams_seen % self.close_every == 0:
+            writer.close()  # before reading the request: the downloader gets the stream's end, no byte
+            return
+        await super().handle_stream(info, reader, writer)
 
     async def _answer(self, request, writer) -> None:
         if not self.trickle_s:
@@ -140,7 +150,8 @@ async def serve(args: argparse.Namespace) -> None:
     stall_after = args.stall_after_bytes if args.behaviour == "stall" else None
     server = MisbehavingServer(store, stall_after=stall_after, rate_mb_s=args.rate_mb_s,
                                trickle_s=0.7 if args.behaviour == "trickle" else None,
-                               cut_after=args.cut_after_bytes if args.behaviour == "cut" else None)
+                               cut_after=args.cut_after_bytes if args.behaviour == "cut" else None,
+                               close_every=args.close_every)
     await server.start(p2p)
     if args.direct or args.behaviour == "corrupt-direct":
         direct_side = ForgingServer(store) if args.behaviour == "corrupt-direct" else server
@@ -163,6 +174,7 @@ def main() -> None:
     parser.add_argument("--behaviour", choices=["honest", "corrupt", "bad-digests", "stall", "trickle", "corrupt-direct", "cut"], default="honest")
     parser.add_argument("--stall-after-bytes", type=int, default=8 * CHUNK_BYTES)
     parser.add_argument("--cut-after-bytes", type=int, default=120 * 1024)
+    parser.add_argument("--close-every", type=int, default=0)
     parser.add_argument("--rate-mb-s", type=float, default=None)
     parser.add_argument("--initial-peers", nargs="*", default=[])
     parser.add_argument("--direct", action="store_true")
