@@ -34,10 +34,11 @@ MAX_OPENING = 8  # streams being opened at once (each pending open holds a descr
 # A stream cut off part way (a circuit relay ends a relayed connection at its data or time limit; a
 # relayed connection is closed once hole punching made a direct one) is followed by a new one, the
 # chunk it was reading resumed where it stopped, as long as the provider's cut streams brought at
-# least this much each on average, one stream's worth spared: a single stream closed before its
-# first byte (a relay refusing one circuit, a daemon short of stream slots for a moment) costs a
-# provider that delivers nothing, while one closing every stream sooner than that is dropped after
-# two or three. A provider gets at most `MAX_CUTS_PER_MIB` * the blob's MiB (+ 64) new streams.
+# least this much each on average, one stream's worth spared. A cut stream brings anything from
+# nothing to what was sent: the cut resets it, and a yamux reset discards what the downloader's
+# daemon had not passed on yet (seen under load: a stream whose provider sent 120 KiB arrived
+# empty). So one short stream costs a provider that delivers nothing, while one closing every
+# stream sooner than the average is dropped after two or three. A provider gets at most `MAX_CUTS_PER_MIB` * the blob's MiB (+ 64) new streams.
 MIN_RESUMED_BYTES = 16 * 1024
 MAX_CUTS_PER_MIB = 16
 
