@@ -2,12 +2,14 @@
 failure is one line on stderr that names the problem (which file, which field, what to do), exit
 status 1, no traceback, and nothing written or lost."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.swarm_harness import ROOT, run_cli
+from tests.swarm_harness import ROOT, child_env, run_cli
 
 TINY = ROOT / "tests" / "manifests" / "tiny.yaml"
 
@@ -53,6 +55,29 @@ def test_a_manifest_that_is_not_valid_yaml_is_named_with_the_line(tmp_path, text
 def test_a_manifest_field_of_the_wrong_type_or_unknown_is_named(tmp_path, change, phrases):
     path = manifest_with(tmp_path, change)
     refused(run_cli("swarm", "show", "--swarm", str(path)), str(path), *phrases)
+
+
+# The command line as `ddm-swarm` runs it, then the heavy libraries it had imported by the time it exited.
+WHAT_WAS_IMPORTED = """
+import runpy, sys
+sys.argv = ["ddm-swarm", *sys.argv[1:]]
+try:
+    runpy.run_module("node.cli", run_name="__main__")
+except SystemExit:
+    pass
+print("imported:", *sorted(m for m in ("torch", "hivemind", "diffusers", "transformers") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", [["swarm", "show"], ["node"], ["status"]])
+def test_a_mistake_in_the_manifest_is_reported_before_torch_or_hivemind_are_imported(tmp_path, command):
+    # a typo costs a user a fraction of a second, not the seconds torch and hivemind take to import
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [tiny\n")
+    result = subprocess.run([sys.executable, "-c", WHAT_WAS_IMPORTED, *command, "--swarm", str(path)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=child_env(COLUMNS="200"))
+    assert "not valid YAML" in result.stderr, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "imported:", result.stdout
 
 
 def test_a_manifest_file_that_is_not_text_is_named(tmp_path):

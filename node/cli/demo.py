@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
 import typer
 from rich.console import Console, Group
 from rich.live import Live
@@ -160,6 +159,8 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
 def _evaluate(ensemble, out: Path, per_digit: int, console: Console, device: str):
     from ddm_models.captions import prompt_for_digit
     from ddm_models.images import save_grid
+    import torch
+
     from ddm_models.metrics import conditional_accuracy, load_or_train_classifier
 
     prompts = [prompt_for_digit(d) for d in range(10) for _ in range(per_digit)]
@@ -180,6 +181,8 @@ def _evaluate_captions(ensemble, out: Path, per_prompt: int, console: Console, d
     the figure is how often the real image nearest to a sample is the one prompted (see
     `ddm_models.metrics.prompt_agreement`), per routing. References: the data the demo's bootstrap
     seeded (its shard folder)."""
+    import torch
+
     from ddm_models.captioned_data import ShardFile, load_captioned_shards
     from ddm_models.images import save_prompt_grid
     from ddm_models.metrics import prompt_agreement

@@ -11,7 +11,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.markup import escape
 from rich.table import Table
 
-from ddm_models.devices import resolve_device
 from node.cli.app import (DeviceOption, InitialPeersOption, SwarmOption, app, checked_device, console, fail,
                           setup_logging)
 from node.errors import NodeError
@@ -86,11 +85,12 @@ def print_rejections(console: Console, rejected) -> None:
 def run_generate(console: Console, prompts: List[str], *, swarm: str, initial_peers, routing, steps, guidance,
                  seed: int, per_prompt: int, out: Path, cache_dir, verify: bool, from_dir, scale: int,
                  device: str = "auto", offload: bool = False, batch_size: Optional[int] = None) -> Path:
-    from ddm_models.images import save_grid, save_prompt_grid
-
     prompts = check_prompts(prompts, per_prompt)
     if batch_size is not None and batch_size < 1:
         raise NodeError(f"--batch-size must be >= 1, got {batch_size}")
+    from ddm_models.devices import resolve_device  # torch, once the prompts are known good
+    from ddm_models.images import save_grid, save_prompt_grid
+
     target = resolve_device(checked_device(device))  # a typo or an absent GPU fails before anything is fetched
     ensemble = obtain_ensemble(console, swarm, initial_peers, cache_dir, verify, from_dir, device=str(target))
     results = Console()  # results on stdout; logs and progress stay on stderr

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from node.errors import NodeError
-from node.swarm.reachability import REACHABILITY, NetworkOptions
+
+if TYPE_CHECKING:  # imported where used: it brings hivemind, which a command that fails early never needs
+    from node.swarm.reachability import NetworkOptions
 
 AnnounceOption = typer.Option(None, "--announce", help="Multiaddr to announce to other peers, e.g. "
                               "/ip4/203.0.113.7/tcp/31337, /ip6/2001:db8::7/tcp/31337 or /dns4/host.example/tcp/31337 "
@@ -28,6 +30,8 @@ def network_options(announce: Optional[List[str]], reachability: str, relay: boo
                     direct_port: int = 0) -> NetworkOptions:
     """The options as given, checked: every --announce must be a multiaddr with an explicit port."""
     from hivemind.utils.multiaddr import Multiaddr
+
+    from node.swarm.reachability import REACHABILITY, NetworkOptions
 
     if reachability not in REACHABILITY:
         raise NodeError(f"--reachability must be one of {', '.join(REACHABILITY)}, not {reachability!r:.20}")

@@ -71,18 +71,20 @@ def node(
                                             "torchrun the launch's WORLD_SIZE is used instead."),
 ) -> None:
     """Join a swarm, claim the job that most needs work, train it, announce and serve checkpoints."""
-    from node.cli.node_view import NodeView
     from node.swarm.manifest_files import load_manifest
-    from node.trainer.initialisation import read_init_source
-    from node.trainer.peer import SwarmNode
-    from node.trainer.ranks import start_ranks
-    from node.trainer.state import NodeOptions
 
     setup_logging()
     try:
         manifest = load_manifest(swarm)
         peers = initial_peers or list(manifest.bootstrap_peers)
         forced = parse_job(job, manifest)
+        # torch and hivemind come in once the manifest and the job are known good
+        from node.cli.node_view import NodeView
+        from node.trainer.initialisation import read_init_source
+        from node.trainer.peer import SwarmNode
+        from node.trainer.ranks import start_ranks
+        from node.trainer.state import NodeOptions
+
         source = read_init_source(init_from, manifest, forced, model) if init_from is not None else None
         forced = forced or (source.pinned_job if source else None)  # a DDPM checkpoint is of one cluster
         options = NodeOptions(data_dir=data_dir, initial_peers=peers, host=host, port=port,
@@ -120,8 +122,6 @@ def status(
 ) -> None:
     """Show who trains what: claims, latest checkpoints, held-out metrics, providers and peers."""
     from node.swarm.manifest_files import load_manifest
-    from node.swarm.membership import SwarmMembership
-    from node.swarm.status import collect_status, status_tables
     from protocol.identity import Identity
 
     setup_logging()
@@ -130,6 +130,9 @@ def status(
         peers = initial_peers or list(manifest.bootstrap_peers)
         if not peers:
             raise NodeError("status needs --initial-peers: the multiaddr of a bootstrap peer or any node of the swarm")
+        from node.swarm.membership import SwarmMembership  # hivemind, once the arguments are known good
+        from node.swarm.status import collect_status, status_tables
+
         membership = SwarmMembership(manifest, Identity.generate(), initial_peers=peers, client_mode=True)
     except Exception as error:
         fail(error)

@@ -11,12 +11,14 @@ def swarm_show(swarm: str = SwarmOption) -> None:
     (on the meta device: no memory for weights), with their parameter counts."""
     import yaml
 
-    from ddm_models.model_sizes import format_model_sizes, manifest_model_sizes
-    from node.checkpoints.specs import check_model_specs
     from node.swarm.manifest_files import load_manifest
 
     try:
         manifest = load_manifest(swarm)
+        # only a manifest that reads brings torch in (a typo in the file is reported at once)
+        from ddm_models.model_sizes import format_model_sizes, manifest_model_sizes
+        from node.checkpoints.specs import check_model_specs
+
         check_model_specs(manifest)
         sizes = format_model_sizes(manifest_model_sizes(manifest))
     except Exception as error:
