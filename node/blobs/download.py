@@ -38,7 +38,8 @@ MAX_OPENING = 8  # streams being opened at once (each pending open holds a descr
 # nothing to what was sent: the cut resets it, and a yamux reset discards what the downloader's
 # daemon had not passed on yet (seen under load: a stream whose provider sent 120 KiB arrived
 # empty). So one short stream costs a provider that delivers nothing, while one closing every
-# stream sooner than the average is dropped after two or three. A provider gets at most `MAX_CUTS_PER_MIB` * the blob's MiB (+ 64) new streams.
+# stream sooner than the average is dropped after two or three. A provider gets at most
+# `MAX_CUTS_PER_MIB` * the blob's MiB (+ 64) new streams.
 MIN_RESUMED_BYTES = 16 * 1024
 MAX_CUTS_PER_MIB = 16
 

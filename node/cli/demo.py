@@ -157,10 +157,10 @@ def run_demo(manifest: SwarmManifest, swarm: str, out: Path, *, minutes: float, 
 
 
 def _evaluate(ensemble, out: Path, per_digit: int, console: Console, device: str):
-    from ddm_models.captions import prompt_for_digit
-    from ddm_models.images import save_grid
     import torch
 
+    from ddm_models.captions import prompt_for_digit
+    from ddm_models.images import save_grid
     from ddm_models.metrics import conditional_accuracy, load_or_train_classifier
 
     prompts = [prompt_for_digit(d) for d in range(10) for _ in range(per_digit)]
