@@ -114,6 +114,15 @@ class CrashLoop:
         claims = [c for c in self._own_records("claims") if str(c.job) == self.job]
         return max((c.step for c in claims), default=0)
 
+    def wait_announced(self) -> float:
+        """Wait until the node has a checkpoint record above step 0 in the DHT; return when (monotonic)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not any(r.step > 0 for r in self._own_records("checkpoints", cluster=self.cluster)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the node announced no checkpoint within {STARTUP_TIMEOUT_S} s")
+            time.sleep(0.5)
+        return time.monotonic()
+
     def kill_at(self, origin: float, delay_s: float) -> KillResult:
         """SIGKILL the node `delay_s` after `origin` (a monotonic time), then inspect what it left."""
         time.sleep(max(0.0, origin + delay_s - time.monotonic()))
@@ -225,7 +234,12 @@ def run_kills(loop: CrashLoop, kills: int, low_s: float, high_s: float, startup_
     more; the kill before it then counts as resumed only if nothing it left was lost meanwhile."""
     loop.start()
     while len(loop.results) < kills:
-        result = loop.kill_at(loop.training_since, loop.rng.uniform(low_s, high_s))
+        origin = loop.training_since
+        if loop.results and not any(r.announced_step > 0 for r in loop.results):
+            # on a loaded machine every kill so far may have come before the first announce: the
+            # later ones then start their random delay once the node has announced
+            origin = loop.wait_announced()
+        result = loop.kill_at(origin, loop.rng.uniform(low_s, high_s))
         if len(loop.results) < kills and loop.rng.random() < startup_share:
             loop.launch()
             during = loop.kill_at(loop.started, loop.rng.uniform(0.5, loop.startup_s + 1.0))
