@@ -29,7 +29,7 @@ from node.swarm.manifest_files import write_manifest_file
 from protocol.hashing import is_sha256_hex
 from protocol.manifest import SwarmManifest
 from protocol.records import decode_record
-from tests.swarm_harness import BootstrapProcess, DhtPeer, NodeProcess
+from tests.swarm_harness import BootstrapProcess, DhtPeer, NodeProcess, wait_until
 from protocol.jobs import Job
 
 TRAINING = re.compile(r"\[training\] (\S+) step (\d+)")
@@ -116,11 +116,8 @@ class CrashLoop:
 
     def wait_announced(self) -> float:
         """Wait until the node has a checkpoint record above step 0 in the DHT; return when (monotonic)."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not any(r.step > 0 for r in self._own_records("checkpoints", cluster=self.cluster)):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the node announced no checkpoint within {STARTUP_TIMEOUT_S} s")
-            time.sleep(0.5)
+        wait_until(lambda: any(r.step > 0 for r in self._own_records("checkpoints", cluster=self.cluster)),
+                   STARTUP_TIMEOUT_S, "the node's first announced checkpoint", every=0.5)
         return time.monotonic()
 
     def kill_at(self, origin: float, delay_s: float) -> KillResult:
